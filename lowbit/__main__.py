@@ -1,0 +1,3 @@
+from lowbit.weight_report import main
+
+main()

@@ -1,0 +1,100 @@
+"""Absmax (symmetric) and zero-point (asymmetric) integer quantization, per tensor, row, column or group."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lowbit import kernels
+from lowbit.kernels import reference
+from lowbit.functional.validate import as_float32, check_finite_stats, check_float
+
+INT8_MAX = 127.0
+
+
+def quantize_absmax(x: torch.Tensor, dim: int | None = -1) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 codes round(x * 127 / absmax) and the float32 absmax: per tensor (dim=None) or per vector
+    along ``dim`` (dim=-1: one scale per row, as LLM.int8() quantizes activations and weight rows)."""
+    check_float(x, finite=False)
+    if dim is None:
+        absmax, codes = _rowwise(as_float32(x).reshape(1, -1))
+        return codes.reshape(x.shape), absmax.reshape(())
+    if x.dim() == 0:
+        raise ValueError("per-vector quantization needs at least one dimension")
+    moved = as_float32(x).movedim(dim, -1)
+    absmax, codes = _rowwise(moved.reshape(-1, moved.shape[-1]).contiguous())
+    return codes.reshape(moved.shape).movedim(-1, dim), absmax.reshape(moved.shape[:-1])
+
+
+def _rowwise(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    ext = kernels.fast()
+    codes, absmax = ext.quantize_rowwise_int8(x2d) if ext is not None else reference.quantize_rowwise_int8(x2d)
+    check_finite_stats(absmax)
+    return absmax, codes
+
+
+def dequantize_absmax(
+    codes: torch.Tensor, absmax: torch.Tensor, dim: int | None = -1, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Inverse of quantize_absmax: codes * absmax / 127, with absmax broadcast along ``dim``."""
+    if codes.dtype != torch.int8:
+        raise TypeError(f"codes must be int8, got {codes.dtype}")
+    if dim is None:
+        if absmax.numel() != 1:
+            raise ValueError(f"per-tensor dequantization takes one absmax, got {absmax.numel()}")
+        scale = absmax.reshape(())
+    else:
+        expected = codes.movedim(dim, -1).shape[:-1]
+        if absmax.shape != expected:
+            raise ValueError(f"absmax has shape {tuple(absmax.shape)}; codes {tuple(codes.shape)} need {tuple(expected)}")
+        scale = absmax.unsqueeze(dim)
+    return (codes.float() * (scale.float() / INT8_MAX)).to(dtype)
+
+
+@dataclass
+class Affine:
+    """Asymmetric integer quantization: x ~ (codes - zero) * scale, one scale/zero per group."""
+
+    codes: torch.Tensor  # uint8 in [0, 2^bits - 1], shape [rows, cols]
+    scale: torch.Tensor  # float32 [rows, groups]
+    zero: torch.Tensor  # float32 [rows, groups], integer-valued
+    bits: int
+    group_size: int
+
+
+def quantize_affine(x: torch.Tensor, bits: int, group_size: int | None = None) -> Affine:
+    """Zero-point intN (N = 2..8) of a 2-D tensor, in groups of ``group_size`` along the last dim (None: whole rows)."""
+    check_float(x)
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise ValueError(f"bits must be an integer in 2..8, got {bits!r}")
+    if x.dim() != 2:
+        raise ValueError(f"quantize_affine takes a 2-D tensor, got shape {tuple(x.shape)}")
+    rows, cols = x.shape
+    group_size = cols if group_size is None else group_size
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
+        raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
+    pad = -cols % group_size
+    xf = torch.nn.functional.pad(x.float(), (0, pad))
+    groups = xf.view(rows, -1, group_size)
+    # Padding must not widen a group's range: take min/max over the real columns only.
+    valid = torch.nn.functional.pad(torch.ones(cols, dtype=torch.bool), (0, pad)).view(-1, group_size)
+    lo = torch.where(valid, groups, torch.inf).amin(dim=2).clamp(max=0)
+    hi = torch.where(valid, groups, -torch.inf).amax(dim=2).clamp(min=0)
+    qmax = 2**bits - 1
+    scale = (hi - lo) / qmax
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zero = torch.round(-lo / scale).clamp(0, qmax)
+    codes = torch.clamp(torch.round(groups / scale.unsqueeze(2)) + zero.unsqueeze(2), 0, qmax)
+    return Affine(codes.reshape(rows, -1)[:, :cols].to(torch.uint8), scale, zero, bits, group_size)
+
+
+def dequantize_affine(q: Affine, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Inverse of quantize_affine: (codes - zero) * scale."""
+    rows, cols = q.codes.shape
+    groups = q.scale.shape[1]
+    if q.scale.shape != (rows, -(-cols // q.group_size)) or q.zero.shape != q.scale.shape:
+        raise ValueError(f"scale/zero of shape {tuple(q.scale.shape)} do not fit codes {tuple(q.codes.shape)}")
+    pad = groups * q.group_size - cols
+    c = torch.nn.functional.pad(q.codes.float(), (0, pad)).view(rows, groups, q.group_size)
+    out = (c - q.zero.unsqueeze(2)) * q.scale.unsqueeze(2)
+    return out.reshape(rows, -1)[:, :cols].to(dtype)

@@ -1,0 +1,76 @@
+"""Plain-torch reference quantization kernels: the definition each fast kernel must match bit for bit."""
+from __future__ import annotations
+
+import torch
+
+from lowbit.formats.packing import pack_4bit, pack_ternary_2bit, unpack_4bit
+
+
+def _blocks(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, int]:
+    """Flat float32 x as rows of ``blocksize`` (zero-padded tail) and the element count."""
+    flat = x.reshape(-1).float()
+    n = flat.numel()
+    pad = -n % blocksize
+    return torch.nn.functional.pad(flat, (0, pad)).view(-1, blocksize), n
+
+
+def block_absmax(x: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """Per-block max |x| (zero padding never raises it); NaN/Inf propagate."""
+    blocks, _ = _blocks(x, blocksize)
+    return blocks.abs().amax(dim=1)
+
+
+def quantize_4bit(
+    x: torch.Tensor, blocksize: int, midpoints: torch.Tensor, order: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed 4-bit codes and per-block absmax (see csrc/quant.cpp for the rounding rule)."""
+    blocks, n = _blocks(x, blocksize)
+    absmax = blocks.abs().amax(dim=1)
+    scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1), -1, 1).reshape(-1)[:n]
+    codes = order[torch.bucketize(scaled, midpoints)]
+    return pack_4bit(codes), absmax
+
+
+def dequantize_4bit(
+    packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, n: int, blocksize: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """Flat tensor of ``n`` values code[nibble] * absmax[block], cast to dtype."""
+    values = code[unpack_4bit(packed, n).long()]
+    padded = torch.nn.functional.pad(values, (0, -n % blocksize)).view(-1, blocksize)
+    return (padded * absmax.unsqueeze(1)).reshape(-1)[:n].to(dtype)
+
+
+def quantize_blockwise(x: torch.Tensor, blocksize: int, code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One uint8 code per element (nearest entry of the sorted codebook, ties low) and the block absmax."""
+    blocks, n = _blocks(x, blocksize)
+    absmax = blocks.abs().amax(dim=1)
+    safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax)).unsqueeze(1)
+    normed = torch.where(absmax.unsqueeze(1) > 0, blocks / safe, torch.zeros_like(blocks)).reshape(-1)[:n]
+    c = code
+    idx = (torch.searchsorted(c, normed, right=True) - 1).clamp(0, c.numel() - 2)
+    right_closer = (normed - c[idx + 1]).abs() < (normed - c[idx]).abs()
+    return (idx + right_closer.long()).to(torch.uint8), absmax
+
+
+def dequantize_blockwise(
+    q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """Flat tensor code[q] * absmax[block], cast to dtype."""
+    n = q.numel()
+    values = code[q.reshape(-1).long()]
+    padded = torch.nn.functional.pad(values, (0, -n % blocksize)).view(-1, blocksize)
+    return (padded * absmax.unsqueeze(1)).reshape(-1)[:n].to(dtype)
+
+
+def quantize_rowwise_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 codes round(x * 127 / absmax) per row of a 2-D float32 tensor, and the row absmax."""
+    absmax = x.abs().amax(dim=1)
+    scale = torch.where(absmax > 0, 127.0 / absmax, torch.zeros_like(absmax))
+    return torch.round(x * scale.unsqueeze(1)).to(torch.int8), absmax
+
+
+def quantize_ternary_2bit(x: torch.Tensor, divisor: float) -> torch.Tensor:
+    """Trits clamp(round(x / divisor), -1, 1), packed 2 bits each."""
+    d = torch.tensor(divisor, dtype=torch.float32)
+    trits = torch.clamp(torch.round(x.reshape(-1).float() / d), -1, 1).to(torch.int8)
+    return pack_ternary_2bit(trits)
