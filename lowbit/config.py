@@ -1,0 +1,83 @@
+"""Quantization configs: small dataclasses that say how to quantize a model, and round-trip JSON."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_SKIP = ("lm_head", "*.lm_head")
+
+
+@dataclass
+class _Config:
+    skip: tuple[str, ...] = DEFAULT_SKIP  # fnmatch patterns of module names left as they are
+
+    def to_dict(self) -> dict:
+        d = {"method": METHOD_OF[type(self)]}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            d[f.name] = str(v).removeprefix("torch.") if isinstance(v, torch.dtype) else (list(v) if isinstance(v, tuple) else v)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+
+@dataclass
+class Int8Config(_Config):
+    """LLM.int8(): int8 weights and activations, outlier columns (|x| >= threshold) in float."""
+
+    threshold: float = 6.0
+    weight_only: bool = False
+    compute_dtype: torch.dtype = torch.float32
+
+
+@dataclass
+class NF4Config(_Config):
+    """QLoRA's NF4 (or FP4 / uniform int4) blockwise weights, optional double quantization."""
+
+    quant_type: str = "nf4"
+    blocksize: int = 64
+    double_quant: bool = True
+    compute_dtype: torch.dtype = torch.float32
+
+
+@dataclass
+class TernaryConfig(_Config):
+    """BitNet b1.58: ternary absmean weights, per-token int8 activations (post-training here)."""
+
+    compute_dtype: torch.dtype = torch.float32
+
+
+METHOD_OF = {Int8Config: "int8", NF4Config: "4bit", TernaryConfig: "ternary"}
+_CLASS_OF = {v: k for k, v in METHOD_OF.items()}
+
+QuantConfig = Int8Config | NF4Config | TernaryConfig
+
+
+def config_from_dict(d: dict) -> QuantConfig:
+    """Rebuild a config from ``to_dict`` output; unknown methods or fields raise ValueError."""
+    d = dict(d)
+    method = d.pop("method", None)
+    if method not in _CLASS_OF:
+        raise ValueError(f"unknown quantization method {method!r}; known: {', '.join(_CLASS_OF)}")
+    cls = _CLASS_OF[method]
+    names = {f.name for f in dataclasses.fields(cls)}
+    extra = set(d) - names
+    if extra:
+        raise ValueError(f"{cls.__name__} has no field(s) {sorted(extra)}")
+    if "compute_dtype" in d:
+        if d["compute_dtype"] not in _DTYPES:
+            raise ValueError(f"compute_dtype must be one of {list(_DTYPES)}, got {d['compute_dtype']!r}")
+        d["compute_dtype"] = _DTYPES[d["compute_dtype"]]
+    if "skip" in d:
+        d["skip"] = tuple(d["skip"])
+    return cls(**d)
+
+
+def config_from_json(text: str) -> QuantConfig:
+    """Rebuild a config from ``to_json`` output."""
+    return config_from_dict(json.loads(text))

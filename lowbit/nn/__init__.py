@@ -1,0 +1,7 @@
+"""Quantized layers: drop-in replacements for nn.Linear and transformers' Conv1D."""
+from lowbit.nn.base import QuantLinear
+from lowbit.nn.bitlinear import BitLinear
+from lowbit.nn.int8 import Int8Linear
+from lowbit.nn.linear4bit import Linear4bit
+
+__all__ = ["QuantLinear", "Int8Linear", "Linear4bit", "BitLinear"]

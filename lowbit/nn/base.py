@@ -1,0 +1,56 @@
+"""What every lowbit layer shares: construction from nn.Linear or GPT-2 Conv1D, bias, accounting."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The [out, in] weight of an nn.Linear or of a transformers Conv1D (stored as [in, out])."""
+    if isinstance(module, nn.Linear):
+        return module.weight.detach()
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        return module.weight.detach().t()
+    raise TypeError(f"cannot quantize {type(module).__name__}: lowbit layers replace nn.Linear and transformers Conv1D")
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """True for nn.Linear and transformers' GPT-2 Conv1D."""
+    return isinstance(module, nn.Linear) or (type(module).__name__ == "Conv1D" and hasattr(module, "nf"))
+
+
+class QuantLinear(nn.Module):
+    """Base of lowbit's drop-in replacements for nn.Linear; subclasses hold only quantized weights."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, compute_dtype: torch.dtype) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.compute_dtype = compute_dtype
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features))
+        else:
+            self.bias = None
+
+    def dequantize(self) -> torch.Tensor:
+        """The [out, in] weight this layer stands for, in float32."""
+        raise NotImplementedError
+
+    def stored_bits(self) -> int:
+        """Bits of every stored tensor of the weight (codes and constants), bias excluded."""
+        return sum(b.numel() * b.element_size() * 8 for name, b in self.named_buffers() if name != "bias")
+
+    def bits_per_param(self) -> float:
+        """Stored weight bits per weight parameter."""
+        return self.stored_bits() / (self.in_features * self.out_features)
+
+    def _finish(self, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.to(dtype)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"{type(self).__name__} expects inputs with {self.in_features} features, got shape {tuple(x.shape)}")
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, bits/param={self.bits_per_param():.3f}"

@@ -1,0 +1,43 @@
+"""BitLinear: BitNet b1.58 inference (Ma et al., 2024): ternary weights, per-token int8 activations."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lowbit import functional as F
+from lowbit.formats import unpack_ternary_2bit
+from lowbit.nn.base import QuantLinear, linear_weight
+
+
+class BitLinear(QuantLinear):
+    """y = (Q8(x) @ T^T) * gamma: T in {-1, 0, 1} packed 2 bits a weight, gamma = mean|W|."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, compute_dtype: torch.dtype = torch.float32) -> None:
+        super().__init__(in_features, out_features, bias, compute_dtype)
+        self.register_buffer("weight_packed", torch.zeros(-(-in_features * out_features // 4), dtype=torch.uint8))
+        self.register_buffer("weight_gamma", torch.ones(()))
+
+    @classmethod
+    def from_linear(cls, module: nn.Module, compute_dtype: torch.dtype = torch.float32) -> "BitLinear":
+        w = linear_weight(module).float()
+        layer = cls(w.shape[1], w.shape[0], module.bias is not None, compute_dtype)
+        layer.weight_packed, layer.weight_gamma = F.quantize_ternary(w)
+        if module.bias is not None:
+            layer.bias = module.bias.detach().float().clone()
+        return layer
+
+    def trits(self) -> torch.Tensor:
+        """The ternary weight matrix [out, in] as int8."""
+        return unpack_ternary_2bit(self.weight_packed, self.in_features * self.out_features).view(self.out_features, -1)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.trits().float() * self.weight_gamma
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        shape, dtype = x.shape, x.dtype
+        xq, absmax = F.quantize_activations_int8(x.reshape(-1, self.in_features).float())
+        # The two scales are applied once per output, after the integer product.
+        acc = torch._int_mm(xq, self.trits().t()).float()  # int8 x int8 -> int32, exact
+        y = acc * (absmax / 127).unsqueeze(1) * self.weight_gamma
+        return self._finish(y.to(self.compute_dtype), dtype).reshape(*shape[:-1], self.out_features)

@@ -1,0 +1,92 @@
+"""Linear4bit: NF4 / FP4 blockwise (optionally double-quantized) or uniform int4 grouped weights."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lowbit import functional as F
+from lowbit.formats import codebook, pack_4bit, unpack_4bit
+from lowbit.nn.base import QuantLinear, linear_weight
+
+QUANT_TYPES = ("nf4", "fp4", "int4")
+
+
+class Linear4bit(QuantLinear):
+    """4-bit weights dequantized tile-free to ``compute_dtype`` for each forward (fp32 or bf16)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, quant_type: str = "nf4",
+                 blocksize: int = 64, double_quant: bool = False, compute_dtype: torch.dtype = torch.float32) -> None:
+        super().__init__(in_features, out_features, bias, compute_dtype)
+        if quant_type not in QUANT_TYPES:
+            raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
+        if quant_type == "int4" and double_quant:
+            raise ValueError("double quantization applies to nf4/fp4 absmax, not to int4 scales")
+        self.quant_type, self.blocksize, self.double_quant = quant_type, blocksize, double_quant
+        n = in_features * out_features
+        self.register_buffer("weight_packed", torch.zeros(-(-n // 2), dtype=torch.uint8))
+        if quant_type == "int4":
+            groups = -(-in_features // blocksize)
+            self.register_buffer("weight_scale", torch.ones(out_features, groups))
+            self.register_buffer("weight_zero", torch.zeros(out_features, groups))
+            return
+        self.register_buffer("weight_code", codebook(quant_type))
+        nblocks = -(-n // blocksize)
+        if double_quant:
+            self.register_buffer("weight_nested_codes", torch.zeros(nblocks, dtype=torch.uint8))
+            self.register_buffer("weight_nested_absmax", torch.zeros(-(-nblocks // F.blockwise.DOUBLE_QUANT_BLOCKSIZE)))
+            self.register_buffer("weight_nested_offset", torch.zeros(()))
+            self.register_buffer("weight_nested_code", codebook("dynamic"))
+        else:
+            self.register_buffer("weight_absmax", torch.zeros(nblocks))
+
+    @classmethod
+    def from_linear(cls, module: nn.Module, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = False,
+                    compute_dtype: torch.dtype = torch.float32) -> "Linear4bit":
+        w = linear_weight(module).float()
+        layer = cls(w.shape[1], w.shape[0], module.bias is not None, quant_type, blocksize, double_quant, compute_dtype)
+        layer.set_weight(w)
+        if module.bias is not None:
+            layer.bias = module.bias.detach().float().clone()
+        return layer
+
+    def set_weight(self, w: torch.Tensor) -> None:
+        """Quantize and store an [out, in] float weight."""
+        if self.quant_type == "int4":
+            q = F.quantize_affine(w, 4, self.blocksize)
+            self.weight_packed, self.weight_scale, self.weight_zero = pack_4bit(q.codes), q.scale, q.zero
+            return
+        q = F.quantize_4bit(w, self.quant_type, self.blocksize, self.double_quant)
+        self.weight_packed = q.codes
+        if self.double_quant:
+            n = q.nested
+            self.weight_nested_codes, self.weight_nested_absmax = n.codes, n.absmax
+            self.weight_nested_offset, self.weight_nested_code = n.offset.reshape(()), n.code
+        else:
+            self.weight_absmax = q.absmax
+
+    def blockwise(self) -> F.Blockwise:
+        """The stored nf4/fp4 weight as a functional Blockwise."""
+        shape = torch.Size([self.out_features, self.in_features])
+        q = F.Blockwise(self.weight_packed, None, self.weight_code, self.blocksize, shape, torch.float32, 4, self.quant_type)
+        if self.double_quant:
+            q.nested = F.NestedAbsmax(self.weight_nested_codes, self.weight_nested_absmax, self.weight_nested_offset,
+                                      self.weight_nested_code)
+        else:
+            q.absmax = self.weight_absmax
+        return q
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if self.quant_type == "int4":
+            codes = unpack_4bit(self.weight_packed, self.in_features * self.out_features).view(self.out_features, -1)
+            return F.dequantize_affine(F.Affine(codes, self.weight_scale, self.weight_zero, 4, self.blocksize), dtype)
+        return F.dequantize_4bit(self.blockwise(), dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        w = self.dequantize(self.compute_dtype)
+        y = torch.nn.functional.linear(x.to(self.compute_dtype), w)
+        return self._finish(y, x.dtype)
+
+    def extra_repr(self) -> str:
+        dq = ", double_quant" if self.double_quant else ""
+        return f"{super().extra_repr()}, {self.quant_type}, blocksize={self.blocksize}{dq}, compute={self.compute_dtype}"

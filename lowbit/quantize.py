@@ -1,0 +1,65 @@
+"""lowbit.quantize(model, config): swap every eligible linear layer for its quantized counterpart."""
+from __future__ import annotations
+
+from fnmatch import fnmatch
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from lowbit.config import Int8Config, NF4Config, QuantConfig, TernaryConfig
+from lowbit.nn import BitLinear, Int8Linear, Linear4bit, QuantLinear
+from lowbit.nn.base import is_linear_like
+
+
+def _tied_to_embeddings(model: nn.Module) -> set[int]:
+    """ids of weights shared with an input embedding (their layer must stay as it is)."""
+    shared = set()
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    if emb is not None:
+        shared.add(id(emb.weight))
+    return shared
+
+
+def eligible_layers(model: nn.Module, config: QuantConfig) -> list[tuple[str, nn.Module]]:
+    """(name, module) of the layers ``quantize`` would replace."""
+    tied = _tied_to_embeddings(model)
+    out = []
+    for name, module in model.named_modules():
+        if not is_linear_like(module) or any(fnmatch(name, p) for p in config.skip):
+            continue
+        if id(module.weight) in tied:
+            continue
+        out.append((name, module))
+    return out
+
+
+def build_layer(module: nn.Module, config: QuantConfig) -> QuantLinear:
+    """The quantized replacement of one nn.Linear / Conv1D."""
+    if isinstance(config, Int8Config):
+        return Int8Linear.from_linear(module, config.threshold, config.weight_only, config.compute_dtype)
+    if isinstance(config, NF4Config):
+        return Linear4bit.from_linear(module, config.quant_type, config.blocksize, config.double_quant, config.compute_dtype)
+    if isinstance(config, TernaryConfig):
+        return BitLinear.from_linear(module, config.compute_dtype)
+    raise TypeError(f"config must be Int8Config, NF4Config or TernaryConfig, got {type(config).__name__}")
+
+
+def _set(model: nn.Module, name: str, layer: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+
+
+def quantize(model: nn.Module, config: QuantConfig, progress: bool = True) -> nn.Module:
+    """Replace the model's eligible linear layers in place (LM head and tied embeddings kept); return it."""
+    if any(isinstance(m, QuantLinear) for m in model.modules()):
+        raise ValueError("this model is already quantized by lowbit; load or build the full-precision model to quantize again")
+    layers = eligible_layers(model, config)
+    if not layers:
+        raise ValueError("no nn.Linear or Conv1D layer to quantize (check the skip patterns)")
+    for name, module in tqdm(layers, desc="quantizing", disable=not progress, leave=False):
+        with torch.no_grad():
+            _set(model, name, build_layer(module, config))
+    model.lowbit_config = config
+    return model
