@@ -6,7 +6,7 @@ import torch
 from lowbit import kernels
 from lowbit.formats.packing import unpack_ternary_2bit
 from lowbit.functional.absmax import dequantize_absmax, quantize_absmax
-from lowbit.functional.validate import as_float32, check_float
+from lowbit.functional.validate import as_float32, check_finite_stats, check_float
 from lowbit.kernels import reference
 
 ABSMEAN_EPS = 1e-5
@@ -15,9 +15,10 @@ ABSMEAN_EPS = 1e-5
 def quantize_ternary(w: torch.Tensor, eps: float = ABSMEAN_EPS) -> tuple[torch.Tensor, torch.Tensor]:
     """Ternary weights of b1.58: gamma = mean|w|, trits = clamp(round(w / (gamma + eps)), -1, 1).
     Returns (trits packed 2 bits each as uint8, gamma as float32 scalar); w ~ trits * gamma."""
-    check_float(w)
+    check_float(w, finite=False)
     wf = as_float32(w).reshape(-1)
-    gamma = wf.abs().mean()
+    gamma = torch.linalg.vector_norm(wf, 1) / wf.numel()  # mean |w|; NaN or Inf when w holds any
+    check_finite_stats(gamma)
     divisor = float(gamma) + eps
     ext = kernels.fast()
     packed = ext.quantize_ternary_2bit(wf, divisor) if ext is not None else reference.quantize_ternary_2bit(wf, divisor)
