@@ -54,6 +54,19 @@ inline float round_even(float v) {
   return (v + magic) - magic;
 }
 
+// Calls f with out's data pointer typed as float, BFloat16 or Half.
+template <typename F>
+void for_out_dtype(torch::Tensor out, F&& f) {
+  if (out.dtype() == torch::kFloat32)
+    f(out.data_ptr<float>());
+  else if (out.dtype() == torch::kBFloat16)
+    f(out.data_ptr<c10::BFloat16>());
+  else if (out.dtype() == torch::kFloat16)
+    f(out.data_ptr<c10::Half>());
+  else
+    TORCH_CHECK(false, "out must be float32, bfloat16 or float16");
+}
+
 // Order-preserving map of a float's bits to uint32 (negative floats reversed).
 inline uint32_t ordered_bits(float x) {
   uint32_t u;
@@ -148,14 +161,7 @@ torch::Tensor dequantize_4bit(torch::Tensor packed, torch::Tensor absmax, torch:
   const uint8_t* pq = packed.data_ptr<uint8_t>();
   const float* pa = absmax.data_ptr<float>();
   const float* pc = code.data_ptr<float>();
-  if (out.dtype() == torch::kFloat32)
-    dequantize_4bit_impl<float>(pq, pa, pc, out.data_ptr<float>(), n, blocksize);
-  else if (out.dtype() == torch::kBFloat16)
-    dequantize_4bit_impl<c10::BFloat16>(pq, pa, pc, out.data_ptr<c10::BFloat16>(), n, blocksize);
-  else if (out.dtype() == torch::kFloat16)
-    dequantize_4bit_impl<c10::Half>(pq, pa, pc, out.data_ptr<c10::Half>(), n, blocksize);
-  else
-    TORCH_CHECK(false, "out must be float32, bfloat16 or float16");
+  for_out_dtype(out, [&](auto* o) { dequantize_4bit_impl(pq, pa, pc, o, n, blocksize); });
   return out;
 }
 
@@ -230,14 +236,7 @@ torch::Tensor dequantize_blockwise(torch::Tensor q, torch::Tensor absmax, torch:
   const uint8_t* pq = q.data_ptr<uint8_t>();
   const float* pa = absmax.data_ptr<float>();
   const float* pc = code.data_ptr<float>();
-  if (out.dtype() == torch::kFloat32)
-    dequantize_blockwise_impl<float>(pq, pa, pc, out.data_ptr<float>(), n, blocksize);
-  else if (out.dtype() == torch::kBFloat16)
-    dequantize_blockwise_impl<c10::BFloat16>(pq, pa, pc, out.data_ptr<c10::BFloat16>(), n, blocksize);
-  else if (out.dtype() == torch::kFloat16)
-    dequantize_blockwise_impl<c10::Half>(pq, pa, pc, out.data_ptr<c10::Half>(), n, blocksize);
-  else
-    TORCH_CHECK(false, "out must be float32, bfloat16 or float16");
+  for_out_dtype(out, [&](auto* o) { dequantize_blockwise_impl(pq, pa, pc, o, n, blocksize); });
   return out;
 }
 
