@@ -5,18 +5,16 @@ import torch
 from torch import nn
 
 
-def linear_weight(module: nn.Module) -> torch.Tensor:
-    """The [out, in] weight of an nn.Linear or of a transformers Conv1D (stored as [in, out])."""
-    if isinstance(module, nn.Linear):
-        return module.weight.detach()
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
-        return module.weight.detach().t()
-    raise TypeError(f"cannot quantize {type(module).__name__}: lowbit layers replace nn.Linear and transformers Conv1D")
-
-
 def is_linear_like(module: nn.Module) -> bool:
     """True for nn.Linear and transformers' GPT-2 Conv1D."""
     return isinstance(module, nn.Linear) or (type(module).__name__ == "Conv1D" and hasattr(module, "nf"))
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The [out, in] weight of an nn.Linear or of a transformers Conv1D (stored as [in, out])."""
+    if not is_linear_like(module):
+        raise TypeError(f"cannot quantize {type(module).__name__}: lowbit layers replace nn.Linear and transformers Conv1D")
+    return module.weight.detach() if isinstance(module, nn.Linear) else module.weight.detach().t()
 
 
 class QuantLinear(nn.Module):
@@ -30,6 +28,11 @@ class QuantLinear(nn.Module):
             self.register_buffer("bias", torch.zeros(out_features))
         else:
             self.bias = None
+
+    def copy_bias(self, module: nn.Module) -> None:
+        """Take the float32 bias of the layer being replaced, if it has one."""
+        if module.bias is not None:
+            self.bias = module.bias.detach().float().clone()
 
     def dequantize(self) -> torch.Tensor:
         """The [out, in] weight this layer stands for, in float32."""

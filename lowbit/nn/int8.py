@@ -26,8 +26,7 @@ class Int8Linear(QuantLinear):
         w = linear_weight(module)
         layer = cls(w.shape[1], w.shape[0], module.bias is not None, threshold, weight_only, compute_dtype)
         layer.weight_codes, layer.weight_absmax = quantize_absmax(w.float(), dim=-1)
-        if module.bias is not None:
-            layer.bias = module.bias.detach().float().clone()
+        layer.copy_bias(module)
         return layer
 
     def dequantize(self) -> torch.Tensor:

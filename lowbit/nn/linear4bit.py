@@ -45,8 +45,7 @@ class Linear4bit(QuantLinear):
         w = linear_weight(module).float()
         layer = cls(w.shape[1], w.shape[0], module.bias is not None, quant_type, blocksize, double_quant, compute_dtype)
         layer.set_weight(w)
-        if module.bias is not None:
-            layer.bias = module.bias.detach().float().clone()
+        layer.copy_bias(module)
         return layer
 
     def set_weight(self, w: torch.Tensor) -> None:
