@@ -54,6 +54,8 @@ def main() -> None:
     variants = {
         "fp32": lambda m: m,
         "int8 (LLM.int8, threshold 6)": lambda m: lowbit.quantize(m, lowbit.Int8Config(threshold=6.0), progress=False),
+        "int8 (LLM.int8, zeropoint activations)": lambda m: lowbit.quantize(
+            m, lowbit.Int8Config(threshold=6.0, activations="zeropoint"), progress=False),
         "int8 weight-only": lambda m: lowbit.quantize(m, lowbit.Int8Config(weight_only=True), progress=False),
         "nf4 bs64": lambda m: lowbit.quantize(m, lowbit.NF4Config(double_quant=False), progress=False),
         "nf4 bs64 + double quant": lambda m: lowbit.quantize(m, lowbit.NF4Config(double_quant=True), progress=False),
@@ -64,6 +66,8 @@ def main() -> None:
     if not args.no_bnb:
         variants["bitsandbytes NF4 + DQ (eval)"] = lambda m: bnb_swap(m, "nf4")
         variants["bitsandbytes Linear8bitLt 6.0 (eval)"] = lambda m: bnb_swap(m, "int8")
+        # In training mode bitsandbytes' CPU path dequantizes the weight and never quantizes activations.
+        variants["bitsandbytes Linear8bitLt 6.0 (training mode)"] = lambda m: bnb_swap(m, "int8").train()
     results = []
     for name, make in variants.items():
         m = make(copy.deepcopy(model))
@@ -72,6 +76,18 @@ def main() -> None:
             row[tname] = perplexity(m, tok, text, tokens=args.tokens, progress=False)
         results.append(row)
         print(f"{name:40} " + "  ".join(f"{t}: {row[t]:9.3f} ({row[t] / results[0][t]:.4f}x)" for t in texts), flush=True)
+    by = {r["method"]: r for r in results}
+    for t in texts:
+        ratio = lambda m: by[m][t] / by["fp32"][t]
+        checks = [("LLM.int8 (threshold 6) ratio <= 1.005", ratio("int8 (LLM.int8, threshold 6)") <= 1.005),
+                  ("LLM.int8 (threshold 6, zero-point activations) ratio <= 1.005",
+                   ratio("int8 (LLM.int8, zeropoint activations)") <= 1.005),
+                  ("int8 weight-only ratio <= 1.005", ratio("int8 weight-only") <= 1.005)]
+        if "bitsandbytes NF4 + DQ (eval)" in by:
+            rel = by["nf4 bs64 + double quant"][t] / by["bitsandbytes NF4 + DQ (eval)"][t]
+            checks.append((f"NF4+DQ vs bitsandbytes NF4+DQ: {rel:.4f} (no worse than 1.002)", rel <= 1.002))
+        for what, ok in checks:
+            print(f"[{t}] {'met   ' if ok else 'MISSED'} {what}")
     out = Path(__file__).parent / "results" / "quality.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"tokens": args.tokens, "window": 512, "results": results}, indent=1))

@@ -1,3 +1,3 @@
-from lowbit.weight_report import main
+from lowbit.cli import main
 
 main()

@@ -14,6 +14,7 @@ DEFAULT_SKIP = ("lm_head", "*.lm_head")
 @dataclass
 class _Config:
     skip: tuple[str, ...] = DEFAULT_SKIP  # fnmatch patterns of module names left as they are
+    modules: tuple[str, ...] | None = None  # fnmatch patterns of modules to quantize; None: every linear layer
 
     def to_dict(self) -> dict:
         d = {"method": METHOD_OF[type(self)]}
@@ -33,6 +34,7 @@ class Int8Config(_Config):
     threshold: float = 6.0
     weight_only: bool = False
     compute_dtype: torch.dtype = torch.float32
+    activations: str = "absmax"  # or "zeropoint": LLM.int8()'s asymmetric vector-wise variant
 
 
 @dataclass
@@ -73,8 +75,9 @@ def config_from_dict(d: dict) -> QuantConfig:
         if d["compute_dtype"] not in _DTYPES:
             raise ValueError(f"compute_dtype must be one of {list(_DTYPES)}, got {d['compute_dtype']!r}")
         d["compute_dtype"] = _DTYPES[d["compute_dtype"]]
-    if "skip" in d:
-        d["skip"] = tuple(d["skip"])
+    for key in ("skip", "modules"):
+        if d.get(key) is not None:
+            d[key] = tuple(d[key])
     return cls(**d)
 
 

@@ -70,3 +70,51 @@ def load_default_model(dtype: torch.dtype = torch.float32):
     tok = AutoTokenizer.from_pretrained(target)
     model.eval()
     return model, tok
+
+
+def load_model(spec: str, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) from ``smollm2-135m``, a GGUF file, a transformers folder or a lowbit checkpoint."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if spec.lower() == DEFAULT_MODEL:
+        return load_default_model(dtype)
+    path = Path(spec)
+    if not path.exists():
+        raise FileNotFoundError(f"no such model: {spec} (give {DEFAULT_MODEL}, a .gguf file, a transformers folder "
+                                "or a lowbit checkpoint folder)")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(f"{spec} is a file but not a .gguf model")
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+        model.hf_quantizer = None
+        return model.eval(), AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    if (path / "lowbit.json").is_file():
+        from lowbit.checkpoint import load, load_tokenizer
+
+        tok = load_tokenizer(path)
+        if tok is None:
+            raise ValueError(f"{spec} holds no tokenizer: save it with lowbit.save(model, dir, tokenizer=tok)")
+        return load(path), tok
+    if (path / "config.json").is_file():
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        return model.eval(), AutoTokenizer.from_pretrained(path)
+    raise ValueError(f"{spec} is a folder with neither lowbit.json nor config.json: not a model")
+
+
+ENCODER_ALIASES = ("all-minilm-l6-v2", "minilm")
+
+
+def load_any(spec: str):
+    """(model, tokenizer) for a causal LM (see load_model) or an encoder (the bundled all-MiniLM-L6-v2 or a folder)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    folder = minilm_dir() if spec.lower() in ENCODER_ALIASES else Path(spec)
+    if spec.lower() not in ENCODER_ALIASES:
+        if not (folder.is_dir() and (folder / "config.json").is_file()):
+            return load_model(spec)
+        archs = AutoConfig.from_pretrained(folder).architectures or []
+        if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+            return load_model(spec)
+    return AutoModel.from_pretrained(folder, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(folder)

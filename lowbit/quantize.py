@@ -22,12 +22,35 @@ def _tied_to_embeddings(model: nn.Module) -> set[int]:
     return shared
 
 
+def _selected(model: nn.Module, patterns: tuple[str, ...] | None) -> set[str] | None:
+    """Names of the linear layers the config's ``modules`` patterns name (a container names those under it)."""
+    if patterns is None:
+        return None
+    chosen = set()
+    for pattern in patterns:
+        hits = [(n, m) for n, m in model.named_modules() if n and fnmatch(n, pattern)]
+        if not hits:
+            raise ValueError(f"modules pattern {pattern!r} matches no module of this model")
+        for name, module in hits:
+            if is_linear_like(module):
+                chosen.add(name)
+            elif any(True for _ in module.parameters(recurse=False)):
+                raise TypeError(f"{name} is {type(module).__name__}, not a linear layer: lowbit quantizes nn.Linear "
+                                f"and transformers Conv1D layers only (modules pattern {pattern!r})")
+            else:
+                chosen.update(f"{name}.{n}" for n, m in module.named_modules() if n and is_linear_like(m))
+    return chosen
+
+
 def eligible_layers(model: nn.Module, config: QuantConfig) -> list[tuple[str, nn.Module]]:
     """(name, module) of the layers ``quantize`` would replace."""
     tied = _tied_to_embeddings(model)
+    selected = _selected(model, config.modules)
     out = []
     for name, module in model.named_modules():
         if not is_linear_like(module) or any(fnmatch(name, p) for p in config.skip):
+            continue
+        if selected is not None and name not in selected:
             continue
         if id(module.weight) in tied:
             continue
@@ -38,7 +61,8 @@ def eligible_layers(model: nn.Module, config: QuantConfig) -> list[tuple[str, nn
 def build_layer(module: nn.Module, config: QuantConfig) -> QuantLinear:
     """The quantized replacement of one nn.Linear / Conv1D."""
     if isinstance(config, Int8Config):
-        return Int8Linear.from_linear(module, config.threshold, config.weight_only, config.compute_dtype)
+        return Int8Linear.from_linear(module, config.threshold, config.weight_only, config.compute_dtype,
+                                      config.activations)
     if isinstance(config, NF4Config):
         return Linear4bit.from_linear(module, config.quant_type, config.blocksize, config.double_quant, config.compute_dtype)
     if isinstance(config, TernaryConfig):

@@ -114,3 +114,40 @@ def test_real_model_generates_and_reports_memory(smollm):
     r = lowbit.memory_report(m)
     assert r["parameters"] == sum(p.numel() for p in model.parameters())
     assert r["total_bytes"] < r["fp32_bytes"] / 2.5 and "Linear4bit" in r["bytes_by_type"]
+
+
+@torch.no_grad()
+def test_int8_zeropoint_activations(linear):
+    # Post-ReLU style inputs (all >= 0): absmax wastes the negative half of int8, zero-point does not.
+    x = torch.rand(6, 200) * 3
+    exact = linear(x)
+    zp = Int8Linear.from_linear(linear, threshold=6.0, activations="zeropoint")
+    am = Int8Linear.from_linear(linear, threshold=6.0)
+    assert torch.allclose(zp(x), zp(x, reference=True), atol=1e-5)
+    exact = exact.detach()
+    err = lambda layer: float((layer(x) - exact).norm() / exact.norm())
+    assert err(zp) < err(am) < 0.01
+    # Outliers still take the float path with zero-point activations.
+    x[:, 7] = 40.0
+    assert float((zp(x) - linear(x)).norm() / linear(x).norm()) < 0.01
+    with pytest.raises(ValueError, match="activations"):
+        Int8Linear(8, 8, activations="minmax")
+    with pytest.raises(ValueError, match="threshold"):
+        Int8Linear(8, 8, threshold=-1)
+
+
+def test_config_modules_patterns():
+    def mlp():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Embedding(10, 16), nn.Sequential(nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 16)), nn.Linear(16, 4))
+
+    m = lowbit.quantize(mlp(), lowbit.Int8Config(modules=("1",)), progress=False)  # a container: the linears under it
+    assert isinstance(m[1][0], Int8Linear) and isinstance(m[1][2], Int8Linear) and type(m[2]) is nn.Linear
+    m = lowbit.quantize(mlp(), lowbit.Int8Config(modules=("1.*",)), progress=False)  # GELU matched too: no parameters, fine
+    assert isinstance(m[1][2], Int8Linear)
+    with pytest.raises(TypeError, match="0 is Embedding, not a linear layer"):
+        lowbit.quantize(mlp(), lowbit.NF4Config(modules=("0", "2")), progress=False)
+    with pytest.raises(ValueError, match="matches no module"):
+        lowbit.quantize(mlp(), lowbit.NF4Config(modules=("decoder.*",)), progress=False)
+    cfg = lowbit.Int8Config(modules=("1.*",), activations="zeropoint")
+    assert lowbit.config_from_json(cfg.to_json()) == cfg

@@ -15,7 +15,7 @@ def perplexity(model, tokenizer, text: str, tokens: int = 8192, window: int = 51
     stride None: non-overlapping windows, each token predicted from the window start. stride < window:
     sliding windows; each scores only the tokens not scored before, with up to ``window`` tokens of context.
     """
-    ids = tokenizer(text, return_tensors="pt").input_ids[0][:tokens]
+    ids = tokenizer(text, return_tensors="pt", verbose=False).input_ids[0][:tokens]
     if ids.numel() < 2:
         raise ValueError("the text is too short: fewer than 2 tokens")
     stride = stride or window

@@ -44,6 +44,11 @@ TERNARY_VALUES: tuple[float, ...] = (-1.0, 0.0, 1.0)
 
 @lru_cache(maxsize=None)
 def _cached(name: str) -> torch.Tensor:
+    with torch.device("cpu"):  # built once, real data even when first asked for under a meta-device context
+        return _build(name)
+
+
+def _build(name: str) -> torch.Tensor:
     if name == "nf4":
         return torch.tensor(NF4_VALUES, dtype=torch.float32)
     if name == "fp4":

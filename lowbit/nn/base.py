@@ -1,8 +1,35 @@
 """What every lowbit layer shares: construction from nn.Linear or GPT-2 Conv1D, bias, accounting."""
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import nn
+
+_scratch = threading.local()
+
+
+def scratch(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A per-thread buffer reused by every layer for its dequantized weight during inference.
+
+    One weight-sized buffer that stays in cache instead of a fresh allocation (and page faults) per call;
+    only for calls that autograd will not look back at.
+    """
+    bufs = getattr(_scratch, "bufs", None)
+    if bufs is None:
+        bufs = _scratch.bufs = {}
+    n = 1
+    for d in shape:
+        n *= d
+    buf = bufs.get(dtype)
+    if buf is None or buf.numel() < n:
+        buf = bufs[dtype] = torch.empty(n, dtype=dtype)
+    return buf[:n].view(shape)
+
+
+def needs_autograd(x: torch.Tensor) -> bool:
+    """Whether autograd may keep tensors of this call for a backward pass."""
+    return torch.is_grad_enabled() and x.requires_grad
 
 
 def is_linear_like(module: nn.Module) -> bool:
@@ -33,6 +60,11 @@ class QuantLinear(nn.Module):
         """Take the float32 bias of the layer being replaced, if it has one."""
         if module.bias is not None:
             self.bias = module.bias.detach().float().clone()
+
+    def init_kwargs(self) -> dict:
+        """The constructor arguments that rebuild this layer empty (JSON types; dtypes by name)."""
+        return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None,
+                "compute_dtype": str(self.compute_dtype).removeprefix("torch.")}
 
     def dequantize(self) -> torch.Tensor:
         """The [out, in] weight this layer stands for, in float32."""

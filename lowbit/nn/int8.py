@@ -4,30 +4,53 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lowbit.functional import quantize_absmax
+from lowbit.functional import quantize_absmax, quantize_affine
 from lowbit.nn.base import QuantLinear, linear_weight
+
+
+ACTIVATIONS = ("absmax", "zeropoint")
 
 
 class Int8Linear(QuantLinear):
     """int8 weights, one absmax per output row. With ``weight_only`` the input stays in float;
     otherwise activations are int8 by row and the feature columns holding any |x| >= threshold are
-    multiplied in float (mixed-precision decomposition; threshold 0 turns it off)."""
+    multiplied in float (mixed-precision decomposition; threshold 0 turns it off).
+
+    ``activations="absmax"`` is LLM.int8() as published and as bitsandbytes runs it; ``"zeropoint"``
+    is the paper's asymmetric vector-wise variant (its Table 1), which loses less on small models."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, threshold: float = 6.0,
-                 weight_only: bool = False, compute_dtype: torch.dtype = torch.float32) -> None:
+                 weight_only: bool = False, compute_dtype: torch.dtype = torch.float32,
+                 activations: str = "absmax") -> None:
         super().__init__(in_features, out_features, bias, compute_dtype)
-        self.threshold, self.weight_only = float(threshold), weight_only
+        if activations not in ACTIVATIONS:
+            raise ValueError(f"activations must be one of {ACTIVATIONS}, got {activations!r}")
+        if threshold < 0:
+            raise ValueError(f"threshold must be >= 0 (0 turns decomposition off), got {threshold}")
+        self.threshold, self.weight_only, self.activations = float(threshold), weight_only, activations
         self.register_buffer("weight_codes", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("weight_absmax", torch.zeros(out_features))
 
     @classmethod
     def from_linear(cls, module: nn.Module, threshold: float = 6.0, weight_only: bool = False,
-                    compute_dtype: torch.dtype = torch.float32) -> "Int8Linear":
+                    compute_dtype: torch.dtype = torch.float32, activations: str = "absmax") -> "Int8Linear":
         w = linear_weight(module)
-        layer = cls(w.shape[1], w.shape[0], module.bias is not None, threshold, weight_only, compute_dtype)
+        layer = cls(w.shape[1], w.shape[0], module.bias is not None, threshold, weight_only, compute_dtype, activations)
         layer.weight_codes, layer.weight_absmax = quantize_absmax(w.float(), dim=-1)
         layer.copy_bias(module)
         return layer
+
+    def init_kwargs(self) -> dict:
+        return {**super().init_kwargs(), "threshold": self.threshold, "weight_only": self.weight_only,
+                "activations": self.activations}
+
+    def _code_sums(self) -> torch.Tensor:
+        """Row sums of the int8 weight, computed once per weight (recomputed if the codes change)."""
+        key = (self.weight_codes.data_ptr(), self.weight_codes._version)
+        cached = getattr(self, "_sums", None)
+        if cached is None or cached[0] != key:
+            cached = self._sums = (key, self.weight_codes.sum(1, dtype=torch.int32))
+        return cached[1]
 
     def dequantize(self) -> torch.Tensor:
         return self.weight_codes.float() * (self.weight_absmax / 127).unsqueeze(1)
@@ -48,17 +71,25 @@ class Int8Linear(QuantLinear):
                 outliers = cols.nonzero().squeeze(1)
                 x_out = x2[:, outliers]
                 x2 = x2.index_fill(1, outliers, 0.0)
-        xq, x_absmax = quantize_absmax(x2.float(), dim=-1)
+        if self.activations == "absmax":
+            xq, x_absmax = quantize_absmax(x2.float(), dim=-1)
+            x_scale, x_shift = x_absmax / 127, None
+        else:  # x ~ (u - zero) * scale with u in 0..255; stored as the int8 u - 128
+            a = quantize_affine(x2.float(), 8)
+            xq = (a.codes.to(torch.int16) - 128).to(torch.int8)
+            x_scale, x_shift = a.scale.squeeze(1), (128 - a.zero).to(torch.int32)
         if reference:  # exact integer product in float64, no int8 kernel
-            acc = (xq.double() @ self.weight_codes.double().t()).to(torch.float32)
+            acc = xq.double() @ self.weight_codes.double().t()
         else:
-            acc = torch._int_mm(xq, self.weight_codes.t()).to(torch.float32)
-        y = (acc * (x_absmax / 127).unsqueeze(1)).to(self.compute_dtype) * row_scale
+            acc = torch._int_mm(xq, self.weight_codes.t())
+        if x_shift is not None:  # the zero point times each weight row's code sum, still in integers
+            acc = acc + x_shift * self._code_sums()
+        y = (acc.to(torch.float32) * x_scale.unsqueeze(1)).to(self.compute_dtype) * row_scale
         if outliers is not None:
             w_out = self.weight_codes[:, outliers].to(self.compute_dtype) * row_scale.unsqueeze(1)
             y = y + x_out @ w_out.t()
         return self._finish(y, dtype).reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        mode = "weight-only" if self.weight_only else f"threshold={self.threshold}"
+        mode = "weight-only" if self.weight_only else f"threshold={self.threshold}, activations={self.activations}"
         return f"{super().extra_repr()}, {mode}"

@@ -6,7 +6,7 @@ from torch import nn
 
 from lowbit import functional as F
 from lowbit.formats import codebook, pack_4bit, unpack_4bit
-from lowbit.nn.base import QuantLinear, linear_weight
+from lowbit.nn.base import QuantLinear, linear_weight, needs_autograd, scratch
 
 QUANT_TYPES = ("nf4", "fp4", "int4")
 
@@ -48,6 +48,10 @@ class Linear4bit(QuantLinear):
         layer.copy_bias(module)
         return layer
 
+    def init_kwargs(self) -> dict:
+        return {**super().init_kwargs(), "quant_type": self.quant_type, "blocksize": self.blocksize,
+                "double_quant": self.double_quant}
+
     def set_weight(self, w: torch.Tensor) -> None:
         """Quantize and store an [out, in] float weight."""
         if self.quant_type == "int4":
@@ -82,7 +86,11 @@ class Linear4bit(QuantLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        w = self.dequantize(self.compute_dtype)
+        if self.quant_type != "int4" and not needs_autograd(x) and x.device.type == "cpu":
+            w = F.dequantize_4bit(self.blockwise(), self.compute_dtype,
+                                  out=scratch((self.out_features, self.in_features), self.compute_dtype))
+        else:
+            w = self.dequantize(self.compute_dtype)
         y = torch.nn.functional.linear(x.to(self.compute_dtype), w)
         return self._finish(y, x.dtype)
 

@@ -1,0 +1,68 @@
+"""Measure what each quantization method costs on one model: bits/param, size, perplexity, speed."""
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from lowbit.eval.memory import memory_report
+from lowbit.eval.perplexity import perplexity
+from lowbit.eval.speed import speed
+from lowbit.methods import METHODS, apply_method, check_method
+from lowbit.nn import QuantLinear
+from lowbit.quantize import eligible_layers
+from lowbit.config import NF4Config
+
+
+def linear_bits_per_param(model: nn.Module) -> float:
+    """Stored bits per weight of the layers a method quantizes (codes and every constant); 32 or 16 if none are."""
+    q = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    if q:
+        return sum(m.stored_bits() for m in q) / sum(m.in_features * m.out_features for m in q)
+    layers = eligible_layers(model, NF4Config())
+    return 8.0 * layers[0][1].weight.element_size() if layers else float("nan")
+
+
+def measure(model: nn.Module, tokenizer, text: str, tokens: int = 8192, window: int = 512, stride: int | None = None,
+            with_speed: bool = True, progress: bool = True, label: str = "") -> dict:
+    """Perplexity, memory and (optionally) prefill/decode speed of one model."""
+    mem = memory_report(model)
+    row = {"bits_per_param_linear": linear_bits_per_param(model), "bits_per_param_model": mem["bits_per_param"],
+           "model_mb": mem["total_bytes"] / 1e6, "parameters": mem["parameters"], "bytes_by_type": mem["bytes_by_type"]}
+    t = time.perf_counter()
+    row["perplexity"] = perplexity(model, tokenizer, text, tokens, window, stride, progress=progress)
+    row["perplexity_s"] = time.perf_counter() - t
+    if with_speed:
+        row.update(speed(model))
+    return row
+
+
+def compare(model: nn.Module, tokenizer, methods: list[str], text: str, tokens: int = 8192, window: int = 512,
+            stride: int | None = None, with_speed: bool = True, progress: bool = True) -> list[dict]:
+    """One row per method, each on a fresh copy of ``model`` (left as it is); ppl change is against fp32 if present."""
+    for m in methods:
+        check_method(m)
+    rows = []
+    for name in tqdm(methods, desc="methods", disable=not progress):
+        t = time.perf_counter()
+        m = apply_method(copy.deepcopy(model), name, progress=progress)
+        quantize_s = time.perf_counter() - t
+        row = {"method": name, "description": METHODS[name], "quantize_s": quantize_s,
+               **measure(m, tokenizer, text, tokens, window, stride, with_speed, progress)}
+        rows.append(row)
+        del m
+    base = next((r["perplexity"] for r in rows if r["method"] == "fp32"), None)
+    for r in rows:
+        r["ppl_change_pct"] = None if base is None else 100 * (r["perplexity"] / base - 1)
+    return rows
+
+
+@torch.no_grad()
+def generate_text(model: nn.Module, tokenizer, prompt: str, new_tokens: int = 20) -> str:
+    """Greedy continuation of ``prompt``: a quick look that the model still speaks."""
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(out[0][ids.shape[1]:], skip_special_tokens=True)

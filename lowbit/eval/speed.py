@@ -1,0 +1,41 @@
+"""Prefill and decode speed of a causal LM in tokens/s, and a line that names the machine they ran on."""
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+
+import torch
+
+
+def machine() -> str:
+    """CPU model, cores torch uses, torch version: what a speed figure is worth."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{name}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+@torch.no_grad()
+def speed(model, prompt_tokens: int = 128, new_tokens: int = 16, repeats: int = 3, vocab: int | None = None) -> dict:
+    """Median prefill tokens/s over ``prompt_tokens`` and greedy decode tokens/s over ``new_tokens`` (KV cache on)."""
+    vocab = vocab or model.config.vocab_size
+    ids = torch.randint(0, vocab, (1, prompt_tokens), generator=torch.Generator().manual_seed(0))
+    model(ids[:, :8])  # warm-up: first-call allocations and lazy initialisation
+    prefill, decode = [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = model(ids, use_cache=True)
+        prefill.append(time.perf_counter() - t)
+        cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        t = time.perf_counter()
+        for _ in range(new_tokens):
+            out = model(nxt, past_key_values=cache, use_cache=True)
+            cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        decode.append(time.perf_counter() - t)
+    return {"prefill_tok_s": prompt_tokens / statistics.median(prefill),
+            "decode_tok_s": new_tokens / statistics.median(decode),
+            "prompt_tokens": prompt_tokens, "new_tokens": new_tokens}

@@ -1,0 +1,1 @@
+"""Reading and writing other libraries' quantized formats."""

@@ -1,0 +1,200 @@
+"""bitsandbytes 4-bit checkpoints: the state-dict layout transformers writes for ``load_in_4bit`` models.
+
+Per quantized linear layer ``p``: ``p.weight`` (packed uint8, [n/2, 1]), ``p.weight.absmax`` (float32;
+uint8 codes under double quantization), ``p.weight.quant_map`` (the 16 code values), with double
+quantization ``p.weight.nested_absmax`` and ``p.weight.nested_quant_map``, and
+``p.weight.quant_state.bitsandbytes__nf4`` (or ``__fp4``): a uint8 tensor holding UTF-8 JSON with
+quant_type, blocksize, dtype, shape and the nested blocksize, dtype and offset. Neither direction
+needs bitsandbytes installed.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from lowbit.functional.blockwise import DOUBLE_QUANT_BLOCKSIZE
+from lowbit.nn import Linear4bit, QuantLinear
+
+STATE_PREFIX = "weight.quant_state.bitsandbytes__"
+
+
+def _pack_json(d: dict) -> torch.Tensor:
+    return torch.tensor(list(json.dumps(d).encode("utf-8")), dtype=torch.uint8)
+
+
+def _unpack_json(t: torch.Tensor) -> dict:
+    try:
+        return json.loads(bytes(t.to(torch.uint8).tolist()).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"the bitsandbytes quant_state tensor does not hold JSON ({e})") from None
+
+
+def layer_to_bnb(layer: Linear4bit) -> dict[str, torch.Tensor]:
+    """One Linear4bit (nf4/fp4) as bitsandbytes' state-dict entries, keys relative to the layer."""
+    if not isinstance(layer, Linear4bit) or layer.quant_type not in ("nf4", "fp4"):
+        raise TypeError("only nf4/fp4 Linear4bit layers have a bitsandbytes layout")
+    meta = {"quant_type": layer.quant_type, "blocksize": layer.blocksize, "dtype": "float32",
+            "shape": [layer.out_features, layer.in_features]}
+    out = {"weight": layer.weight_packed.reshape(-1, 1).clone(), "weight.quant_map": layer.weight_code.clone()}
+    if layer.double_quant:
+        out["weight.absmax"] = layer.weight_nested_codes.clone()
+        out["weight.nested_absmax"] = layer.weight_nested_absmax.clone()
+        out["weight.nested_quant_map"] = layer.weight_nested_code.clone()
+        meta.update(nested_blocksize=DOUBLE_QUANT_BLOCKSIZE, nested_dtype="float32",
+                    nested_offset=float(layer.weight_nested_offset))
+    else:
+        out["weight.absmax"] = layer.weight_absmax.clone()
+    out[STATE_PREFIX + layer.quant_type] = _pack_json(meta)
+    if layer.bias is not None:
+        out["bias"] = layer.bias.clone()
+    return out
+
+
+def _expect(name: str, t: torch.Tensor, dtype: torch.dtype, numel: int) -> torch.Tensor:
+    if t.dtype != dtype or t.numel() != numel:
+        raise ValueError(f"{name}: expected {dtype} with {numel} elements, got {t.dtype} {tuple(t.shape)}")
+    return t.reshape(-1).clone()
+
+
+def layer_from_bnb(state: dict[str, torch.Tensor], compute_dtype: torch.dtype = torch.float32,
+                   prefix: str = "") -> Linear4bit:
+    """A Linear4bit holding exactly the data of one bitsandbytes layer's state-dict entries (keys relative to it)."""
+    keys = [k for k in state if k.startswith(STATE_PREFIX)]
+    if len(keys) != 1:
+        raise ValueError(f"{prefix}: expected one {STATE_PREFIX}nf4|fp4 entry, found {len(keys)}")
+    meta = _unpack_json(state[keys[0]])
+    quant_type, blocksize, shape = meta.get("quant_type"), meta.get("blocksize"), meta.get("shape")
+    if quant_type not in ("nf4", "fp4") or keys[0] != STATE_PREFIX + quant_type:
+        raise ValueError(f"{prefix}: unsupported bitsandbytes quant_type {quant_type!r}")
+    if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(s, int) and s > 0 for s in shape)):
+        raise ValueError(f"{prefix}: quant_state shape must be [out, in], got {shape!r}")
+    nested = "weight.nested_absmax" in state
+    if nested and meta.get("nested_blocksize") != DOUBLE_QUANT_BLOCKSIZE:
+        raise ValueError(f"{prefix}: nested blocksize {meta.get('nested_blocksize')} (lowbit reads {DOUBLE_QUANT_BLOCKSIZE})")
+    out_f, in_f = shape
+    bias = state.get("bias")
+    with torch.device("meta"):
+        layer = Linear4bit(in_f, out_f, bias is not None, quant_type, blocksize, nested, compute_dtype)
+    n, nblocks = in_f * out_f, -(-in_f * out_f // blocksize)
+    layer.weight_packed = _expect(f"{prefix}weight", state["weight"], torch.uint8, -(-n // 2))
+    layer.weight_code = _expect(f"{prefix}weight.quant_map", state["weight.quant_map"], torch.float32, 16)
+    if nested:
+        layer.weight_nested_codes = _expect(f"{prefix}weight.absmax", state["weight.absmax"], torch.uint8, nblocks)
+        layer.weight_nested_absmax = _expect(f"{prefix}weight.nested_absmax", state["weight.nested_absmax"], torch.float32,
+                                             -(-nblocks // DOUBLE_QUANT_BLOCKSIZE))
+        layer.weight_nested_code = _expect(f"{prefix}weight.nested_quant_map", state["weight.nested_quant_map"],
+                                           torch.float32, 256)
+        layer.weight_nested_offset = torch.tensor(float(meta["nested_offset"]))
+    else:
+        layer.weight_absmax = _expect(f"{prefix}weight.absmax", state["weight.absmax"], torch.float32, nblocks)
+    if bias is not None:
+        if bias.numel() != out_f:
+            raise ValueError(f"{prefix}bias: expected {out_f} elements, got {tuple(bias.shape)}")
+        layer.bias = bias.detach().float().reshape(-1).clone()
+    return layer
+
+
+def to_bnb_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict with each nf4/fp4 Linear4bit in bitsandbytes' layout; other tensors as they are."""
+    out, seen = {}, set()
+    quantized = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    for name, m in quantized.items():
+        if not isinstance(m, Linear4bit) or m.quant_type not in ("nf4", "fp4"):
+            raise TypeError(f"{name} is {type(m).__name__} ({getattr(m, 'quant_type', '')}): bitsandbytes' 4-bit layout "
+                            "holds only nf4/fp4 Linear4bit layers")
+        out.update({f"{name}.{k}": v for k, v in layer_to_bnb(m).items()})
+    for key, t in model.state_dict().items():
+        owner = key.rpartition(".")[0]
+        if owner in quantized:
+            continue
+        ptr = (t.data_ptr(), tuple(t.shape))
+        if ptr in seen:  # a tied weight: transformers re-ties it on load
+            continue
+        seen.add(ptr)
+        out[key] = t.detach().contiguous()
+    return out
+
+
+def from_bnb_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor],
+                        compute_dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Fill ``model`` (built full-precision or on the meta device) from a bitsandbytes 4-bit state dict."""
+    prefixes = {k[: k.index(STATE_PREFIX) - 1] for k in state_dict if STATE_PREFIX in k}
+    for prefix in sorted(prefixes):
+        own = {k[len(prefix) + 1:]: v for k, v in state_dict.items() if k.startswith(prefix + ".")}
+        own = {k: v for k, v in own.items() if k.startswith("weight") or k == "bias"}
+        try:
+            old = model.get_submodule(prefix)
+        except AttributeError:
+            raise ValueError(f"the state dict quantizes {prefix}, which this model does not have") from None
+        layer = layer_from_bnb(own, compute_dtype, prefix + ".")
+        in_f = getattr(old, "in_features", None)
+        if in_f is not None and (in_f, old.out_features) != (layer.in_features, layer.out_features):
+            raise ValueError(f"shape mismatch at {prefix}: state dict {layer.out_features}x{layer.in_features}, "
+                             f"model {old.out_features}x{in_f}")
+        parent, _, child = prefix.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, layer)
+    rest = {k: v for k, v in state_dict.items() if k.rpartition(".")[0] not in prefixes and not
+            any(k.startswith(p + ".weight.") for p in prefixes)}
+    _, unexpected = model.load_state_dict(rest, strict=False, assign=True)
+    if unexpected:
+        raise ValueError(f"the state dict has tensors this model lacks, e.g. {unexpected[:3]}")
+    if hasattr(model, "tie_weights"):  # tied weights are stored once; the model ties them again
+        model.tie_weights()
+    missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if missing:
+        raise ValueError(f"the state dict lacks tensors this model needs, e.g. {missing[:3]}")
+    return model.eval()
+
+
+def save_bnb_checkpoint(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write a transformers model with lowbit NF4/FP4 layers as a bitsandbytes ``load_in_4bit`` checkpoint."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    if not layers:
+        raise ValueError("the model has no lowbit Linear4bit layer to export")
+    first = layers[0]
+    model.config.quantization_config = {
+        "quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
+        "bnb_4bit_quant_type": first.quant_type, "bnb_4bit_use_double_quant": first.double_quant,
+        "bnb_4bit_compute_dtype": str(first.compute_dtype).removeprefix("torch."),
+        "bnb_4bit_quant_storage": "uint8",
+        "llm_int8_skip_modules": [n for n, m in model.named_modules()
+                                  if isinstance(m, nn.Linear) and not isinstance(m, QuantLinear)],
+    }
+    tmp = directory / "model.safetensors.tmp"
+    save_file(to_bnb_state_dict(model), str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, directory / "model.safetensors")
+    model.config.save_pretrained(str(directory))
+    del model.config.quantization_config
+    return directory
+
+
+def load_bnb_checkpoint(directory: str | os.PathLike, compute_dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A transformers bitsandbytes 4-bit checkpoint (config.json + safetensors) as a model with lowbit layers."""
+    import transformers
+    from accelerate import init_empty_weights
+
+    directory = Path(directory)
+    files = sorted(directory.glob("*.safetensors"))
+    if not (directory / "config.json").is_file() or not files:
+        raise FileNotFoundError(f"{directory} needs config.json and *.safetensors of a bitsandbytes 4-bit model")
+    config = transformers.AutoConfig.from_pretrained(str(directory))
+    qc = getattr(config, "quantization_config", None)
+    qc = qc if isinstance(qc, dict) else (qc.to_dict() if qc is not None else {})
+    if not qc.get("load_in_4bit"):
+        raise ValueError(f"{directory} is not a bitsandbytes 4-bit checkpoint (no load_in_4bit in its config)")
+    del config.quantization_config
+    with init_empty_weights():
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    state = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            state.update({k: st.get_tensor(k) for k in st.keys()})
+    return from_bnb_state_dict(model, state, compute_dtype)

@@ -1,0 +1,169 @@
+"""Tables, plots and the Markdown report of ``lowbit compare`` / ``outliers`` / ``demo``."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from rich.table import Table
+
+
+def _fmt(v, spec: str) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+COMPARE_COLUMNS = [  # (header, key, format)
+    ("method", "method", "s"), ("bits/param layers", "bits_per_param_linear", ".3f"),
+    ("bits/param model", "bits_per_param_model", ".2f"), ("model MB", "model_mb", ".1f"),
+    ("perplexity", "perplexity", ".3f"), ("vs fp32", "ppl_change_pct", "+.2f"),
+    ("prefill tok/s", "prefill_tok_s", ".0f"), ("decode tok/s", "decode_tok_s", ".1f"),
+]
+
+
+def _cells(row: dict) -> list[str]:
+    cells = []
+    for _, key, spec in COMPARE_COLUMNS:
+        v = row.get(key)
+        if key == "perplexity" and v is not None and v > 1e5:
+            cells.append(f"{v:.3g}")
+        elif key == "ppl_change_pct" and v is not None:
+            cells.append(f"{v:+.3g}%" if abs(v) > 1e4 else f"{v:+.2f}%")
+        else:
+            cells.append(_fmt(v, spec))
+    return cells
+
+
+def compare_table(rows: list[dict], title: str) -> Table:
+    """The comparison as a rich table."""
+    table = Table(title=title)
+    for header, key, _ in COMPARE_COLUMNS:
+        table.add_column(header, justify="left" if key == "method" else "right")
+    for r in rows:
+        table.add_row(*_cells(r))
+    return table
+
+
+def compare_markdown(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(h for h, _, _ in COMPARE_COLUMNS) + " |", "|" + "---|" * len(COMPARE_COLUMNS)]
+    lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def plot_tradeoff(rows: list[dict], path: Path, title: str) -> Path:
+    """Perplexity against bits/param of the quantized layers, one labelled point per method (log y)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        ax.scatter(r["bits_per_param_linear"], r["perplexity"], s=40)
+        ax.annotate(r["method"], (r["bits_per_param_linear"], r["perplexity"]), textcoords="offset points",
+                    xytext=(5, 4), fontsize=9)
+    base = next((r["perplexity"] for r in rows if r["method"] == "fp32"), None)
+    if base is not None:
+        ax.axhline(base, color="grey", lw=0.8, ls="--", label="fp32")
+        ax.legend(loc="upper right")
+    ax.set_yscale("log")
+    ax.set_xlabel("bits per parameter of the linear layers (every constant counted)")
+    ax.set_ylabel("perplexity (log scale)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_outlier_heatmap(report, path: Path, title: str) -> Path:
+    """Largest |x| per watched input (rows) and hidden dimension (columns); outlier features marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
+
+    fig, ax = plt.subplots(figsize=(10, 5))
+    data = report.max_abs.clamp_min(1e-2).numpy()
+    im = ax.imshow(data, aspect="auto", interpolation="nearest", cmap="magma", norm=LogNorm(vmin=0.1, vmax=max(data.max(), 10)))
+    fig.colorbar(im, ax=ax, label="max |x| over all positions")
+    for f in report.features:
+        ax.axvline(f["dim"], color="cyan", lw=0.6, alpha=0.6)
+    ax.set_xlabel(f"hidden dimension (cyan: outlier features, |x| >= {report.threshold:g} in >= 25% of layers and >= 6% of positions)")
+    ax.set_ylabel("watched linear input (by depth)")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def outlier_table(summary: dict, title: str, limit: int = 20) -> Table:
+    table = Table(title=title)
+    for col in ("dim", "max |x|", "layers", "layer share", "position share"):
+        table.add_column(col, justify="right")
+    for f in summary["features"][:limit]:
+        table.add_row(str(f["dim"]), f"{f['max_abs']:.1f}", f"{f['layers']}/{summary['layers']}",
+                      f"{100 * f['layer_share']:.0f}%", f"{100 * f['position_share']:.1f}%")
+    return table
+
+
+def write_json(data, path: Path) -> Path:
+    path.write_text(json.dumps(data, indent=1, default=str))
+    return path
+
+
+def _outlier_markdown(s: dict) -> str:
+    lines = [f"### {s['model']} ({s['model_kind']})", "",
+             f"{s['positions']} positions of {s['text']}; {s['layers']} layers ({s['watched_inputs']} watched linear inputs "
+             f"of width {s['width']}). **{s['outlier_features']} dimension(s) meet the criteria**, in "
+             f"{s['layers_with_outlier_features']} of {s['layers']} layers; {s['dims_reaching_threshold']} of {s['width']} "
+             f"dimensions reach |x| >= {s['threshold']:g} somewhere.", ""]
+    if s["features"]:
+        lines += ["| dim | max abs | layers | layer share | position share |", "|---|---|---|---|---|"]
+        lines += [f"| {f['dim']} | {f['max_abs']:.1f} | {f['layers']}/{s['layers']} | {100 * f['layer_share']:.0f}% | "
+                  f"{100 * f['position_share']:.1f}% |" for f in s["features"][:20]]
+    ab = s.get("ablation")
+    if ab:
+        lines += ["", f"Ablation ({ab['metric']}, {ab['tokens']} tokens): unablated {ab['baseline']:.4g}; "
+                      f"outlier dimensions {ab['dims']} zeroed: **{ab['outliers_zeroed']:.4g}**; "
+                      f"{len(ab['random_dims'])} random dimensions {ab['random_dims']} zeroed: **{ab['random_zeroed']:.4g}**."]
+    lines += ["", f"![outlier heatmap]({s['heatmap']})", ""]
+    return "\n".join(lines)
+
+
+def write_report(out: Path, rows: list[dict], outlier_summaries: list[dict], protocol: str, machine: str,
+                 seconds: float, speed_protocol: str = "") -> Path:
+    """The demo's Markdown report: comparison table and plot, outlier analyses, protocol and machine."""
+    from lowbit import __version__
+    from lowbit.methods import METHODS
+
+    parts = [
+        "# lowbit report: SmolLM2-135M", "",
+        f"lowbit {__version__}; {machine}; the whole report took {seconds:.0f} s.", "",
+        "## What each method costs", "",
+        f"Protocol: {protocol}; loss over every predicted token. Speeds: {speed_protocol}, on the machine above. "
+        "bits/param layers: stored bits "
+        "of the quantized linear layers per weight, every constant counted (absmax, nested absmax, scales, zero points, "
+        "codebooks); bits/param model: the whole model's bytes per parameter, the fp32 embeddings (tied to the LM "
+        "head, never quantized) included. `lowbit demo --tokens 8192` runs the full protocol of docs/quality.md.", "",
+        compare_markdown(rows), "",
+        "![perplexity against bits per parameter](tradeoff.png)", "",
+        "Methods:", "",
+        *[f"- **{r['method']}**: {METHODS.get(r['method'], '')}" for r in rows], "",
+        "Caveats: the bundled SmolLM2-135M comes as a Q4_1 GGUF (asymmetric 4-bit, blocks of 32), so its weights "
+        "already lie on a 4-bit grid and 4-bit results look better than they would on a true fp16 model. Ternary "
+        "here is post-training quantization of a model not trained for it; BitNet b1.58 reaches its quality only "
+        "when trained ternary from the start.", "",
+        "## Emergent outlier features (LLM.int8(), section 4)", "",
+        "Criteria: |x| >= 6 in the inputs of the hidden-width linear layers, in >= 25% of the transformer layers and "
+        ">= 6% of the sequence positions. Ablation: perplexity (or, for the encoder, the cosine similarity of "
+        "sentence embeddings to the unablated model's) when those dimensions are zeroed in every such input, "
+        "against zeroing as many random dimensions.", "",
+        *[_outlier_markdown(s) for s in outlier_summaries],
+        "Every figure is also in `compare.json` and `outliers-*.json` beside this file.", "",
+    ]
+    path = out / "README.md"
+    path.write_text("\n".join(parts))
+    return path

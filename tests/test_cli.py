@@ -1,0 +1,96 @@
+"""The lowbit command end to end on small token budgets: exit codes, files written, JSON fields, one-line errors."""
+import json
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from lowbit.cli import app
+
+runner = CliRunner()
+
+
+def run(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def test_help_has_an_example_for_every_command():
+    for cmd in ("quantize", "eval", "compare", "outliers", "demo"):
+        code, out = run(cmd, "--help")
+        assert code == 0 and "Example: lowbit" in out, cmd
+    proc = subprocess.run([sys.executable, "-m", "lowbit", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "compare" in proc.stdout
+
+
+def test_quantize_then_eval_a_checkpoint(tmp_path, smollm):
+    code, out = run("quantize", "smollm2-135m", "--method", "int8", "--out", tmp_path / "ck")
+    assert code == 0, out
+    assert (tmp_path / "ck" / "lowbit.json").is_file()
+    assert json.loads((tmp_path / "ck" / "lowbit.json").read_text())["quantization"]["method"] == "int8"
+    code, out = run("eval", tmp_path / "ck", "--tokens", 300, "--window", 128, "--stride", 64, "--json", tmp_path / "e.json")
+    assert code == 0, out
+    row = json.loads((tmp_path / "e.json").read_text())
+    assert 5 < row["perplexity"] < 100 and row["prefill_tok_s"] > 0 and row["decode_tok_s"] > 0
+    assert "stride 64" in row["protocol"] and "threads" in row["machine"]
+    assert 8 < row["bits_per_param_linear"] < 8.1
+
+
+def test_compare_writes_table_plot_and_json(tmp_path):
+    code, out = run("compare", "smollm2-135m", "--methods", "fp32,nf4,int8-weight", "--tokens", 256, "--no-speed",
+                    "--out", tmp_path)
+    assert code == 0, out
+    data = json.loads((tmp_path / "compare.json").read_text())
+    rows = {r["method"]: r for r in data["rows"]}
+    assert set(rows) == {"fp32", "nf4", "int8-weight"}
+    assert rows["fp32"]["ppl_change_pct"] == 0 and rows["nf4"]["ppl_change_pct"] > rows["int8-weight"]["ppl_change_pct"]
+    assert rows["fp32"]["bits_per_param_linear"] == 32 and 4.1 < rows["nf4"]["bits_per_param_linear"] < 4.2
+    assert rows["nf4"]["model_mb"] < rows["fp32"]["model_mb"] / 3
+    assert (tmp_path / "tradeoff.png").stat().st_size > 10_000
+    assert "256 tokens" in data["protocol"] and "perplexity" in out
+
+
+@pytest.mark.parametrize("model", ["smollm2-135m", "all-minilm-l6-v2"])
+def test_outliers_command(tmp_path, model):
+    code, out = run("outliers", model, "--tokens", 512, "--out", tmp_path)
+    assert code == 0, out
+    stem = model.replace(".", "-")
+    summary = json.loads((tmp_path / f"outliers-{stem}.json").read_text())
+    assert {"outlier_features", "layers", "positions", "features", "dims_reaching_threshold"} <= set(summary)
+    assert (tmp_path / f"outliers-{stem}.png").stat().st_size > 10_000
+    if summary["features"]:
+        ab = summary["ablation"]
+        assert {"baseline", "outliers_zeroed", "random_zeroed"} <= set(ab) and len(ab["random_dims"]) == len(ab["dims"])
+
+
+def test_demo_writes_the_report(tmp_path):
+    code, out = run("demo", "--tokens", 256, "--no-speed", "--out", tmp_path)
+    assert code == 0, out
+    report = (tmp_path / "README.md").read_text()
+    for needle in ("| method |", "nf4", "ternary", "tradeoff.png", "outliers-smollm2-135m.png", "all-minilm-l6-v2",
+                   "first 256 tokens", "threads"):
+        assert needle in report, needle
+    assert len(json.loads((tmp_path / "compare.json").read_text())["rows"]) == 9
+
+
+@pytest.mark.parametrize("args,message", [
+    (["eval", "/no/such/model"], "no such model"),
+    (["compare", "smollm2-135m", "--methods", "fp32,int9"], "unknown method 'int9'"),
+    (["quantize", "smollm2-135m", "--method", "fp32", "--out", "x"], "fp32 is the unquantized model"),
+    (["eval", "smollm2-135m", "--text", "/no/such.txt"], "text file not found"),
+    (["eval", "smollm2-135m", "--stride", "0"], "--stride"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, message):
+    code, out = run(*args)
+    assert code == 2 and message in out and "Traceback" not in out
+    assert len(out.strip().splitlines()) <= 2  # rich may wrap the one line
+
+
+def test_unsupported_model_folder(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "no-such-architecture"}))
+    code, out = run("eval", tmp_path, "--tokens", 64)
+    assert code == 2 and "cannot load" in out and "Traceback" not in out
+    (tmp_path / "weights.bin").write_text("x")
+    code, out = run("quantize", tmp_path / "weights.bin", "--out", tmp_path / "o")
+    assert code == 2 and "not a .gguf" in out
