@@ -23,11 +23,11 @@ from torch import nn
 
 import lowbit
 from lowbit.config import _DTYPES, config_from_dict
-from lowbit.nn import BitLinear, Int8Linear, Linear4bit, QuantLinear
+from lowbit.nn import BitLinear, Int8Linear, IntLinear, Linear4bit, QuantLinear, SpQRLinear
 from lowbit.nn.base import is_linear_like
 
 FORMAT, FORMAT_VERSION, MANIFEST = "lowbit", 1, "lowbit.json"
-LAYER_TYPES = {cls.__name__: cls for cls in (Int8Linear, Linear4bit, BitLinear)}
+LAYER_TYPES = {cls.__name__: cls for cls in (Int8Linear, Linear4bit, BitLinear, IntLinear, SpQRLinear)}
 _OURS = ("model-*.safetensors", "model-*.safetensors.tmp", "tokenizer-*", f"{MANIFEST}.*.tmp")
 
 

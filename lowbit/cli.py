@@ -99,9 +99,12 @@ def _protocol(tokens: int, window: int, stride: Optional[int], text_name: str, d
 @friendly
 def quantize(
     model: str = typer.Argument(..., help=MODEL_HELP),
-    method: str = typer.Option("nf4", "--method", "-m", help="int8 | int8-zp | int8-weight | nf4 | fp4 | int4 | ternary | bf16"),
+    method: str = typer.Option("nf4", "--method", "-m",
+                               help="int8 | int8-zp | int8-weight | nf4 | fp4 | int4 | ternary | rtn | gptq | spqr | bf16"),
+    bits: Optional[int] = typer.Option(None, help="bits of rtn / gptq / spqr (2, 3, 4 or 8; default 4, spqr 3)"),
+    calib_text: Optional[Path] = typer.Option(None, help="calibration text of gptq / spqr (default: the bundled text past its first 8192 tokens)"),
     out: Path = typer.Option(..., "--out", "-o", help="folder for the lowbit checkpoint"),
-    blocksize: Optional[int] = typer.Option(None, help="4-bit block / group size (default 64)"),
+    blocksize: Optional[int] = typer.Option(None, help="block / group size (nf4, fp4, int4: 64; rtn, gptq: 128; spqr: 16)"),
     double_quant: Optional[bool] = typer.Option(None, "--double-quant/--no-double-quant", help="quantize the 4-bit absmax too"),
     threshold: Optional[float] = typer.Option(None, help="LLM.int8 outlier threshold (default 6.0; 0 turns it off)"),
     max_shard_size: str = typer.Option("2GB", help="largest safetensors shard"),
@@ -112,15 +115,23 @@ def quantize(
     """
     _setup()
     import lowbit
-    from lowbit.methods import apply_method, check_method
+    from lowbit.methods import apply_method, check_method, needs_calibration
 
     check_method(method)
     if method == "fp32":
         raise UserError("fp32 is the unquantized model: choose a method such as nf4 or int8")
+    if bits is not None and bits not in (2, 3, 4, 8):
+        raise UserError(f"--bits must be 2, 3, 4 or 8, got {bits}")
     m, tok = _load(model)
+    calibration = None
+    if needs_calibration(method):
+        from lowbit.calibrate import calibration_batches
+
+        body, _ = _text(calib_text)
+        calibration = calibration_batches(tok, body, skip_tokens=0 if calib_text else 8192)
     t = time.perf_counter()
-    apply_method(m, method, blocksize=blocksize, double_quant=double_quant, threshold=threshold) if method != "bf16" \
-        else apply_method(m, method)
+    apply_method(m, method, calibration=calibration, blocksize=blocksize, double_quant=double_quant, threshold=threshold,
+                 bits=bits)
     seconds = time.perf_counter() - t
     lowbit.save(m, out, tokenizer=tok, max_shard_size=max_shard_size)
     r = lowbit.memory_report(m)
@@ -148,7 +159,7 @@ def eval_(
     _setup()
     from lowbit.compare import linear_bits_per_param, measure
     from lowbit.eval.speed import machine
-    from lowbit.methods import apply_method, check_method
+    from lowbit.methods import apply_method, check_method, needs_calibration
 
     check_method(method)
     if tokens < 2 or window < 2 or (stride is not None and not 0 < stride <= window):
@@ -156,7 +167,12 @@ def eval_(
     body, text_name = _text(text)
     m, tok = _load(model)
     if method != "fp32":
-        apply_method(m, method)
+        calibration = None
+        if needs_calibration(method):
+            from lowbit.calibrate import calibration_batches
+
+            calibration = calibration_batches(tok, body, skip_tokens=max(tokens, 8192))
+        apply_method(m, method, calibration=calibration)
     row = measure(m, tok, body, tokens, window, stride, with_speed=speed)
     row.update(model=model, method=method, protocol=_protocol(tokens, window, stride, text_name), machine=machine())
     console.print(f"[bold]{model}[/] ({method}): perplexity [bold]{row['perplexity']:.3f}[/]  ({row['protocol']})")
@@ -195,7 +211,7 @@ def run_compare(model: str, methods: list[str], text: Optional[Path], tokens: in
 def compare_cmd(
     model: str = typer.Argument("smollm2-135m", help=MODEL_HELP),
     methods: str = typer.Option(",".join(("fp32", "bf16", "int8", "int8-zp", "int8-weight", "nf4", "fp4", "int4", "ternary")),
-                                help="comma-separated methods"),
+                                help="comma-separated methods; also rtn3, rtn4, gptq3, gptq4, spqr3, spqr4"),
     text: Optional[Path] = typer.Option(None, help=TEXT_HELP),
     tokens: int = typer.Option(8192, help="tokens of the text to score"),
     window: int = typer.Option(512, help="tokens per window"),

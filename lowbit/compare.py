@@ -11,7 +11,7 @@ from tqdm import tqdm
 from lowbit.eval.memory import memory_report
 from lowbit.eval.perplexity import perplexity
 from lowbit.eval.speed import speed
-from lowbit.methods import METHODS, apply_method, check_method
+from lowbit.methods import apply_method, check_method, describe, needs_calibration
 from lowbit.nn import QuantLinear
 from lowbit.quantize import eligible_layers
 from lowbit.config import NF4Config
@@ -41,16 +41,24 @@ def measure(model: nn.Module, tokenizer, text: str, tokens: int = 8192, window: 
 
 
 def compare(model: nn.Module, tokenizer, methods: list[str], text: str, tokens: int = 8192, window: int = 512,
-            stride: int | None = None, with_speed: bool = True, progress: bool = True) -> list[dict]:
-    """One row per method, each on a fresh copy of ``model`` (left as it is); ppl change is against fp32 if present."""
+            stride: int | None = None, with_speed: bool = True, progress: bool = True,
+            calibration: torch.Tensor | None = None) -> list[dict]:
+    """One row per method, each on a fresh copy of ``model`` (left as it is); ppl change is against fp32 if present.
+
+    GPTQ and SpQR calibrate on ``calibration`` (default: 32 x 512 tokens of ``text`` past the scored ones).
+    """
     for m in methods:
         check_method(m)
+    if calibration is None and any(needs_calibration(m) for m in methods):
+        from lowbit.calibrate import calibration_batches
+
+        calibration = calibration_batches(tokenizer, text, skip_tokens=max(tokens, 8192))
     rows = []
     for name in tqdm(methods, desc="methods", disable=not progress):
         t = time.perf_counter()
-        m = apply_method(copy.deepcopy(model), name, progress=progress)
+        m = apply_method(copy.deepcopy(model), name, progress=progress, calibration=calibration)
         quantize_s = time.perf_counter() - t
-        row = {"method": name, "description": METHODS[name], "quantize_s": quantize_s,
+        row = {"method": name, "description": describe(name), "quantize_s": quantize_s,
                **measure(m, tokenizer, text, tokens, window, stride, with_speed, progress)}
         rows.append(row)
         del m

@@ -54,10 +54,47 @@ class TernaryConfig(_Config):
     compute_dtype: torch.dtype = torch.float32
 
 
-METHOD_OF = {Int8Config: "int8", NF4Config: "4bit", TernaryConfig: "ternary"}
+@dataclass
+class IntConfig(_Config):
+    """Round-to-nearest uniform intN (2, 3, 4, 8 bits) with an fp16 scale and integer zero per group."""
+
+    bits: int = 4
+    group_size: int = 128
+    compute_dtype: torch.dtype = torch.float32
+    clip_search: bool = False  # search each group's range for the least rounding error instead of min-max
+
+
+@dataclass
+class GPTQConfig(IntConfig):
+    """GPTQ: the IntConfig format, rounding errors compensated with the Hessian of calibration inputs."""
+
+    act_order: bool = True
+    damp: float = 0.01
+    n_samples: int = 32  # calibration sequences
+    seq_len: int = 512
+
+
+@dataclass
+class SpQRConfig(_Config):
+    """SpQR: GPTQ on tiny groups with 3-bit statistics, sensitive weights kept as sparse fp16 outliers."""
+
+    bits: int = 3
+    group_size: int = 16
+    stat_group: int = 16  # rows sharing the second-level statistics of the 3-bit scales and zeros
+    outlier_threshold: float = 10.0  # outlier: GPTQ rounding loss > threshold x the group's mean
+    max_outliers: float = 0.01  # at most this share of each group's weights
+    damp: float = 0.01
+    n_samples: int = 32
+    seq_len: int = 512
+    compute_dtype: torch.dtype = torch.float32
+
+
+METHOD_OF = {Int8Config: "int8", NF4Config: "4bit", TernaryConfig: "ternary", IntConfig: "int", GPTQConfig: "gptq",
+             SpQRConfig: "spqr"}
+CALIBRATED = (GPTQConfig, SpQRConfig)
 _CLASS_OF = {v: k for k, v in METHOD_OF.items()}
 
-QuantConfig = Int8Config | NF4Config | TernaryConfig
+QuantConfig = Int8Config | NF4Config | TernaryConfig | IntConfig | GPTQConfig | SpQRConfig
 
 
 def config_from_dict(d: dict) -> QuantConfig:

@@ -4,7 +4,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lowbit.config import Int8Config, NF4Config, QuantConfig, TernaryConfig
+import re
+
+from lowbit.config import CALIBRATED, GPTQConfig, Int8Config, IntConfig, NF4Config, QuantConfig, SpQRConfig, TernaryConfig
 from lowbit.quantize import quantize
 
 METHODS: dict[str, str] = {
@@ -17,23 +19,43 @@ METHODS: dict[str, str] = {
     "fp4": "FP4 blocksize 64 + double quantization",
     "int4": "uniform asymmetric int4, groups of 64",
     "ternary": "BitNet b1.58 ternary weights + int8 activations (post-training: b1.58 needs training)",
+    "rtn": "round-to-nearest uniform intN, fp16 scale + zero per group of 128 (rtn3, rtn4: 3 or 4 bits)",
+    "gptq": "GPTQ: intN groups of 128, errors compensated with calibration data (gptq3, gptq4)",
+    "spqr": "SpQR: intN groups of 16 with 3-bit statistics + sparse fp16 outliers (spqr3, spqr4)",
 }
+_WITH_BITS = re.compile(r"^(rtn|gptq|spqr)([2348])?$")
 DEFAULT_COMPARE = ("fp32", "bf16", "int8", "int8-zp", "int8-weight", "nf4", "fp4", "int4", "ternary")
 
 
 def check_method(name: str) -> str:
-    """``name`` if it is a known method, else a ValueError that lists them."""
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+    """``name`` if it is a known method (rtn, gptq and spqr may carry their bits: gptq3), else a ValueError."""
+    if name not in METHODS and not _WITH_BITS.match(name):
+        raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)} (rtn, gptq, spqr take a bits suffix: gptq3)")
     return name
 
 
+def describe(name: str) -> str:
+    m = _WITH_BITS.match(name)
+    return METHODS[m.group(1)] + (f"; {m.group(2)} bits" if m and m.group(2) else "") if m else METHODS[name]
+
+
+def needs_calibration(name: str) -> bool:
+    return name.startswith(("gptq", "spqr"))
+
+
 def method_config(name: str, blocksize: int | None = None, double_quant: bool | None = None,
-                  threshold: float | None = None) -> QuantConfig | None:
+                  threshold: float | None = None, bits: int | None = None) -> QuantConfig | None:
     """The quantization config of a method (None for fp32 and bf16), with optional overrides."""
     check_method(name)
     if name in ("fp32", "bf16"):
         return None
+    m = _WITH_BITS.match(name)
+    if m:
+        b = bits or int(m.group(2) or (3 if m.group(1) == "spqr" else 4))
+        if m.group(1) == "spqr":
+            return SpQRConfig(bits=b, group_size=blocksize or 16)
+        cls = GPTQConfig if m.group(1) == "gptq" else IntConfig
+        return cls(bits=b, group_size=blocksize or 128)
     if name.startswith("int8"):
         return Int8Config(threshold=6.0 if threshold is None else threshold, weight_only=name == "int8-weight",
                           activations="zeropoint" if name == "int8-zp" else "absmax")
@@ -43,9 +65,12 @@ def method_config(name: str, blocksize: int | None = None, double_quant: bool | 
     return TernaryConfig()
 
 
-def apply_method(model: nn.Module, name: str, progress: bool = True, **overrides) -> nn.Module:
-    """Quantize (or cast) ``model`` in place by the named method and return it."""
+def apply_method(model: nn.Module, name: str, progress: bool = True, calibration: torch.Tensor | None = None,
+                 **overrides) -> nn.Module:
+    """Quantize (or cast) ``model`` in place by the named method and return it (GPTQ/SpQR use ``calibration``)."""
     if name == "bf16":
         return model.to(torch.bfloat16)
-    config = method_config(name, **overrides)
-    return model if config is None else quantize(model, config, progress=progress)
+    config = method_config(name, **{k: v for k, v in overrides.items() if v is not None})
+    if config is None:
+        return model
+    return quantize(model, config, progress=progress, calibration=calibration if isinstance(config, CALIBRATED) else None)

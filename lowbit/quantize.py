@@ -7,8 +7,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from lowbit.config import Int8Config, NF4Config, QuantConfig, TernaryConfig
-from lowbit.nn import BitLinear, Int8Linear, Linear4bit, QuantLinear
+from lowbit.config import CALIBRATED, Int8Config, IntConfig, NF4Config, QuantConfig, TernaryConfig
+from lowbit.nn import BitLinear, Int8Linear, IntLinear, Linear4bit, QuantLinear
 from lowbit.nn.base import is_linear_like
 
 
@@ -67,6 +67,8 @@ def build_layer(module: nn.Module, config: QuantConfig) -> QuantLinear:
         return Linear4bit.from_linear(module, config.quant_type, config.blocksize, config.double_quant, config.compute_dtype)
     if isinstance(config, TernaryConfig):
         return BitLinear.from_linear(module, config.compute_dtype)
+    if type(config) is IntConfig:
+        return IntLinear.from_linear(module, config.bits, config.group_size, config.compute_dtype, config.clip_search)
     raise TypeError(f"config must be Int8Config, NF4Config or TernaryConfig, got {type(config).__name__}")
 
 
@@ -75,13 +77,27 @@ def _set(model: nn.Module, name: str, layer: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
 
 
-def quantize(model: nn.Module, config: QuantConfig, progress: bool = True) -> nn.Module:
-    """Replace the model's eligible linear layers in place (LM head and tied embeddings kept); return it."""
+def quantize(model: nn.Module, config: QuantConfig, progress: bool = True, calibration: torch.Tensor | None = None) -> nn.Module:
+    """Replace the model's eligible linear layers in place (LM head and tied embeddings kept); return it.
+
+    GPTQConfig and SpQRConfig need ``calibration``: token ids [sequences, length], for example from
+    ``lowbit.calibrate.calibration_batches(tokenizer, text)``.
+    """
     if any(isinstance(m, QuantLinear) for m in model.modules()):
         raise ValueError("this model is already quantized by lowbit; load or build the full-precision model to quantize again")
     layers = eligible_layers(model, config)
     if not layers:
         raise ValueError("no nn.Linear or Conv1D layer to quantize (check the skip patterns)")
+    if isinstance(config, CALIBRATED):
+        if calibration is None:
+            raise ValueError(f"{type(config).__name__} needs calibration data: quantize(model, config, calibration=ids), "
+                             "ids from lowbit.calibrate.calibration_batches(tokenizer, text)")
+        from lowbit.calibrate.run import calibrate
+
+        chosen = {name for name, _ in layers}
+        model.lowbit_calibration = calibrate(model, config, calibration, lambda name: name not in chosen, progress)
+        model.lowbit_config = config
+        return model
     for name, module in tqdm(layers, desc="quantizing", disable=not progress, leave=False):
         with torch.no_grad():
             _set(model, name, build_layer(module, config))

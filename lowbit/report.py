@@ -49,29 +49,44 @@ def compare_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _label_points(ax, rows: list[dict]) -> None:
+    """Scatter one labelled point per method; labels of points at the same x are stacked, not overlaid."""
+    seen: dict[float, int] = {}
+    for r in rows:
+        x, y = r["bits_per_param_linear"], r["perplexity"]
+        k = seen[round(x, 1)] = seen.get(round(x, 1), -1) + 1
+        ax.scatter(x, y, s=36, zorder=3)
+        ax.annotate(r["method"], (x, y), textcoords="offset points", xytext=(6, 4 + 11 * k), fontsize=8.5)
+
+
 def plot_tradeoff(rows: list[dict], path: Path, title: str) -> Path:
-    """Perplexity against bits/param of the quantized layers, one labelled point per method (log y)."""
+    """Perplexity against bits/param: every method (log scale), and a linear zoom on those near fp32."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in rows:
-        ax.scatter(r["bits_per_param_linear"], r["perplexity"], s=40)
-        ax.annotate(r["method"], (r["bits_per_param_linear"], r["perplexity"]), textcoords="offset points",
-                    xytext=(5, 4), fontsize=9)
-    base = next((r["perplexity"] for r in rows if r["method"] == "fp32"), None)
-    if base is not None:
+    base = next((r["perplexity"] for r in rows if r["method"] == "fp32"), min(r["perplexity"] for r in rows))
+    near = [r for r in rows if r["perplexity"] <= 2 * base]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    for ax, subset, log in ((axes[0], rows, True), (axes[1], near, False)):
+        _label_points(ax, subset)
         ax.axhline(base, color="grey", lw=0.8, ls="--", label="fp32")
-        ax.legend(loc="upper right")
-    ax.set_yscale("log")
-    ax.set_xlabel("bits per parameter of the linear layers (every constant counted)")
-    ax.set_ylabel("perplexity (log scale)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks([2, 3, 4, 5, 8, 16, 32], ["2", "3", "4", "5", "8", "16", "32"])
+        if log:
+            ax.set_yscale("log")
+        else:
+            ax.margins(y=0.15)
+        ax.set_xlabel("bits per parameter of the linear layers (every constant counted)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("perplexity (log scale)")
+    axes[0].set_title("all methods", fontsize=10)
+    axes[1].set_ylabel("perplexity")
+    axes[1].set_title("zoom: methods within 2x of fp32's perplexity", fontsize=10)
+    fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
@@ -137,7 +152,6 @@ def write_report(out: Path, rows: list[dict], outlier_summaries: list[dict], pro
                  seconds: float, speed_protocol: str = "") -> Path:
     """The demo's Markdown report: comparison table and plot, outlier analyses, protocol and machine."""
     from lowbit import __version__
-    from lowbit.methods import METHODS
 
     parts = [
         "# lowbit report: SmolLM2-135M", "",
@@ -151,7 +165,7 @@ def write_report(out: Path, rows: list[dict], outlier_summaries: list[dict], pro
         compare_markdown(rows), "",
         "![perplexity against bits per parameter](tradeoff.png)", "",
         "Methods:", "",
-        *[f"- **{r['method']}**: {METHODS.get(r['method'], '')}" for r in rows], "",
+        *[f"- **{r['method']}**: {r.get('description', '')}" for r in rows], "",
         "Caveats: the bundled SmolLM2-135M comes as a Q4_1 GGUF (asymmetric 4-bit, blocks of 32), so its weights "
         "already lie on a 4-bit grid and 4-bit results look better than they would on a true fp16 model. Ternary "
         "here is post-training quantization of a model not trained for it; BitNet b1.58 reaches its quality only "

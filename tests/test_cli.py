@@ -94,3 +94,37 @@ def test_unsupported_model_folder(tmp_path):
     (tmp_path / "weights.bin").write_text("x")
     code, out = run("quantize", tmp_path / "weights.bin", "--out", tmp_path / "o")
     assert code == 2 and "not a .gguf" in out
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, smollm):
+    """A 2-block Llama with SmolLM2's tokenizer, saved as a transformers folder: calibration runs in seconds."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _, tok = smollm
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    path = tmp_path_factory.mktemp("tiny")
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_gptq_and_spqr_through_the_cli(tmp_path, tiny_model_dir):
+    code, out = run("quantize", tiny_model_dir, "--method", "gptq", "--bits", 3, "--out", tmp_path / "g")
+    assert code == 0, out
+    manifest = json.loads((tmp_path / "g" / "lowbit.json").read_text())
+    assert manifest["quantization"]["method"] == "gptq" and manifest["quantization"]["bits"] == 3
+    assert {spec["type"] for spec in manifest["layers"].values()} == {"IntLinear"}
+    code, out = run("eval", tmp_path / "g", "--tokens", 256, "--no-speed")
+    assert code == 0 and "perplexity" in out, out
+    code, out = run("compare", tiny_model_dir, "--methods", "fp32,rtn3,gptq3,spqr3", "--tokens", 256, "--no-speed",
+                    "--out", tmp_path / "c")
+    assert code == 0, out
+    rows = {r["method"]: r for r in json.loads((tmp_path / "c" / "compare.json").read_text())["rows"]}
+    assert set(rows) == {"fp32", "rtn3", "gptq3", "spqr3"}
+    assert 3.1 < rows["gptq3"]["bits_per_param_linear"] < 3.4 and rows["spqr3"]["bits_per_param_linear"] > 3.5
+    code, out = run("quantize", tiny_model_dir, "--method", "gptq", "--bits", 5, "--out", tmp_path / "x")
+    assert code == 2 and "--bits" in out

@@ -2,6 +2,8 @@
 from lowbit.nn.base import QuantLinear
 from lowbit.nn.bitlinear import BitLinear
 from lowbit.nn.int8 import Int8Linear
+from lowbit.nn.intn import IntLinear
 from lowbit.nn.linear4bit import Linear4bit
+from lowbit.nn.spqr import SpQRLinear
 
-__all__ = ["QuantLinear", "Int8Linear", "Linear4bit", "BitLinear"]
+__all__ = ["QuantLinear", "Int8Linear", "Linear4bit", "BitLinear", "IntLinear", "SpQRLinear"]

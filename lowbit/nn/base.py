@@ -89,3 +89,17 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, bits/param={self.bits_per_param():.3f}"
+
+
+class DequantLinear(QuantLinear):
+    """A layer whose forward rebuilds its weight with ``dequantize(dtype, out)`` and multiplies in compute_dtype."""
+
+    def dequantize(self, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        shape = (self.out_features, self.in_features)
+        # Without autograd the weight goes to one reused buffer, not to a fresh allocation per call.
+        w = self.dequantize(self.compute_dtype, None if needs_autograd(x) else scratch(shape, self.compute_dtype))
+        return self._finish(torch.nn.functional.linear(x.to(self.compute_dtype), w), x.dtype)

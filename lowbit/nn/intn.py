@@ -1,0 +1,88 @@
+"""IntLinear: uniform intN weights (2, 3, 4 or 8 bits) with an fp16 scale and an integer zero per group
+of input columns, the format of round-to-nearest and GPTQ."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lowbit.functional.grouped import minmax_stats, round_to_grid
+from lowbit.formats import pack_2bit, pack_3bit, pack_4bit, unpack_2bit, unpack_3bit, unpack_4bit
+from lowbit.nn.base import DequantLinear, linear_weight
+
+_PACKERS = {2: (pack_2bit, unpack_2bit), 3: (pack_3bit, unpack_3bit), 4: (pack_4bit, unpack_4bit),
+            8: (lambda c: c.reshape(-1).to(torch.uint8), lambda p, n: p[:n])}
+
+
+def packed_bytes(n: int, bits: int) -> int:
+    """Bytes that ``n`` codes take packed at ``bits`` bits (3-bit codes go eight to three bytes)."""
+    return {2: -(-n // 4), 3: 3 * -(-n // 8), 4: -(-n // 2), 8: n}[bits]
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    return _PACKERS[bits][0](codes.reshape(-1).to(torch.uint8))
+
+
+def unpack_codes(packed: torch.Tensor, n: int, bits: int) -> torch.Tensor:
+    return _PACKERS[bits][1](packed, n)
+
+
+class IntLinear(DequantLinear):
+    """y = x @ ((codes - zero) * scale)^T, codes of ``bits`` bits, scale (fp16) and zero (uint8) per group."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, bits: int = 4, group_size: int = 128,
+                 compute_dtype: torch.dtype = torch.float32) -> None:
+        super().__init__(in_features, out_features, bias, compute_dtype)
+        if bits not in _PACKERS:
+            raise ValueError(f"bits must be one of {sorted(_PACKERS)}, got {bits!r}")
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
+            raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
+        self.bits, self.group_size = bits, group_size
+        groups = -(-in_features // group_size)
+        self.register_buffer("weight_packed", torch.zeros(packed_bytes(in_features * out_features, bits), dtype=torch.uint8))
+        self.register_buffer("weight_scale", torch.ones(out_features, groups, dtype=torch.float16))
+        self.register_buffer("weight_zero", torch.zeros(out_features, groups, dtype=torch.uint8))
+
+    @classmethod
+    def from_linear(cls, module: nn.Module, bits: int = 4, group_size: int = 128,
+                    compute_dtype: torch.dtype = torch.float32, clip_search: bool = False) -> "IntLinear":
+        """Round-to-nearest: min-max statistics per group (optionally range-searched), weights to the nearest point."""
+        w = linear_weight(module).float()
+        scale = torch.empty(w.shape[0], -(-w.shape[1] // group_size))
+        zero = torch.empty_like(scale)
+        codes = torch.empty(w.shape, dtype=torch.uint8)
+        for g in range(scale.shape[1]):
+            cols = slice(g * group_size, (g + 1) * group_size)
+            scale[:, g], zero[:, g] = minmax_stats(w[:, cols], bits, clip_search)
+            codes[:, cols] = round_to_grid(w[:, cols], scale[:, g:g + 1], zero[:, g:g + 1], bits).to(torch.uint8)
+        return cls.from_codes(codes, scale, zero, module.bias, bits, group_size, compute_dtype)
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bias: torch.Tensor | None,
+                   bits: int, group_size: int, compute_dtype: torch.dtype = torch.float32) -> "IntLinear":
+        """A layer holding the given integer codes [out, in] and per-group scale / zero."""
+        out_f, in_f = codes.shape
+        layer = cls(in_f, out_f, bias is not None, bits, group_size, compute_dtype)
+        layer.weight_packed = pack_codes(codes, bits)
+        layer.weight_scale = scale.to(torch.float16)
+        layer.weight_zero = zero.to(torch.uint8)
+        if bias is not None:
+            layer.bias = bias.detach().float().clone()
+        return layer
+
+    def init_kwargs(self) -> dict:
+        return {**super().init_kwargs(), "bits": self.bits, "group_size": self.group_size}
+
+    def codes(self) -> torch.Tensor:
+        """The [out, in] integer codes."""
+        n = self.in_features * self.out_features
+        return unpack_codes(self.weight_packed, n, self.bits).view(self.out_features, self.in_features)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
+        g = self.group_size
+        scale = self.weight_scale.float().repeat_interleave(g, dim=1)[:, : self.in_features]
+        zero = self.weight_zero.float().repeat_interleave(g, dim=1)[:, : self.in_features]
+        w = (self.codes().float() - zero) * scale
+        return w.to(dtype) if out is None else out.copy_(w)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, int{self.bits}, group_size={self.group_size}"
