@@ -131,3 +131,19 @@ def test_calibration_data_is_disjoint_and_seeded(smollm):
     assert all(bool((after_eval == row).all(1).any()) for row in a)
     with pytest.raises(ValueError, match="calibration data"):
         lowbit.quantize(tiny_llama(), lowbit.GPTQConfig())
+
+
+def test_spqr_matches_gptq_quality_on_tiny_groups():
+    # With 3-bit statistics and no outliers SpQR is GPTQ on groups of 16 plus the statistics' rounding:
+    # its output error must stay close to GPTQ's, and well below round-to-nearest's.
+    torch.manual_seed(4)
+    lin = nn.Linear(128, 64, bias=False)
+    X = correlated_inputs()
+    H = hessian(X)
+    with torch.no_grad():
+        exact = lin(X)
+        err = lambda w: float((X @ w.t() - exact).norm() / exact.norm())
+        gptq = IntLinear.from_codes(*gptq_quantize(lin.weight, H, 3, 16), None, 3, 16).dequantize()
+        spqr = SpQRLinear.from_spqr(spqr_quantize(lin.weight, H, 3, 16, max_outliers=0.0), None, 3, 16, 16).dequantize()
+        rtn = IntLinear.from_linear(lin, 3, 16).dequantize()
+    assert err(spqr) < 1.15 * err(gptq) and err(spqr) < 0.9 * err(rtn), (err(spqr), err(gptq), err(rtn))

@@ -35,7 +35,8 @@ def minmax_stats(w: torch.Tensor, bits: int, clip_search: bool = False) -> tuple
 
 def round_to_grid(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
     """Integer codes of ``w`` on the grid (code - zero) * scale."""
-    return torch.clamp(torch.round(w / scale) + zero, 0, 2**bits - 1)
+    # The zero is added before rounding: SpQR's zeros, dequantized from 3 bits, are not integers.
+    return torch.clamp(torch.round(w / scale + zero), 0, 2**bits - 1)
 
 
 def quantize_stats(x: torch.Tensor, stat_bits: int, stat_group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
