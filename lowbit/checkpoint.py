@@ -24,7 +24,7 @@ from torch import nn
 import lowbit
 from lowbit.config import _DTYPES, config_from_dict
 from lowbit.nn import BitLinear, Int8Linear, IntLinear, Linear4bit, QuantLinear, SpQRLinear
-from lowbit.nn.base import is_linear_like
+from lowbit.nn.base import is_linear_like, linear_weight
 
 FORMAT, FORMAT_VERSION, MANIFEST = "lowbit", 1, "lowbit.json"
 LAYER_TYPES = {cls.__name__: cls for cls in (Int8Linear, Linear4bit, BitLinear, IntLinear, SpQRLinear)}
@@ -208,7 +208,7 @@ def _swap_layers(model: nn.Module, layers: dict) -> None:
             if type(old) is not cls or old.init_kwargs() != {k: spec[k] for k in old.init_kwargs()}:
                 raise CheckpointError(f"layer {name} is already a different lowbit layer")
         elif is_linear_like(old):
-            out_f, in_f = (old.out_features, old.in_features) if isinstance(old, nn.Linear) else (old.nf, old.weight.shape[0])
+            out_f, in_f = linear_weight(old).shape
             if (in_f, out_f) != (spec["in_features"], spec["out_features"]):
                 raise CheckpointError(f"shape mismatch at {name}: the checkpoint has {spec['in_features']} -> "
                                       f"{spec['out_features']} features, the model {in_f} -> {out_f}")

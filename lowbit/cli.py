@@ -78,12 +78,13 @@ def _methods(spec: str) -> list[str]:
     return [check_method(m) for m in names]
 
 
-def _load(spec: str):
-    from lowbit.models import load_model
+def _load(spec: str, encoders: bool = False):
+    """(model, tokenizer) by lowbit.models.load_model (load_any with ``encoders``); load failures as one line."""
+    from lowbit.models import load_any, load_model
 
     with console.status(f"loading {spec}"):
         try:
-            return load_model(spec)
+            return (load_any if encoders else load_model)(spec)
         except FileNotFoundError:
             raise
         except (OSError, KeyError, ValueError) as e:  # transformers' ways of saying "not a model I know"
@@ -229,17 +230,10 @@ def compare_cmd(
 
 def run_outliers(model: str, threshold: float, text: Optional[Path], tokens: int, out: Path, ablation: bool) -> dict:
     from lowbit.analysis.study import outlier_study
-    from lowbit.models import load_any
     from lowbit.report import outlier_table, plot_outlier_heatmap, write_json
 
     body, text_name = _text(text)
-    with console.status(f"loading {model}"):
-        try:
-            m, tok = load_any(model)
-        except FileNotFoundError:
-            raise
-        except (OSError, KeyError, ValueError) as e:
-            raise UserError(f"cannot load {model}: {_first_line(e)}") from None
+    m, tok = _load(model, encoders=True)
     report, summary = outlier_study(m, tok, body, tokens, threshold, ablation)
     summary.update(model=model, text=text_name)
     out.mkdir(parents=True, exist_ok=True)

@@ -67,10 +67,3 @@ def compare(model: nn.Module, tokenizer, methods: list[str], text: str, tokens: 
         r["ppl_change_pct"] = None if base is None else 100 * (r["perplexity"] / base - 1)
     return rows
 
-
-@torch.no_grad()
-def generate_text(model: nn.Module, tokenizer, prompt: str, new_tokens: int = 20) -> str:
-    """Greedy continuation of ``prompt``: a quick look that the model still speaks."""
-    ids = tokenizer(prompt, return_tensors="pt").input_ids
-    out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-    return tokenizer.decode(out[0][ids.shape[1]:], skip_special_tokens=True)

@@ -101,5 +101,6 @@ class DequantLinear(QuantLinear):
         self._check_input(x)
         shape = (self.out_features, self.in_features)
         # Without autograd the weight goes to one reused buffer, not to a fresh allocation per call.
-        w = self.dequantize(self.compute_dtype, None if needs_autograd(x) else scratch(shape, self.compute_dtype))
+        reuse = x.device.type == "cpu" and not needs_autograd(x)
+        w = self.dequantize(self.compute_dtype, scratch(shape, self.compute_dtype) if reuse else None)
         return self._finish(torch.nn.functional.linear(x.to(self.compute_dtype), w), x.dtype)

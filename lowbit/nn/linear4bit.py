@@ -6,12 +6,12 @@ from torch import nn
 
 from lowbit import functional as F
 from lowbit.formats import codebook, pack_4bit, unpack_4bit
-from lowbit.nn.base import QuantLinear, linear_weight, needs_autograd, scratch
+from lowbit.nn.base import DequantLinear, linear_weight
 
 QUANT_TYPES = ("nf4", "fp4", "int4")
 
 
-class Linear4bit(QuantLinear):
+class Linear4bit(DequantLinear):
     """4-bit weights dequantized tile-free to ``compute_dtype`` for each forward (fp32 or bf16)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, quant_type: str = "nf4",
@@ -78,21 +78,12 @@ class Linear4bit(QuantLinear):
             q.absmax = self.weight_absmax
         return q
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def dequantize(self, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
         if self.quant_type == "int4":
             codes = unpack_4bit(self.weight_packed, self.in_features * self.out_features).view(self.out_features, -1)
-            return F.dequantize_affine(F.Affine(codes, self.weight_scale, self.weight_zero, 4, self.blocksize), dtype)
-        return F.dequantize_4bit(self.blockwise(), dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
-        if self.quant_type != "int4" and not needs_autograd(x) and x.device.type == "cpu":
-            w = F.dequantize_4bit(self.blockwise(), self.compute_dtype,
-                                  out=scratch((self.out_features, self.in_features), self.compute_dtype))
-        else:
-            w = self.dequantize(self.compute_dtype)
-        y = torch.nn.functional.linear(x.to(self.compute_dtype), w)
-        return self._finish(y, x.dtype)
+            w = F.dequantize_affine(F.Affine(codes, self.weight_scale, self.weight_zero, 4, self.blocksize), dtype)
+            return w if out is None else out.copy_(w)
+        return F.dequantize_4bit(self.blockwise(), dtype, out=out)
 
     def extra_repr(self) -> str:
         dq = ", double_quant" if self.double_quant else ""
