@@ -11,7 +11,7 @@ from types import ModuleType
 
 from lowbit.cache import cache_dir
 
-_SOURCES = [Path(__file__).parent / "csrc" / "quant.cpp"]
+_SOURCES = [Path(__file__).parent / "csrc" / name for name in ("quant.cpp", "matmul.cpp", "bindings.cpp")]
 # -fopenmp: at::parallel_for is an inline OpenMP region, serial without it.
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fopenmp"]
 

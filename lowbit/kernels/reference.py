@@ -1,9 +1,9 @@
-"""Plain-torch reference quantization kernels: the definition each fast kernel must match bit for bit."""
+"""Plain-torch reference kernels: the definition each fast kernel must match (bit for bit where integer)."""
 from __future__ import annotations
 
 import torch
 
-from lowbit.formats.packing import pack_4bit, pack_ternary_2bit, unpack_4bit
+from lowbit.formats.packing import pack_4bit, pack_ternary_2bit, unpack_2bit, unpack_4bit
 
 
 def _blocks(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, int]:
@@ -74,3 +74,23 @@ def quantize_ternary_2bit(x: torch.Tensor, divisor: float) -> torch.Tensor:
     d = torch.tensor(divisor, dtype=torch.float32)
     trits = torch.clamp(torch.round(x.reshape(-1).float() / d), -1, 1).to(torch.int8)
     return pack_ternary_2bit(trits)
+
+
+def lut_dequantize(w) -> torch.Tensor:
+    """The float32 [N, K] weight of a ``matmul.LutWeight``: lut[code] * scale - scale * zero per row block."""
+    n = w.N * w.K
+    codes = (unpack_4bit if w.bits == 4 else unpack_2bit)(w.packed, n).view(w.N, w.K).long()
+    scale = w.scale
+    if scale.dtype == torch.uint8:  # double quantization
+        nested = w.nested_absmax.repeat_interleave(w.nested_block)[:scale.numel()]
+        scale = w.nested_table[scale.reshape(-1).long()] * nested + w.offset
+    scale = scale.float().reshape(w.N, -1)
+    out = w.lut[codes] * scale.repeat_interleave(w.block, dim=1)[:, :w.K]
+    if w.zero is not None:
+        out = out - (scale * w.zero.float().reshape(w.N, -1)).repeat_interleave(w.block, dim=1)[:, :w.K]
+    return out
+
+
+def lut_linear(x: torch.Tensor, w, compute_dtype: torch.dtype) -> torch.Tensor:
+    """x [M, K] @ W^T for a ``matmul.LutWeight``, multiplied in compute_dtype, float32 out."""
+    return torch.nn.functional.linear(x.to(compute_dtype), lut_dequantize(w).to(compute_dtype)).float()

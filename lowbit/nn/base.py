@@ -6,6 +6,8 @@ import threading
 import torch
 from torch import nn
 
+from lowbit.kernels.matmul import LutWeight, lut_linear
+
 _scratch = threading.local()
 
 
@@ -92,13 +94,22 @@ class QuantLinear(nn.Module):
 
 
 class DequantLinear(QuantLinear):
-    """A layer whose forward rebuilds its weight with ``dequantize(dtype, out)`` and multiplies in compute_dtype."""
+    """A layer that multiplies by its packed weight on the LUT kernels where they apply (``lut_weight``), else
+    rebuilds the weight with ``dequantize(dtype, out)`` and multiplies in compute_dtype."""
 
     def dequantize(self, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
+    def lut_weight(self) -> LutWeight | None:
+        """The weight as the LUT kernels take it, or None where they do not apply."""
+        return None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
+        lut = None if x.device.type != "cpu" or needs_autograd(x) else self.lut_weight()
+        if lut is not None:
+            y = lut_linear(x.reshape(-1, self.in_features), lut, self.compute_dtype)
+            return self._finish(y, x.dtype).reshape(*x.shape[:-1], self.out_features)
         shape = (self.out_features, self.in_features)
         # Without autograd the weight goes to one reused buffer, not to a fresh allocation per call.
         reuse = x.device.type == "cpu" and not needs_autograd(x)

@@ -6,6 +6,7 @@ from torch import nn
 
 from lowbit import functional as F
 from lowbit.formats import unpack_ternary_2bit
+from lowbit.kernels.matmul import ternary_int8
 from lowbit.nn.base import QuantLinear, linear_weight
 
 
@@ -37,6 +38,6 @@ class BitLinear(QuantLinear):
         shape, dtype = x.shape, x.dtype
         xq, absmax = F.quantize_activations_int8(x.reshape(-1, self.in_features).float())
         # The two scales are applied once per output, after the integer product.
-        acc = torch._int_mm(xq, self.trits().t()).float()  # int8 x int8 -> int32, exact
+        acc = ternary_int8(xq, self.weight_packed, self.out_features, self.trits).float()  # exact int32
         y = acc * (absmax / 127).unsqueeze(1) * self.weight_gamma
         return self._finish(y.to(self.compute_dtype), dtype).reshape(*shape[:-1], self.out_features)

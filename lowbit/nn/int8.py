@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from lowbit.functional import quantize_absmax, quantize_affine
-from lowbit.nn.base import QuantLinear, linear_weight
+from lowbit.kernels.matmul import int8_int8, int8_linear
+from lowbit.nn.base import QuantLinear, linear_weight, needs_autograd
 
 
 ACTIVATIONS = ("absmax", "zeropoint")
@@ -61,8 +62,11 @@ class Int8Linear(QuantLinear):
         x2 = x.reshape(-1, self.in_features).to(self.compute_dtype)
         row_scale = (self.weight_absmax / 127).to(self.compute_dtype)
         if self.weight_only:
-            # The per-row scale commutes with the matmul: scale the outputs, not the weight.
-            y = torch.nn.functional.linear(x2, self.weight_codes.to(self.compute_dtype)) * row_scale
+            if needs_autograd(x) or reference:
+                # The per-row scale commutes with the matmul: scale the outputs, not the weight.
+                y = torch.nn.functional.linear(x2, self.weight_codes.to(self.compute_dtype)) * row_scale
+            else:
+                y = int8_linear(x2, self.weight_codes, self.weight_absmax / 127, self.compute_dtype)
             return self._finish(y, dtype).reshape(*shape[:-1], self.out_features)
         outliers = None
         if self.threshold > 0:
@@ -81,7 +85,7 @@ class Int8Linear(QuantLinear):
         if reference:  # exact integer product in float64, no int8 kernel
             acc = xq.double() @ self.weight_codes.double().t()
         else:
-            acc = torch._int_mm(xq, self.weight_codes.t())
+            acc = int8_int8(xq, self.weight_codes, self._code_sums())
         if x_shift is not None:  # the zero point times each weight row's code sum, still in integers
             acc = acc + x_shift * self._code_sums()
         y = (acc.to(torch.float32) * x_scale.unsqueeze(1)).to(self.compute_dtype) * row_scale

@@ -7,10 +7,15 @@ from torch import nn
 
 from lowbit.functional.grouped import minmax_stats, round_to_grid
 from lowbit.formats import pack_2bit, pack_3bit, pack_4bit, unpack_2bit, unpack_3bit, unpack_4bit
+from lowbit.kernels.matmul import LutWeight
 from lowbit.nn.base import DequantLinear, linear_weight
 
 _PACKERS = {2: (pack_2bit, unpack_2bit), 3: (pack_3bit, unpack_3bit), 4: (pack_4bit, unpack_4bit),
             8: (lambda c: c.reshape(-1).to(torch.uint8), lambda p, n: p[:n])}
+
+
+# Codes as values for the LUT kernels; 2-bit kernels look at 4 bits, so the 2-bit table repeats.
+_LUTS = {4: torch.arange(16, dtype=torch.float32), 2: torch.arange(4, dtype=torch.float32).repeat(4)}
 
 
 def packed_bytes(n: int, bits: int) -> int:
@@ -76,6 +81,12 @@ class IntLinear(DequantLinear):
         """The [out, in] integer codes."""
         n = self.in_features * self.out_features
         return unpack_codes(self.weight_packed, n, self.bits).view(self.out_features, self.in_features)
+
+    def lut_weight(self) -> LutWeight | None:
+        if self.bits not in _LUTS:
+            return None
+        return LutWeight(self.weight_packed, self.out_features, self.in_features, self.bits, _LUTS[self.bits],
+                         self.group_size, self.weight_scale, self.weight_zero)
 
     def dequantize(self, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
         g = self.group_size

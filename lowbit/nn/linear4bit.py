@@ -6,9 +6,11 @@ from torch import nn
 
 from lowbit import functional as F
 from lowbit.formats import codebook, pack_4bit, unpack_4bit
+from lowbit.kernels.matmul import LutWeight
 from lowbit.nn.base import DequantLinear, linear_weight
 
 QUANT_TYPES = ("nf4", "fp4", "int4")
+INT4_LUT = torch.arange(16, dtype=torch.float32)  # uniform codes: value = (code - zero) * scale
 
 
 class Linear4bit(DequantLinear):
@@ -77,6 +79,18 @@ class Linear4bit(DequantLinear):
         else:
             q.absmax = self.weight_absmax
         return q
+
+    def lut_weight(self) -> LutWeight | None:
+        n, k = self.out_features, self.in_features
+        if self.quant_type == "int4":
+            return LutWeight(self.weight_packed, n, k, 4, INT4_LUT, self.blocksize, self.weight_scale, self.weight_zero)
+        if k % self.blocksize:  # blocks run over the flat weight: here they would straddle rows
+            return None
+        if self.double_quant:
+            return LutWeight(self.weight_packed, n, k, 4, self.weight_code, self.blocksize, self.weight_nested_codes,
+                             None, self.weight_nested_absmax, self.weight_nested_code, float(self.weight_nested_offset),
+                             F.blockwise.DOUBLE_QUANT_BLOCKSIZE)
+        return LutWeight(self.weight_packed, n, k, 4, self.weight_code, self.blocksize, self.weight_absmax)
 
     def dequantize(self, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
         if self.quant_type == "int4":

@@ -293,12 +293,3 @@ torch::Tensor quantize_ternary_2bit(torch::Tensor x, double divisor) {
   });
   return packed;
 }
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("quantize_4bit", &quantize_4bit);
-  m.def("dequantize_4bit", &dequantize_4bit);
-  m.def("quantize_blockwise", &quantize_blockwise);
-  m.def("dequantize_blockwise", &dequantize_blockwise);
-  m.def("quantize_rowwise_int8", &quantize_rowwise_int8);
-  m.def("quantize_ternary_2bit", &quantize_ternary_2bit);
-}

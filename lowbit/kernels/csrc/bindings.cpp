@@ -1,0 +1,41 @@
+// The Python module of lowbit's CPU kernels (quant.cpp: quantization, matmul.cpp: matmul).
+#include <torch/extension.h>
+
+#include <vector>
+
+std::vector<torch::Tensor> quantize_4bit(torch::Tensor x, int64_t blocksize, torch::Tensor midpoints, torch::Tensor order);
+torch::Tensor dequantize_4bit(torch::Tensor packed, torch::Tensor absmax, torch::Tensor code, int64_t n, int64_t blocksize,
+                              torch::Tensor out);
+torch::Tensor quantize_blockwise(torch::Tensor x, int64_t blocksize, torch::Tensor code, torch::Tensor absmax);
+torch::Tensor dequantize_blockwise(torch::Tensor q, torch::Tensor absmax, torch::Tensor code, int64_t blocksize,
+                                   torch::Tensor out);
+std::vector<torch::Tensor> quantize_rowwise_int8(torch::Tensor x);
+torch::Tensor quantize_ternary_2bit(torch::Tensor x, double divisor);
+
+torch::Tensor lut_gemv(torch::Tensor x, torch::Tensor packed, int64_t N, int64_t K, int64_t bits, torch::Tensor lut,
+                       int64_t block, torch::Tensor scale, c10::optional<torch::Tensor> zero,
+                       c10::optional<torch::Tensor> nested_absmax, c10::optional<torch::Tensor> nested_table,
+                       double offset, int64_t nested_block);
+torch::Tensor lut_permute_x(torch::Tensor x, int64_t bits);
+void lut_dequant_rows(torch::Tensor packed, int64_t N, int64_t K, int64_t bits, torch::Tensor lut, int64_t block,
+                      torch::Tensor scale, c10::optional<torch::Tensor> zero,
+                      c10::optional<torch::Tensor> nested_absmax, c10::optional<torch::Tensor> nested_table,
+                      double offset, int64_t nested_block, int64_t r0, int64_t r1, torch::Tensor out);
+torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor row_scale);
+torch::Tensor int8_int8_gemv(torch::Tensor xq, torch::Tensor codes, torch::Tensor code_sums);
+torch::Tensor ternary_gemv(torch::Tensor xq, torch::Tensor packed, int64_t N);
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("quantize_4bit", &quantize_4bit);
+  m.def("dequantize_4bit", &dequantize_4bit);
+  m.def("quantize_blockwise", &quantize_blockwise);
+  m.def("dequantize_blockwise", &dequantize_blockwise);
+  m.def("quantize_rowwise_int8", &quantize_rowwise_int8);
+  m.def("quantize_ternary_2bit", &quantize_ternary_2bit);
+  m.def("lut_gemv", &lut_gemv);
+  m.def("lut_permute_x", &lut_permute_x);
+  m.def("lut_dequant_rows", &lut_dequant_rows);
+  m.def("int8_gemv", &int8_gemv);
+  m.def("int8_int8_gemv", &int8_int8_gemv);
+  m.def("ternary_gemv", &ternary_gemv);
+}

@@ -1,0 +1,607 @@
+// lowbit CPU matmul kernels for low-bit weights. Plain-torch definitions: lowbit/kernels/reference.py.
+//
+// LUT weights (NF4/FP4 with absmax, double-quantized absmax, uniform int4/int2 with scale and zero):
+// a row of W is `bits`-bit codes (4 or 2, the first in the high bits of a byte), value = lut[code] *
+// scale[block] - scale[block] * zero[block]. The AVX-512 path reads 64 bytes of codes as 16 int32 lanes
+// and takes code s of every lane with one shift: vpermps looks at the low 4 bits of each lane only, so
+// no mask is needed (2-bit codes use a lut repeated four times). The codes of one shift are 16
+// non-adjacent weights; x is permuted once per call into that "lane order" instead.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define LOWBIT_AVX512 1
+#endif
+
+namespace {
+
+// Everything a kernel needs to know about a LUT-quantized [N, K] weight.
+struct LutFormat {
+  const uint8_t* packed;
+  int64_t N, K, bits, row_bytes, block, groups;
+  float lut[16];
+  // scale: float32 [N, groups], float16 [N, groups], or uint8 codes of double quantization (then
+  // nested_absmax [ceil(N*groups/nested_block)], nested_table [256], offset).
+  torch::Tensor scale, zero, nested_absmax, nested_table;
+  const void* scale_p = nullptr;
+  const void* zero_p = nullptr;
+  const float* nested_absmax_p = nullptr;
+  const float* nested_table_p = nullptr;
+  double offset;
+  int64_t nested_block;
+
+  int64_t lane_elems() const { return 32 / bits; }       // weights in one int32 lane
+  int64_t chunk() const { return 16 * lane_elems(); }      // weights in 64 bytes
+  int64_t padded_k() const { return (K + chunk() - 1) / chunk() * chunk(); }
+  bool has_zero() const { return zero.defined(); }
+
+  // The float scale and -scale*zero of each block of row n (buffers hold groups + 32 floats).
+  void row_constants(int64_t n, float* s, float* nz) const {
+    const int64_t g0 = n * groups;
+#ifdef LOWBIT_AVX512
+    if (row_constants_avx512(g0, s, nz)) return;
+#endif
+    if (scale.scalar_type() == torch::kFloat32) {
+      std::memcpy(s, static_cast<const float*>(scale_p) + g0, groups * sizeof(float));
+    } else if (scale.scalar_type() == torch::kFloat16) {
+      const c10::Half* p = static_cast<const c10::Half*>(scale_p) + g0;
+      for (int64_t g = 0; g < groups; ++g) s[g] = static_cast<float>(p[g]);
+    } else {  // double quantization: table[code] * nested_absmax[block / nested_block] + offset
+      const uint8_t* c = static_cast<const uint8_t*>(scale_p) + g0;
+      const float* t = nested_table_p;
+      const float* na = nested_absmax_p;
+      const float off = static_cast<float>(offset);
+      for (int64_t g = 0; g < groups; ++g) s[g] = t[c[g]] * na[(g0 + g) / nested_block] + off;
+    }
+    for (int64_t g = groups; g < groups + 16; ++g) s[g] = 0.f;
+    if (!has_zero()) return;
+    if (zero.scalar_type() == torch::kFloat32) {
+      const float* z = static_cast<const float*>(zero_p) + g0;
+      for (int64_t g = 0; g < groups; ++g) nz[g] = -s[g] * z[g];
+    } else {
+      const uint8_t* z = static_cast<const uint8_t*>(zero_p) + g0;
+      for (int64_t g = 0; g < groups; ++g) nz[g] = -s[g] * static_cast<float>(z[g]);
+    }
+    for (int64_t g = groups; g < groups + 16; ++g) nz[g] = 0.f;
+  }
+
+#ifdef LOWBIT_AVX512
+  // The same, 16 blocks at a time; false where it does not apply (nested blocks not a power of two).
+  bool row_constants_avx512(int64_t g0, float* s, float* nz) const {
+    const bool dq = scale.scalar_type() == torch::kUInt8;
+    int nested_shift = 0;
+    if (dq) {
+      while ((int64_t{1} << nested_shift) < nested_block) ++nested_shift;
+      if ((int64_t{1} << nested_shift) != nested_block) return false;
+    }
+    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for (int64_t g = 0; g < groups + 16; g += 16) {
+      const int64_t left = groups - g;
+      const __mmask16 mk = left >= 16 ? (__mmask16)0xFFFF : left > 0 ? (__mmask16)((1u << left) - 1) : (__mmask16)0;
+      __m512 sv;
+      if (scale.scalar_type() == torch::kFloat32) {
+        sv = _mm512_maskz_loadu_ps(mk, static_cast<const float*>(scale_p) + g0 + g);
+      } else if (scale.scalar_type() == torch::kFloat16) {
+        sv = _mm512_maskz_mov_ps(mk, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, static_cast<const c10::Half*>(scale_p) + g0 + g)));
+      } else {
+        const __m512i codes = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mk, static_cast<const uint8_t*>(scale_p) + g0 + g));
+        const __m512 t = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mk, codes, nested_table_p, 4);
+        const int64_t first = (g0 + g) >> nested_shift, last = (g0 + g + 15) >> nested_shift;
+        const __m512i nidx = _mm512_srli_epi32(_mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(g0 + g)), iota), nested_shift);
+        const __m512 na = first == last || left <= 0  // 16 blocks almost always share their nested absmax
+                              ? _mm512_set1_ps(nested_absmax_p[first * (left > 0)])
+                              : _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mk, nidx, nested_absmax_p, 4);
+        sv = _mm512_maskz_mov_ps(mk, _mm512_fmadd_ps(t, na, _mm512_set1_ps(static_cast<float>(offset))));
+      }
+      _mm512_storeu_ps(s + g, sv);
+      if (!has_zero()) continue;
+      __m512 zv;
+      if (zero.scalar_type() == torch::kFloat32)
+        zv = _mm512_maskz_loadu_ps(mk, static_cast<const float*>(zero_p) + g0 + g);
+      else
+        zv = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mk, static_cast<const uint8_t*>(zero_p) + g0 + g)));
+      _mm512_storeu_ps(nz + g, _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(sv, zv)));
+    }
+    return true;
+  }
+#endif
+
+  // Element (within its lane) that shift s of a lane holds.
+  int64_t lane_elem(int64_t s) const {
+    const int64_t per_byte = 8 / bits;
+    return (s / per_byte) * per_byte + (per_byte - 1 - s % per_byte);
+  }
+};
+
+LutFormat make_format(torch::Tensor packed, int64_t N, int64_t K, int64_t bits, torch::Tensor lut, int64_t block,
+                      torch::Tensor scale, c10::optional<torch::Tensor> zero,
+                      c10::optional<torch::Tensor> nested_absmax, c10::optional<torch::Tensor> nested_table,
+                      double offset, int64_t nested_block) {
+  TORCH_CHECK(bits == 4 || bits == 2, "LUT kernels take 4- or 2-bit codes");
+  TORCH_CHECK(K * bits % 8 == 0, "rows must start on a byte");
+  LutFormat f;
+  f.N = N, f.K = K, f.bits = bits, f.row_bytes = K * bits / 8, f.block = block;
+  f.groups = (K + block - 1) / block;
+  TORCH_CHECK(block % f.lane_elems() == 0 && (f.chunk() % block == 0 || block % f.chunk() == 0),
+              "block size does not fit the kernel's lanes");
+  TORCH_CHECK(packed.is_contiguous() && packed.dtype() == torch::kUInt8 && packed.numel() >= N * f.row_bytes,
+              "packed must be contiguous uint8 holding N rows");
+  f.packed = packed.data_ptr<uint8_t>();
+  TORCH_CHECK(lut.dtype() == torch::kFloat32 && lut.numel() == 16, "lut must be 16 float32");
+  lut = lut.contiguous();
+  std::memcpy(f.lut, lut.data_ptr<float>(), sizeof(f.lut));
+  TORCH_CHECK(scale.is_contiguous() && scale.numel() == N * f.groups, "scale must hold N x groups");
+  f.scale = scale;
+  if (scale.scalar_type() == torch::kUInt8) {
+    TORCH_CHECK(nested_absmax.has_value() && nested_table.has_value() && nested_block > 0,
+                "uint8 scales need the nested absmax, table and block");
+    f.nested_absmax = nested_absmax->contiguous();
+    f.nested_table = nested_table->contiguous();
+    TORCH_CHECK(f.nested_table.numel() == 256 && f.nested_absmax.numel() * nested_block >= N * f.groups,
+                "nested constants do not fit");
+  } else {
+    TORCH_CHECK(scale.scalar_type() == torch::kFloat32 || scale.scalar_type() == torch::kFloat16,
+                "scale must be float32, float16 or uint8");
+  }
+  if (zero.has_value()) {
+    TORCH_CHECK(zero->is_contiguous() && zero->numel() == N * f.groups &&
+                    (zero->scalar_type() == torch::kFloat32 || zero->scalar_type() == torch::kUInt8),
+                "zero must be contiguous float32 or uint8 of N x groups");
+    f.zero = *zero;
+  }
+  f.offset = offset;
+  f.nested_block = nested_block;
+  f.scale_p = f.scale.data_ptr();
+  f.zero_p = f.zero.defined() ? f.zero.data_ptr() : nullptr;
+  if (f.nested_absmax.defined()) {
+    f.nested_absmax_p = f.nested_absmax.data_ptr<float>();
+    f.nested_table_p = f.nested_table.data_ptr<float>();
+  }
+  return f;
+}
+
+// x [M, K] float32 -> [M, Kp] in lane order (zero padded), and per-lane sums [M, Kp / lane_elems].
+void permute_x(const LutFormat& f, const float* x, int64_t M, float* xp, float* lane_sum) {
+  const int64_t L = f.lane_elems(), E = f.chunk(), Kp = f.padded_k();
+  int64_t pos[16];
+  for (int64_t s = 0; s < L; ++s) pos[s] = f.lane_elem(s);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x + m * f.K;
+    float* out = xp + m * Kp;
+    float* ls = lane_sum + m * (Kp / L);
+    for (int64_t c = 0; c < Kp; c += E) {
+      const bool whole = c + E <= f.K;
+      for (int64_t l = 0; l < 16; ++l) {
+        const int64_t base = c + L * l;
+        float sum = 0.f;
+        for (int64_t s = 0; s < L; ++s) {
+          const float v = whole || base + pos[s] < f.K ? xr[base + pos[s]] : 0.f;
+          out[c + s * 16 + l] = v;
+          sum += v;
+        }
+        ls[c / L + l] = sum;
+      }
+    }
+  }
+}
+
+#ifdef LOWBIT_AVX512
+// Per-lane block constants of chunk c: lanes share a block when the block is wider than a lane.
+struct LaneConstants {
+  __m512i idx;
+  int64_t per_chunk = 0;  // blocks per chunk, when a chunk holds several
+  int chunk_shift = -1;   // log2(chunks per block), when a block holds several chunks (a power of two)
+  int64_t chunks_per_block = 1;
+  explicit LaneConstants(const LutFormat& f) {
+    const int64_t E = f.chunk(), L = f.lane_elems();
+    alignas(64) int32_t id[16];
+    for (int l = 0; l < 16; ++l) id[l] = f.block >= E ? 0 : static_cast<int32_t>(L * l / f.block);
+    idx = _mm512_load_si512(id);
+    if (f.block < E) {
+      per_chunk = E / f.block;
+    } else {
+      chunks_per_block = f.block / E;
+      if ((chunks_per_block & (chunks_per_block - 1)) == 0)
+        for (chunk_shift = 0; (int64_t{1} << chunk_shift) < chunks_per_block;) ++chunk_shift;
+    }
+  }
+  inline __m512 get(const float* v, int64_t c) const {
+    if (per_chunk) return _mm512_permutexvar_ps(idx, _mm512_loadu_ps(v + c * per_chunk));
+    return _mm512_set1_ps(v[chunk_shift >= 0 ? c >> chunk_shift : c / chunks_per_block]);
+  }
+};
+
+// Rows [n0, n1) of y[M, N] for MB rows of x at once (the weights are decoded once for all MB). Even and odd
+// shifts sum apart, so that two chains of FMAs overlap.
+template <int MB, int BITS>
+void lut_rows(const LutFormat& f, const float* xp, const float* ls, int64_t Kp, float* y, int64_t ldy,
+              int64_t n0, int64_t n1, float* s, float* nz) {
+  constexpr int S = 32 / BITS;
+  const int64_t E = 16 * S, chunks = Kp / E, full = f.row_bytes / 64, tail = f.row_bytes % 64;
+  const __m512 lutv = _mm512_loadu_ps(f.lut);
+  const LaneConstants lanes(f);
+  const bool zero = f.has_zero();
+  for (int64_t n = n0; n < n1; ++n) {
+    f.row_constants(n, s, nz);
+    const uint8_t* row = f.packed + n * f.row_bytes;
+    __m512 acc[MB];
+    for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < chunks; ++c) {
+      const __m512i v = c < full ? _mm512_loadu_si512(row + c * 64)
+                                 : _mm512_maskz_loadu_epi8((__mmask64)((1ULL << tail) - 1), row + c * 64);
+      __m512 sum[2][MB];
+      for (int m = 0; m < MB; ++m) sum[0][m] = sum[1][m] = _mm512_setzero_ps();
+#pragma GCC unroll 16
+      for (int sh = 0; sh < S; ++sh) {
+        const __m512 w = _mm512_permutexvar_ps(_mm512_srli_epi32(v, BITS * sh), lutv);
+        for (int m = 0; m < MB; ++m)
+          sum[sh & 1][m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xp + m * Kp + c * E + sh * 16), sum[sh & 1][m]);
+      }
+      const __m512 sv = lanes.get(s, c);
+      for (int m = 0; m < MB; ++m) acc[m] = _mm512_fmadd_ps(_mm512_add_ps(sum[0][m], sum[1][m]), sv, acc[m]);
+      if (zero) {
+        const __m512 zv = lanes.get(nz, c);
+        for (int m = 0; m < MB; ++m) acc[m] = _mm512_fmadd_ps(zv, _mm512_loadu_ps(ls + m * (Kp / S) + c * 16), acc[m]);
+      }
+    }
+    for (int m = 0; m < MB; ++m) y[m * ldy + n] = _mm512_reduce_add_ps(acc[m]);
+  }
+}
+#endif
+
+// Plain C++ for machines without AVX-512: the same sums in the natural order.
+void lut_rows_scalar(const LutFormat& f, const float* x, int64_t M, float* y, int64_t ldy, int64_t n0, int64_t n1,
+                     float* s, float* nz) {
+  const int64_t per_byte = 8 / f.bits, mask = (1 << f.bits) - 1;
+  for (int64_t n = n0; n < n1; ++n) {
+    f.row_constants(n, s, nz);
+    const uint8_t* row = f.packed + n * f.row_bytes;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xr = x + m * f.K;
+      float acc = 0.f;
+      for (int64_t g = 0; g < f.groups; ++g) {
+        float dot = 0.f, xs = 0.f;
+        const int64_t k1 = std::min(f.K, (g + 1) * f.block);
+        for (int64_t k = g * f.block; k < k1; ++k) {
+          const int shift = static_cast<int>(f.bits * (per_byte - 1 - k % per_byte));
+          dot += f.lut[(row[k / per_byte] >> shift) & mask] * xr[k];
+          xs += xr[k];
+        }
+        acc += dot * s[g] + (f.has_zero() ? nz[g] * xs : 0.f);
+      }
+      y[m * ldy + n] = acc;
+    }
+  }
+}
+
+}  // namespace
+
+// y[M, N] = x[M, K] @ W^T for a LUT-quantized W (float32 x and y).
+torch::Tensor lut_gemv(torch::Tensor x, torch::Tensor packed, int64_t N, int64_t K, int64_t bits, torch::Tensor lut,
+                       int64_t block, torch::Tensor scale, c10::optional<torch::Tensor> zero,
+                       c10::optional<torch::Tensor> nested_absmax, c10::optional<torch::Tensor> nested_table,
+                       double offset, int64_t nested_block) {
+  const LutFormat f = make_format(packed, N, K, bits, lut, block, scale, zero, nested_absmax, nested_table, offset,
+                                  nested_block);
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.size(1) == K, "x must be float32 [M, K]");
+  x = x.contiguous();
+  const int64_t M = x.size(0), Kp = f.padded_k();
+  auto y = torch::empty({M, N}, torch::kFloat32);
+  float* py = y.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1));
+#ifdef LOWBIT_AVX512
+  std::vector<float> xp(M * Kp), ls(M * Kp / f.lane_elems());
+  permute_x(f, x.data_ptr<float>(), M, xp.data(), ls.data());
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    std::vector<float> s(f.groups + 32), nz(f.groups + 32);
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      const int64_t mb = std::min<int64_t>(4, M - m0);
+      const float* xm = xp.data() + m0 * Kp;
+      const float* lm = ls.data() + m0 * (Kp / f.lane_elems());
+      float* ym = py + m0 * N;
+#define LOWBIT_CASE(MB)                                                              \
+  if (mb == MB) {                                                                    \
+    if (bits == 4) lut_rows<MB, 4>(f, xm, lm, Kp, ym, N, n0, n1, s.data(), nz.data()); \
+    else lut_rows<MB, 2>(f, xm, lm, Kp, ym, N, n0, n1, s.data(), nz.data());          \
+  }
+      LOWBIT_CASE(1) LOWBIT_CASE(2) LOWBIT_CASE(3) LOWBIT_CASE(4)
+#undef LOWBIT_CASE
+    }
+  });
+#else
+  const float* px = x.data_ptr<float>();
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    std::vector<float> s(f.groups + 32), nz(f.groups + 32);
+    lut_rows_scalar(f, px, M, py, N, n0, n1, s.data(), nz.data());
+  });
+#endif
+  return y;
+}
+
+// x [M, K] float32 in the lane order of a LUT format with these bits (for lut_dequant_rows tiles).
+torch::Tensor lut_permute_x(torch::Tensor x, int64_t bits) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2, "x must be float32 [M, K]");
+  x = x.contiguous();
+  LutFormat f;
+  f.bits = bits, f.K = x.size(1);
+  const int64_t M = x.size(0), Kp = f.padded_k();
+  auto xp = torch::empty({M, Kp}, torch::kFloat32);
+  std::vector<float> ls(M * Kp / f.lane_elems());
+  permute_x(f, x.data_ptr<float>(), M, xp.data_ptr<float>(), ls.data());
+  return xp;
+}
+
+namespace {
+#ifdef LOWBIT_AVX512
+inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+// float32 -> bfloat16 rounding to nearest even, as torch converts (weights are finite).
+inline void store16(c10::BFloat16* p, __m512 v) {
+  const __m512i b = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7FFF)), lsb), 16);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+}
+#endif
+
+template <typename T>
+void dequant_rows_impl(const LutFormat& f, int64_t r0, int64_t r1, T* out, int64_t Kp) {
+  const int64_t per_byte = 8 / f.bits, mask = (1 << f.bits) - 1, L = f.lane_elems(), E = f.chunk();
+  at::parallel_for(r0, r1, 1, [&](int64_t n0, int64_t n1) {
+    std::vector<float> s(f.groups + 32), nz(f.groups + 32);
+    for (int64_t n = n0; n < n1; ++n) {
+      f.row_constants(n, s.data(), nz.data());
+      const uint8_t* row = f.packed + n * f.row_bytes;
+      T* o = out + (n - r0) * Kp;
+#ifdef LOWBIT_AVX512
+      {
+        const __m512 lutv = _mm512_loadu_ps(f.lut);
+        const LaneConstants lanes(f);
+        const int64_t full = f.row_bytes / 64, tail = f.row_bytes % 64;
+        for (int64_t c = 0; c < Kp / E; ++c) {
+          const __m512i v = c < full ? _mm512_loadu_si512(row + c * 64)
+                                     : _mm512_maskz_loadu_epi8((__mmask64)((1ULL << tail) - 1), row + c * 64);
+          const __m512 sv = lanes.get(s.data(), c);
+          const __m512 zv = f.has_zero() ? lanes.get(nz.data(), c) : _mm512_setzero_ps();
+          for (int64_t sh = 0; sh < L; ++sh) {
+            const __m512 w = _mm512_permutexvar_ps(_mm512_srli_epi32(v, static_cast<unsigned>(f.bits * sh)), lutv);
+            store16(o + c * E + sh * 16, _mm512_fmadd_ps(w, sv, zv));
+          }
+        }
+        continue;
+      }
+#endif
+      for (int64_t kp = 0; kp < Kp; ++kp) {  // position kp of the lane order holds weight k
+        const int64_t c = kp / E, sh = (kp % E) / 16, l = kp % 16;
+        const int64_t k = c * E + L * l + f.lane_elem(sh);
+        float v = 0.f;
+        if (k < f.K) {
+          const int shift = static_cast<int>(f.bits * (per_byte - 1 - k % per_byte));
+          const int64_t g = k / f.block;
+          v = f.lut[(row[k / per_byte] >> shift) & mask] * s[g] + (f.has_zero() ? nz[g] : 0.f);
+        }
+        o[kp] = static_cast<T>(v);
+      }
+    }
+  });
+}
+}  // namespace
+
+// Rows [r0, r1) of W dequantized in lane order into out [r1 - r0, Kp] (float32 or bfloat16).
+void lut_dequant_rows(torch::Tensor packed, int64_t N, int64_t K, int64_t bits, torch::Tensor lut, int64_t block,
+                      torch::Tensor scale, c10::optional<torch::Tensor> zero,
+                      c10::optional<torch::Tensor> nested_absmax, c10::optional<torch::Tensor> nested_table,
+                      double offset, int64_t nested_block, int64_t r0, int64_t r1, torch::Tensor out) {
+  const LutFormat f = make_format(packed, N, K, bits, lut, block, scale, zero, nested_absmax, nested_table, offset,
+                                  nested_block);
+  const int64_t Kp = f.padded_k();
+  TORCH_CHECK(0 <= r0 && r0 <= r1 && r1 <= N, "bad row range");
+  TORCH_CHECK(out.is_contiguous() && out.numel() >= (r1 - r0) * Kp, "out too small");
+  if (out.dtype() == torch::kFloat32)
+    dequant_rows_impl<float>(f, r0, r1, out.data_ptr<float>(), Kp);
+  else if (out.dtype() == torch::kBFloat16)
+    dequant_rows_impl<c10::BFloat16>(f, r0, r1, out.data_ptr<c10::BFloat16>(), Kp);
+  else
+    TORCH_CHECK(false, "out must be float32 or bfloat16");
+}
+
+namespace {
+// Rows [n0, n1) of the int8 weight-only product for MB rows of x.
+template <int MB>
+void int8_rows(const float* px, const int8_t* pw, const float* ps, float* py, int64_t K, int64_t N, int64_t n0,
+               int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* w = pw + n * K;
+#ifdef LOWBIT_AVX512
+    __m512 a0[MB], a1[MB];  // two chains of FMAs
+    for (int m = 0; m < MB; ++m) a0[m] = a1[m] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+      const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k))));
+      const __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k + 16))));
+      for (int m = 0; m < MB; ++m) {
+        a0[m] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(px + m * K + k), a0[m]);
+        a1[m] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(px + m * K + k + 16), a1[m]);
+      }
+    }
+    for (; k < K; k += 16) {
+      const __mmask16 mk = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+      const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mk, w + k)));
+      for (int m = 0; m < MB; ++m) a0[m] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mk, px + m * K + k), a0[m]);
+    }
+    for (int m = 0; m < MB; ++m) py[m * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(a0[m], a1[m])) * ps[n];
+#else
+    for (int m = 0; m < MB; ++m) {
+      float acc = 0.f;
+      for (int64_t k = 0; k < K; ++k) acc += static_cast<float>(w[k]) * px[m * K + k];
+      py[m * N + n] = acc * ps[n];
+    }
+#endif
+  }
+}
+}  // namespace
+
+// y[M, N] = x[M, K] @ (codes * scale[row])^T for int8 codes [N, K] (weight-only int8, float32 x).
+torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor row_scale) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2, "x must be float32 [M, K]");
+  TORCH_CHECK(codes.dtype() == torch::kInt8 && codes.is_contiguous() && codes.dim() == 2 && codes.size(1) == x.size(1),
+              "codes must be contiguous int8 [N, K]");
+  TORCH_CHECK(row_scale.dtype() == torch::kFloat32 && row_scale.numel() == codes.size(0), "row_scale must be float32 [N]");
+  x = x.contiguous();
+  row_scale = row_scale.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), N = codes.size(0);
+  auto y = torch::empty({M, N}, torch::kFloat32);
+  const float* px = x.data_ptr<float>();
+  const int8_t* pw = codes.data_ptr<int8_t>();
+  const float* ps = row_scale.data_ptr<float>();
+  float* py = y.data_ptr<float>();
+  at::parallel_for(0, N, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)), [&](int64_t n0, int64_t n1) {
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      const int64_t mb = std::min<int64_t>(4, M - m0);
+      const float* xm = px + m0 * K;
+      float* ym = py + m0 * N;
+      if (mb == 1) int8_rows<1>(xm, pw, ps, ym, K, N, n0, n1);
+      if (mb == 2) int8_rows<2>(xm, pw, ps, ym, K, N, n0, n1);
+      if (mb == 3) int8_rows<3>(xm, pw, ps, ym, K, N, n0, n1);
+      if (mb == 4) int8_rows<4>(xm, pw, ps, ym, K, N, n0, n1);
+    }
+  });
+  return y;
+}
+
+// acc[M, N] = xq[M, K] @ codes[N, K]^T exactly in int32 (int8 x int8), as torch._int_mm; `code_sums` holds
+// each row's sum of codes (the AVX-512 VNNI path multiplies x + 128 as unsigned and subtracts 128 * sum).
+torch::Tensor int8_int8_gemv(torch::Tensor xq, torch::Tensor codes, torch::Tensor code_sums) {
+  TORCH_CHECK(xq.dtype() == torch::kInt8 && xq.dim() == 2, "xq must be int8 [M, K]");
+  TORCH_CHECK(codes.dtype() == torch::kInt8 && codes.is_contiguous() && codes.dim() == 2 && codes.size(1) == xq.size(1),
+              "codes must be contiguous int8 [N, K]");
+  TORCH_CHECK(code_sums.dtype() == torch::kInt32 && code_sums.numel() == codes.size(0), "code_sums must be int32 [N]");
+  xq = xq.contiguous();
+  const int64_t M = xq.size(0), K = xq.size(1), N = codes.size(0);
+  auto acc = torch::empty({M, N}, torch::kInt32);
+  const int8_t* px = xq.data_ptr<int8_t>();
+  const int8_t* pw = codes.data_ptr<int8_t>();
+  code_sums = code_sums.contiguous();
+  const int32_t* sums = code_sums.data_ptr<int32_t>();
+  int32_t* pa = acc.data_ptr<int32_t>();
+#if defined(__AVX512VNNI__) && defined(LOWBIT_AVX512)
+  std::vector<uint8_t> xu(M * K);
+  for (int64_t i = 0; i < M * K; ++i) xu[i] = static_cast<uint8_t>(px[i] ^ 0x80);  // x + 128
+#endif
+  at::parallel_for(0, N, std::max<int64_t>(1, 32768 / std::max<int64_t>(K, 1)), [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const int8_t* w = pw + n * K;
+      for (int64_t m = 0; m < M; ++m) {
+#if defined(__AVX512VNNI__) && defined(LOWBIT_AVX512)
+        const uint8_t* xm = xu.data() + m * K;
+        __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();  // two chains
+        int64_t k = 0;
+        for (; k + 128 <= K; k += 128) {
+          a0 = _mm512_dpbusd_epi32(a0, _mm512_loadu_si512(xm + k), _mm512_loadu_si512(w + k));
+          a1 = _mm512_dpbusd_epi32(a1, _mm512_loadu_si512(xm + k + 64), _mm512_loadu_si512(w + k + 64));
+        }
+        for (; k < K; k += 64) {
+          const __mmask64 mk = K - k >= 64 ? ~0ULL : ((1ULL << (K - k)) - 1);
+          a0 = _mm512_dpbusd_epi32(a0, _mm512_maskz_loadu_epi8(mk, xm + k), _mm512_maskz_loadu_epi8(mk, w + k));
+        }
+        pa[m * N + n] = _mm512_reduce_add_epi32(_mm512_add_epi32(a0, a1)) - 128 * sums[n];
+#else
+        int32_t a = 0;
+        for (int64_t k = 0; k < K; ++k) a += static_cast<int32_t>(px[m * K + k]) * w[k];
+        pa[m * N + n] = a;
+#endif
+      }
+    }
+  });
+  return acc;
+}
+
+#if defined(__AVX512VNNI__) && defined(LOWBIT_AVX512)
+namespace {
+// Rows [n0, n1) of the ternary product for MB rows of x in lane order: 64 bytes hold 256 weights, shift 2s of
+// byte p is weight 4p + 3 - s. Even and odd shifts sum apart (two chains).
+template <int MB>
+void ternary_rows(const uint8_t* pw, int64_t row_bytes, const int8_t* xp, int64_t Kp, const int32_t* xsum,
+                  int32_t* acc, int64_t N, int64_t n0, int64_t n1) {
+  const int64_t full = row_bytes / 64, tail = row_bytes % 64;
+  const __m512i three = _mm512_set1_epi8(3);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = pw + n * row_bytes;
+    __m512i a[2][MB];
+    for (int m = 0; m < MB; ++m) a[0][m] = a[1][m] = _mm512_setzero_si512();
+    for (int64_t c = 0; c < Kp / 256; ++c) {
+      const __m512i v = c < full ? _mm512_loadu_si512(row + c * 64)
+                                 : _mm512_maskz_loadu_epi8((__mmask64)((1ULL << tail) - 1), row + c * 64);
+#pragma GCC unroll 4
+      for (int s = 0; s < 4; ++s) {
+        const __m512i codes = _mm512_and_si512(_mm512_srli_epi32(v, 2 * s), three);
+        for (int m = 0; m < MB; ++m)
+          a[s & 1][m] = _mm512_dpbusd_epi32(a[s & 1][m], codes, _mm512_loadu_si512(xp + m * Kp + c * 256 + s * 64));
+      }
+    }
+    for (int m = 0; m < MB; ++m) acc[m * N + n] = _mm512_reduce_add_epi32(_mm512_add_epi32(a[0][m], a[1][m])) - xsum[m];
+  }
+}
+}  // namespace
+#endif
+
+// acc[M, N] = xq[M, K] @ T^T exactly in int32 for ternary T packed 2 bits a weight (codes 0, 1, 2 = -1, 0, 1; first
+// in the high bits), as sum(code * x) - sum(x). Rows of T start on a byte: K % 4 == 0.
+torch::Tensor ternary_gemv(torch::Tensor xq, torch::Tensor packed, int64_t N) {
+  TORCH_CHECK(xq.dtype() == torch::kInt8 && xq.dim() == 2, "xq must be int8 [M, K]");
+  const int64_t M = xq.size(0), K = xq.size(1), row_bytes = K / 4;
+  TORCH_CHECK(K % 4 == 0, "ternary rows must hold a multiple of 4 weights");
+  TORCH_CHECK(packed.dtype() == torch::kUInt8 && packed.is_contiguous() && packed.numel() >= N * row_bytes,
+              "packed must be contiguous uint8 of N rows");
+  xq = xq.contiguous();
+  const int8_t* px = xq.data_ptr<int8_t>();
+  const uint8_t* pw = packed.data_ptr<uint8_t>();
+  auto acc = torch::empty({M, N}, torch::kInt32);
+  int32_t* pa = acc.data_ptr<int32_t>();
+  std::vector<int32_t> xsum(M, 0);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) xsum[m] += px[m * K + k];
+#if defined(__AVX512VNNI__) && defined(LOWBIT_AVX512)
+  // Lane order: 64 bytes hold 256 weights; shift 2s of byte p is weight 4p + 3 - s.
+  const int64_t Kp = (K + 255) / 256 * 256;
+  std::vector<int8_t> xp(M * Kp, 0);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t c = 0; c < Kp; c += 256)
+      for (int64_t s = 0; s < 4; ++s)
+        for (int64_t p = 0; p < 64; ++p) {
+          const int64_t k = c + 4 * p + 3 - s;
+          xp[m * Kp + c + s * 64 + p] = k < K ? px[m * K + k] : 0;
+        }
+#endif
+  at::parallel_for(0, N, std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1)), [&](int64_t n0, int64_t n1) {
+#if defined(__AVX512VNNI__) && defined(LOWBIT_AVX512)
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      const int64_t mb = std::min<int64_t>(4, M - m0);
+      const int8_t* xm = xp.data() + m0 * Kp;
+      int32_t* am = pa + m0 * N;
+      const int32_t* sm = xsum.data() + m0;
+      if (mb == 1) ternary_rows<1>(pw, row_bytes, xm, Kp, sm, am, N, n0, n1);
+      if (mb == 2) ternary_rows<2>(pw, row_bytes, xm, Kp, sm, am, N, n0, n1);
+      if (mb == 3) ternary_rows<3>(pw, row_bytes, xm, Kp, sm, am, N, n0, n1);
+      if (mb == 4) ternary_rows<4>(pw, row_bytes, xm, Kp, sm, am, N, n0, n1);
+    }
+#else
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint8_t* row = pw + n * row_bytes;
+      for (int64_t m = 0; m < M; ++m) {
+        int32_t a = 0;
+        for (int64_t k = 0; k < K; ++k) a += static_cast<int32_t>((row[k / 4] >> (6 - 2 * (k % 4))) & 3) * px[m * K + k];
+        pa[m * N + n] = a - xsum[m];
+      }
+    }
+#endif
+  });
+  return acc;
+}

@@ -1,0 +1,125 @@
+"""The compiled matmul kernels equal their plain-torch references, on odd shapes, decode and prefill sizes."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lowbit import kernels
+from lowbit.kernels import matmul, reference
+from lowbit.nn import BitLinear, Int8Linear, IntLinear, Linear4bit
+
+pytestmark = pytest.mark.skipif(kernels.fast() is None, reason="C++ kernels not built")
+
+ROWS = (1, 3, 8, 9, 40)  # GEMV sizes, and past GEMV_MAX_ROWS the tiled prefill path
+
+
+def _linear(n: int, k: int, seed: int = 0) -> torch.nn.Linear:
+    torch.manual_seed(seed)
+    lin = torch.nn.Linear(k, n)
+    with torch.no_grad():
+        lin.weight[:, 3] *= 8  # a heavy column, like the outlier features of real models
+    return lin
+
+
+def _compare(layer: torch.nn.Module, k: int, dtype: torch.dtype) -> None:
+    for m in ROWS:
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
+        with torch.no_grad():
+            fast = layer(x)
+            with kernels.reference_only():
+                ref = layer(x)
+        assert fast.dtype == ref.dtype == dtype and fast.shape == ref.shape
+        tol = 1e-5 if dtype == torch.float32 and layer.compute_dtype == torch.float32 else 2e-2
+        err = (fast.float() - ref.float()).abs().max() / ref.float().abs().max()
+        assert err <= tol, f"rows {m}: relative error {err:.2e}"
+
+
+LUT_LAYERS = {
+    "nf4": lambda lin: Linear4bit.from_linear(lin, "nf4", 64),
+    "nf4-dq": lambda lin: Linear4bit.from_linear(lin, "nf4", 64, double_quant=True),
+    "fp4-dq": lambda lin: Linear4bit.from_linear(lin, "fp4", 64, double_quant=True),
+    "int4-g64": lambda lin: Linear4bit.from_linear(lin, "int4", 64),
+    "int4-gptq-g128": lambda lin: IntLinear.from_linear(lin, 4, 128),
+    "int2-g16": lambda lin: IntLinear.from_linear(lin, 2, 16),
+    "int2-g256": lambda lin: IntLinear.from_linear(lin, 2, 256),
+}
+
+
+@pytest.mark.parametrize("name", list(LUT_LAYERS))
+@pytest.mark.parametrize("n,k", [(37, 576), (130, 256), (9, 1152)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lut_layers_fast_equals_reference(name, n, k, dtype):
+    layer = LUT_LAYERS[name](_linear(n, k))
+    if dtype == torch.bfloat16:
+        layer.compute_dtype = torch.bfloat16
+    assert layer.lut_weight() is not None and layer.lut_weight().fits_kernel()
+    _compare(layer, k, dtype)
+
+
+@pytest.mark.parametrize("name", ["int4-g64", "int4-gptq-g128", "int2-g16"])
+def test_partial_last_group(name):
+    # 200 columns: the last group is partial; the kernel pads x with zeros past the row.
+    layer = LUT_LAYERS[name](_linear(21, 200))
+    assert layer.lut_weight().fits_kernel()
+    _compare(layer, 200, torch.float32)
+
+
+def test_reference_lut_dequantize_equals_layers():
+    lin = _linear(48, 320)
+    for build in LUT_LAYERS.values():
+        layer = build(lin)
+        got = reference.lut_dequantize(layer.lut_weight())
+        torch.testing.assert_close(got, layer.dequantize(), rtol=1e-6, atol=1e-7)
+
+
+def test_layouts_the_kernels_do_not_take_fall_back_correctly():
+    # NF4 blocks run over the flat weight: with 100 columns they straddle rows.
+    nf4 = Linear4bit.from_linear(_linear(16, 100), "nf4", 64)
+    assert nf4.lut_weight() is None
+    _compare(nf4, 100, torch.float32)
+    odd_group = IntLinear.from_linear(_linear(16, 96), 4, 24)  # 24 neither divides nor is a multiple of 128
+    assert not odd_group.lut_weight().fits_kernel()
+    _compare(odd_group, 96, torch.float32)
+    three_bit = IntLinear.from_linear(_linear(16, 128), 3, 64)
+    assert three_bit.lut_weight() is None
+    _compare(three_bit, 128, torch.float32)
+
+
+@pytest.mark.parametrize("k", [64, 200, 4096 + 16])
+def test_int8_int8_is_exact(k):
+    g = torch.Generator().manual_seed(k)
+    codes = torch.randint(-127, 128, (33, k), dtype=torch.int8, generator=g)
+    for m in (1, 4, 8):
+        xq = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
+        got = matmul.int8_int8(xq, codes, codes.sum(1, dtype=torch.int32))
+        assert torch.equal(got, torch._int_mm(xq, codes.t()))
+
+
+@pytest.mark.parametrize("k", [64, 300, 1028])
+def test_ternary_is_exact(k):
+    layer = BitLinear.from_linear(_linear(19, k))
+    g = torch.Generator().manual_seed(k)
+    for m in (1, 5, 8):
+        xq = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g)
+        got = matmul.ternary_int8(xq, layer.weight_packed, 19, layer.trits)
+        assert torch.equal(got, torch._int_mm(xq, layer.trits().t()))
+
+
+@pytest.mark.parametrize("mode", ["weight-only", "llm-int8", "llm-int8-zp"])
+def test_int8_layers_fast_equals_reference(mode):
+    lin = _linear(70, 200)
+    layer = Int8Linear.from_linear(lin, threshold=6.0, weight_only=mode == "weight-only",
+                                   activations="zeropoint" if mode.endswith("zp") else "absmax")
+    _compare(layer, 200, torch.float32)
+
+
+def test_bitlinear_fast_equals_reference():
+    layer = BitLinear.from_linear(_linear(70, 576))
+    _compare(layer, 576, torch.float32)
+
+
+def test_autograd_takes_the_differentiable_path():
+    layer = Linear4bit.from_linear(_linear(16, 128), "nf4", 64)
+    x = torch.randn(2, 128, requires_grad=True)
+    layer(x).sum().backward()
+    torch.testing.assert_close(x.grad, layer.dequantize().sum(0).expand(2, -1), rtol=1e-5, atol=1e-5)
