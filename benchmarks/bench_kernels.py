@@ -34,9 +34,13 @@ def median_ms(fn, repeats: int, warmup: int = 3) -> float:
 
 
 def bandwidth_probe(mb: int = 512, repeats: int = 9) -> float:
-    """GB/s of a multi-threaded read: the sum of a float32 tensor much larger than the caches."""
+    """GB/s of a read on every thread with 64-byte loads of a buffer much larger than the caches."""
+    from lowbit.kernels import fast
+
     x = torch.ones(mb * 2**20 // 4)
-    return x.numel() * 4 / median_ms(lambda: x.sum(), repeats) / 1e6
+    ext = fast()
+    read = (lambda: ext.read_probe(x)) if ext is not None else (lambda: x.sum())
+    return x.numel() * 4 / median_ms(read, repeats) / 1e6
 
 
 def real_activation(k: int) -> torch.Tensor:
@@ -46,7 +50,10 @@ def real_activation(k: int) -> torch.Tensor:
     model, tok = load_default_model()
     captured = {}
     layer = model.model.layers[10].self_attn.q_proj
-    handle = layer.register_forward_pre_hook(lambda m, a: captured.setdefault("x", a[0][0, -1].detach().clone()))
+    def grab(module, args):
+        captured["x"] = args[0][0, -1].detach().clone()
+
+    handle = layer.register_forward_pre_hook(grab)
     with torch.no_grad():
         model(tok("The Python tutorial explains lists, loops and functions.", return_tensors="pt").input_ids)
     handle.remove()
@@ -63,11 +70,12 @@ def bnb_layers(weight: torch.Tensor) -> dict:
     n, k = weight.shape
     out = {}
     nf4 = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4", compress_statistics=True)
-    nf4.weight = bnb.nn.Params4bit(weight.clone(), requires_grad=False, quant_type="nf4", compress_statistics=True)
+    nf4.weight = bnb.nn.Params4bit(weight.clone(), requires_grad=False, quant_type="nf4", compress_statistics=True,
+                                   blocksize=64)._quantize("cpu")
     out["nf4"] = nf4.eval()
     for t in (0.0, 6.0):
         lt = bnb.nn.Linear8bitLt(k, n, bias=False, has_fp16_weights=False, threshold=t)
-        lt.weight = bnb.nn.Int8Params(weight.clone(), requires_grad=False, has_fp16_weights=False)
+        lt.weight = bnb.nn.Int8Params(weight.clone(), requires_grad=False, has_fp16_weights=False)._quantize("cpu")
         out[f"int8-t{t:g}"] = lt.eval()
     return out
 
@@ -76,7 +84,7 @@ def stored_bytes(layer) -> int:
     return sum(b.numel() * b.element_size() for name, b in layer.named_buffers() if name != "bias")
 
 
-def kernel_rows(n: int, k: int, repeats: int) -> tuple[list[dict], float]:
+def kernel_rows(n: int, k: int, repeats: int, rounds: int) -> tuple[list[dict], float]:
     torch.manual_seed(0)
     lin = torch.nn.Linear(k, n, bias=False)
     w = lin.weight.detach()
@@ -102,18 +110,11 @@ def kernel_rows(n: int, k: int, repeats: int) -> tuple[list[dict], float]:
     i4sz = torch.rand(k // 128, n, 2).bfloat16()
     i8 = torch.randint(-127, 128, (n, k), dtype=torch.int8)
     xq = torch.randint(-127, 128, (1, k), dtype=torch.int8)
-    rows = []
+    entries = []
 
-    def add(fmt, act, nbytes, fn, prefill=None, peer=None):
-        ms = median_ms(fn, repeats)
-        row = {"format": fmt, "activations": act, "shape": [n, k], "decode_ms": ms, "weight_bytes": nbytes,
-               "gb_s": nbytes / ms / 1e6, "roofline": nbytes / bw / 1e6 / ms}
-        if prefill is not None:
-            row["prefill256_ms"] = median_ms(prefill, max(3, repeats // 10), warmup=1)
-        row["peer"] = peer
-        rows.append(row)
-        print(f"  {fmt:<24} {act:<5} {ms:8.3f} ms {row['gb_s']:6.1f} GB/s {row['roofline']:6.1%}"
-              + (f"  prefill {row['prefill256_ms']:.1f} ms" if prefill else ""), flush=True)
+    def add(fmt, act, nbytes, fn, prefill=None):
+        entries.append({"format": fmt, "activations": act, "shape": [n, k], "weight_bytes": nbytes, "fn": fn,
+                        "prefill": prefill})
 
     with torch.no_grad():
         add("dense fp32", "fp32", w.numel() * 4, lambda: torch.nn.functional.linear(x[torch.float32], w),
@@ -128,7 +129,7 @@ def kernel_rows(n: int, k: int, repeats: int) -> tuple[list[dict], float]:
         for name, layer in peers.items():
             fmt = "bitsandbytes " + ("nf4+dq" if name == "nf4" else f"Linear8bitLt {name}")
             xa = x[torch.bfloat16] if name == "nf4" else (real.half() if name == "int8-t6" else x[torch.float32].half())
-            add(fmt, str(xa.dtype).removeprefix("torch.").replace("float16", "fp16").replace("bfloat16", "bf16"),
+            add(fmt, {torch.bfloat16: "bf16", torch.float16: "fp16"}[xa.dtype],
                 stored_bytes_bnb(layer), lambda l=layer, a=xa: l(a),
                 (lambda l=layer: l(xp)) if name == "nf4" else (lambda l=layer: l(xp.half())))
         for name, layer in lowbit_layers.items():
@@ -139,7 +140,23 @@ def kernel_rows(n: int, k: int, repeats: int) -> tuple[list[dict], float]:
                 lay.compute_dtype = dtype if not name.startswith(("LLM", "ternary")) else lay.compute_dtype
                 xa = real if name.startswith("LLM") else x[dtype]
                 add("lowbit " + name, "fp32" if dtype == torch.float32 else "bf16", stored_bytes(lay),
-                    lambda l=lay, a=xa: l(a), (lambda l=lay: l(xp.to(dtype))) if dtype == torch.bfloat16 or name.startswith(("int8", "LLM", "ternary")) else None)
+                    lambda l=lay, a=xa: l(a), lambda l=lay, d=dtype: l(xp.to(d)))
+        # Rounds over every row, so that the machine's drift hits all rows alike; median of the rounds' medians.
+        times = {i: [] for i in range(len(entries))}
+        for _ in range(rounds):
+            for i, e in enumerate(entries):
+                times[i].append(median_ms(e["fn"], repeats, warmup=1))
+        rows = []
+        for i, e in enumerate(entries):
+            ms = statistics.median(times[i])
+            row = {key: e[key] for key in ("format", "activations", "shape", "weight_bytes")}
+            row.update(decode_ms=ms, gb_s=e["weight_bytes"] / ms / 1e6, roofline=e["weight_bytes"] / bw / 1e6 / ms)
+            if e["prefill"] is not None:
+                row["prefill256_ms"] = median_ms(e["prefill"], 3, warmup=1)
+            rows.append(row)
+            print(f"  {row['format']:<36} {row['activations']:<5} {ms:8.3f} ms {row['gb_s']:6.1f} GB/s "
+                  f"{row['roofline']:6.1%}" + (f"  prefill {row['prefill256_ms']:.1f} ms" if "prefill256_ms" in row else ""),
+                  flush=True)
     return rows, bw
 
 
@@ -211,14 +228,15 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=11008)
     ap.add_argument("--k", type=int, default=4096)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=50)
+    ap.add_argument("--repeats", type=int, default=7, help="calls per row per round")
+    ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--no-e2e", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from lowbit.eval.speed import machine
 
     print(f"{machine()}; W [{args.n}, {args.k}]")
-    rows, bw = kernel_rows(args.n, args.k, args.repeats)
+    rows, bw = kernel_rows(args.n, args.k, args.repeats, args.rounds)
     ratios(rows)
     print(f"\nbandwidth probe (read, {args.threads} threads): {bw:.1f} GB/s\n")
     print("| format | act | decode ms | GB/s | of floor | vs dense bf16 | vs bitsandbytes | prefill 256 ms | prefill / dense bf16 |")

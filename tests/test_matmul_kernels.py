@@ -99,7 +99,7 @@ def test_int8_int8_is_exact(k):
 def test_ternary_is_exact(k):
     layer = BitLinear.from_linear(_linear(19, k))
     g = torch.Generator().manual_seed(k)
-    for m in (1, 5, 8):
+    for m in (1, 5, 8, 40):  # GEMV, and tiles of unpacked rows
         xq = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g)
         got = matmul.ternary_int8(xq, layer.weight_packed, 19, layer.trits)
         assert torch.equal(got, torch._int_mm(xq, layer.trits().t()))

@@ -6,6 +6,8 @@ cache-sized tiles of rows and multiplies them with torch's GEMM.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
+from typing import Callable
 
 import torch
 
@@ -48,6 +50,36 @@ class LutWeight:
                 and (chunk % self.block == 0 or self.block % chunk == 0))
 
 
+@lru_cache(maxsize=None)
+def gemm_dtype(compute_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of prefill GEMMs: bf16 only where the CPU multiplies bf16 natively, else fp32 (faster there)."""
+    if compute_dtype != torch.bfloat16:
+        return torch.float32
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        flags = []
+    return torch.bfloat16 if {"avx512_bf16", "amx_bf16"} & set(flags) else torch.float32
+
+
+def tiled_matmul(x: torch.Tensor, n: int, fill: Callable[[int, int, torch.Tensor], None], k: int,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """y [M, n] = x [M, k] @ W^T, W made one tile of rows at a time by ``fill(r0, r1, tile)`` (about an L2 cache
+    each), so that the full weight is never materialized."""
+    rows = max(16, TILE_BYTES // (k * torch.empty((), dtype=dtype).element_size()) // 16 * 16)
+    tile = torch.empty(min(rows, n), k, dtype=dtype)
+    y = torch.empty(n, x.shape[0], dtype=x.dtype if dtype.is_floating_point else torch.int32)  # y^T: tiles fill rows
+    for r0 in range(0, n, rows):
+        r1 = min(r0 + rows, n)
+        fill(r0, r1, tile)
+        if dtype == torch.int8:
+            y[r0:r1] = torch._int_mm(x, tile[:r1 - r0].t()).t()
+        else:
+            torch.mm(tile[:r1 - r0], x.t(), out=y[r0:r1])
+    return y.t()
+
+
 def lut_linear(x: torch.Tensor, w: LutWeight, compute_dtype: torch.dtype) -> torch.Tensor:
     """x [M, K] @ W^T in float32 out, on the kernels when they apply."""
     ext = fast()
@@ -56,16 +88,10 @@ def lut_linear(x: torch.Tensor, w: LutWeight, compute_dtype: torch.dtype) -> tor
     if x.shape[0] <= GEMV_MAX_ROWS:
         return ext.lut_gemv(x.float(), *w.args())
     # Prefill: x in the kernel's lane order meets tiles of W dequantized in that same order.
-    xp = ext.lut_permute_x(x.float(), w.bits).to(compute_dtype)
-    kp = xp.shape[1]
-    rows = max(16, TILE_BYTES // (kp * xp.element_size()) // 16 * 16)
-    tile = torch.empty(rows, kp, dtype=compute_dtype)
-    y = torch.empty(w.N, x.shape[0], dtype=compute_dtype)  # y^T: each tile fills whole rows
-    for r0 in range(0, w.N, rows):
-        r1 = min(r0 + rows, w.N)
-        ext.lut_dequant_rows(*w.args(), r0, r1, tile)
-        torch.mm(tile[:r1 - r0], xp.t(), out=y[r0:r1])
-    return y.t().float()
+    dtype = gemm_dtype(compute_dtype)
+    xp = ext.lut_permute_x(x.float(), w.bits).to(dtype)
+    return tiled_matmul(xp, w.N, lambda r0, r1, tile: ext.lut_dequant_rows(*w.args(), r0, r1, tile), xp.shape[1],
+                        dtype).float()
 
 
 def int8_linear(x: torch.Tensor, codes: torch.Tensor, row_scale: torch.Tensor, compute_dtype: torch.dtype) -> torch.Tensor:
@@ -73,8 +99,11 @@ def int8_linear(x: torch.Tensor, codes: torch.Tensor, row_scale: torch.Tensor, c
     ext = fast()
     if ext is not None and x.shape[0] <= GEMV_MAX_ROWS:
         return ext.int8_gemv(x.float(), codes, row_scale.float())
+    dtype = gemm_dtype(compute_dtype)
     # The per-row scale commutes with the matmul: scale the outputs, not the weight.
-    return (torch.nn.functional.linear(x.to(compute_dtype), codes.to(compute_dtype)) * row_scale.to(compute_dtype)).float()
+    y = tiled_matmul(x.to(dtype), codes.shape[0], lambda r0, r1, tile: tile[:r1 - r0].copy_(codes[r0:r1]),
+                     codes.shape[1], dtype)
+    return (y * row_scale.to(dtype)).float()
 
 
 def int8_int8(xq: torch.Tensor, codes: torch.Tensor, code_sums: torch.Tensor) -> torch.Tensor:
@@ -88,6 +117,9 @@ def int8_int8(xq: torch.Tensor, codes: torch.Tensor, code_sums: torch.Tensor) ->
 def ternary_int8(xq: torch.Tensor, packed: torch.Tensor, N: int, trits) -> torch.Tensor:
     """Exact int32 xq [M, K] @ T^T for ternary T packed 2 bits a weight; ``trits()`` unpacks T for other paths."""
     ext = fast()
-    if ext is not None and xq.shape[0] <= GEMV_MAX_ROWS and xq.shape[1] % 4 == 0:
+    k = xq.shape[1]
+    if ext is None or k % 4:
+        return torch._int_mm(xq, trits().t())
+    if xq.shape[0] <= GEMV_MAX_ROWS:
         return ext.ternary_gemv(xq, packed, N)
-    return torch._int_mm(xq, trits().t())
+    return tiled_matmul(xq, N, lambda r0, r1, tile: ext.ternary_unpack_rows(packed, k, r0, r1, tile), k, torch.int8)

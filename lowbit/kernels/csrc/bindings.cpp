@@ -24,6 +24,8 @@ void lut_dequant_rows(torch::Tensor packed, int64_t N, int64_t K, int64_t bits, 
 torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor row_scale);
 torch::Tensor int8_int8_gemv(torch::Tensor xq, torch::Tensor codes, torch::Tensor code_sums);
 torch::Tensor ternary_gemv(torch::Tensor xq, torch::Tensor packed, int64_t N);
+void ternary_unpack_rows(torch::Tensor packed, int64_t K, int64_t r0, int64_t r1, torch::Tensor out);
+int64_t read_probe(torch::Tensor t);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize_4bit", &quantize_4bit);
@@ -38,4 +40,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_gemv", &int8_gemv);
   m.def("int8_int8_gemv", &int8_int8_gemv);
   m.def("ternary_gemv", &ternary_gemv);
+  m.def("ternary_unpack_rows", &ternary_unpack_rows);
+  m.def("read_probe", &read_probe);
 }

@@ -13,6 +13,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -22,6 +23,14 @@
 #endif
 
 namespace {
+
+// One core keeps only about ten cache misses in flight, and the out-of-order window of these compute-heavy loops
+// reaches a few lines ahead: asking for the line 2 KB ahead lets a thread read at its full bandwidth (measured on
+// a 25 MB NF4 weight: 3.4 ms without, 2.4 ms with, one thread). Prefetching past the end of an array is harmless.
+constexpr int64_t kPrefetchBytes = 2048;
+inline void prefetch_ahead(const void* p) {
+  _mm_prefetch(static_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_T0);
+}
 
 // Everything a kernel needs to know about a LUT-quantized [N, K] weight.
 struct LutFormat {
@@ -235,6 +244,7 @@ void lut_rows(const LutFormat& f, const float* xp, const float* ls, int64_t Kp, 
     __m512 acc[MB];
     for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
     for (int64_t c = 0; c < chunks; ++c) {
+      prefetch_ahead(row + c * 64);
       const __m512i v = c < full ? _mm512_loadu_si512(row + c * 64)
                                  : _mm512_maskz_loadu_epi8((__mmask64)((1ULL << tail) - 1), row + c * 64);
       __m512 sum[2][MB];
@@ -424,6 +434,7 @@ void int8_rows(const float* px, const int8_t* pw, const float* ps, float* py, in
     for (int m = 0; m < MB; ++m) a0[m] = a1[m] = _mm512_setzero_ps();
     int64_t k = 0;
     for (; k + 32 <= K; k += 32) {
+      if (k % 64 == 0) prefetch_ahead(w + k);
       const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k))));
       const __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k + 16))));
       for (int m = 0; m < MB; ++m) {
@@ -504,6 +515,7 @@ torch::Tensor int8_int8_gemv(torch::Tensor xq, torch::Tensor codes, torch::Tenso
         __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();  // two chains
         int64_t k = 0;
         for (; k + 128 <= K; k += 128) {
+          if (m == 0) prefetch_ahead(w + k), prefetch_ahead(w + k + 64);
           a0 = _mm512_dpbusd_epi32(a0, _mm512_loadu_si512(xm + k), _mm512_loadu_si512(w + k));
           a1 = _mm512_dpbusd_epi32(a1, _mm512_loadu_si512(xm + k + 64), _mm512_loadu_si512(w + k + 64));
         }
@@ -537,6 +549,7 @@ void ternary_rows(const uint8_t* pw, int64_t row_bytes, const int8_t* xp, int64_
     __m512i a[2][MB];
     for (int m = 0; m < MB; ++m) a[0][m] = a[1][m] = _mm512_setzero_si512();
     for (int64_t c = 0; c < Kp / 256; ++c) {
+      prefetch_ahead(row + c * 64);
       const __m512i v = c < full ? _mm512_loadu_si512(row + c * 64)
                                  : _mm512_maskz_loadu_epi8((__mmask64)((1ULL << tail) - 1), row + c * 64);
 #pragma GCC unroll 4
@@ -604,4 +617,49 @@ torch::Tensor ternary_gemv(torch::Tensor xq, torch::Tensor packed, int64_t N) {
 #endif
   });
   return acc;
+}
+
+// Rows [r0, r1) of a ternary weight packed 2 bits a weight (K % 4 == 0), as int8 -1/0/1 into out [r1 - r0, K].
+void ternary_unpack_rows(torch::Tensor packed, int64_t K, int64_t r0, int64_t r1, torch::Tensor out) {
+  TORCH_CHECK(K % 4 == 0 && packed.dtype() == torch::kUInt8 && packed.is_contiguous() && packed.numel() >= r1 * K / 4,
+              "packed must hold r1 rows of K / 4 bytes");
+  TORCH_CHECK(out.dtype() == torch::kInt8 && out.is_contiguous() && out.numel() >= (r1 - r0) * K, "out too small");
+  const uint8_t* pw = packed.data_ptr<uint8_t>() + r0 * K / 4;
+  int8_t* po = out.data_ptr<int8_t>();
+  at::parallel_for(0, (r1 - r0) * K / 4, 4096, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const uint8_t v = pw[b];
+      po[4 * b] = static_cast<int8_t>((v >> 6) & 3) - 1;
+      po[4 * b + 1] = static_cast<int8_t>((v >> 4) & 3) - 1;
+      po[4 * b + 2] = static_cast<int8_t>((v >> 2) & 3) - 1;
+      po[4 * b + 3] = static_cast<int8_t>(v & 3) - 1;
+    }
+  });
+}
+
+// Sum of a large tensor's bytes read with wide loads on every thread: a memory-read bandwidth probe.
+int64_t read_probe(torch::Tensor t) {
+  TORCH_CHECK(t.is_contiguous(), "t must be contiguous");
+  const uint8_t* p = static_cast<const uint8_t*>(t.data_ptr());
+  const int64_t n = t.numel() * t.element_size() / 64;
+  std::atomic<int64_t> total{0};
+  at::parallel_for(0, n, 4096, [&](int64_t i0, int64_t i1) {
+#ifdef LOWBIT_AVX512
+    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t i = i0;
+    for (; i + 4 <= i1; i += 4) {
+      a0 = _mm512_add_epi32(a0, _mm512_loadu_si512(p + 64 * i));
+      a1 = _mm512_add_epi32(a1, _mm512_loadu_si512(p + 64 * i + 64));
+      a2 = _mm512_add_epi32(a2, _mm512_loadu_si512(p + 64 * i + 128));
+      a3 = _mm512_add_epi32(a3, _mm512_loadu_si512(p + 64 * i + 192));
+    }
+    for (; i < i1; ++i) a0 = _mm512_add_epi32(a0, _mm512_loadu_si512(p + 64 * i));
+    total += _mm512_reduce_add_epi32(_mm512_add_epi32(_mm512_add_epi32(a0, a1), _mm512_add_epi32(a2, a3)));
+#else
+    int64_t acc = 0;
+    for (int64_t i = 64 * i0; i < 64 * i1; ++i) acc += p[i];
+    total += acc;
+#endif
+  });
+  return total.load();
 }
