@@ -5,5 +5,7 @@ from lowbit.nn.int8 import Int8Linear
 from lowbit.nn.intn import IntLinear
 from lowbit.nn.linear4bit import Linear4bit
 from lowbit.nn.spqr import SpQRLinear
+from lowbit.nn.switchback import StableEmbedding, SwitchBackLinear, to_switchback
 
-__all__ = ["QuantLinear", "Int8Linear", "Linear4bit", "BitLinear", "IntLinear", "SpQRLinear"]
+__all__ = ["QuantLinear", "Int8Linear", "Linear4bit", "BitLinear", "IntLinear", "SpQRLinear", "SwitchBackLinear",
+           "StableEmbedding", "to_switchback"]
