@@ -33,14 +33,13 @@ def median_ms(fn, repeats: int, warmup: int = 3) -> float:
     return statistics.median(times) * 1e3
 
 
-def bandwidth_probe(mb: int = 512, repeats: int = 9) -> float:
-    """GB/s of a read on every thread with 64-byte loads of a buffer much larger than the caches."""
+def read_probe(mb: int = 256):
+    """(bytes, fn): a read on every thread, with 64-byte loads, of a buffer much larger than the caches."""
     from lowbit.kernels import fast
 
     x = torch.ones(mb * 2**20 // 4)
     ext = fast()
-    read = (lambda: ext.read_probe(x)) if ext is not None else (lambda: x.sum())
-    return x.numel() * 4 / median_ms(read, repeats) / 1e6
+    return x.numel() * 4, (lambda: ext.read_probe(x)) if ext is not None else (lambda: x.sum())
 
 
 def real_activation(k: int) -> torch.Tensor:
@@ -89,7 +88,6 @@ def kernel_rows(n: int, k: int, repeats: int, rounds: int) -> tuple[list[dict], 
     lin = torch.nn.Linear(k, n, bias=False)
     w = lin.weight.detach()
     wb = w.bfloat16()
-    bw = bandwidth_probe()
     real = real_activation(k)
     x = {torch.float32: torch.randn(1, k), torch.bfloat16: torch.randn(1, k).bfloat16()}
     xp = torch.randn(256, k).bfloat16()
@@ -116,6 +114,8 @@ def kernel_rows(n: int, k: int, repeats: int, rounds: int) -> tuple[list[dict], 
         entries.append({"format": fmt, "activations": act, "shape": [n, k], "weight_bytes": nbytes, "fn": fn,
                         "prefill": prefill})
 
+    probe_bytes, probe = read_probe()
+    add("memory read probe", "-", probe_bytes, probe)
     with torch.no_grad():
         add("dense fp32", "fp32", w.numel() * 4, lambda: torch.nn.functional.linear(x[torch.float32], w),
             lambda: torch.nn.functional.linear(xp.float(), w))
@@ -146,6 +146,7 @@ def kernel_rows(n: int, k: int, repeats: int, rounds: int) -> tuple[list[dict], 
         for _ in range(rounds):
             for i, e in enumerate(entries):
                 times[i].append(median_ms(e["fn"], repeats, warmup=1))
+        bw = entries[0]["weight_bytes"] / statistics.median(times[0]) / 1e6  # the probe, measured in the rounds too
         rows = []
         for i, e in enumerate(entries):
             ms = statistics.median(times[i])

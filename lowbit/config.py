@@ -72,6 +72,7 @@ class GPTQConfig(IntConfig):
     damp: float = 0.01
     n_samples: int = 32  # calibration sequences
     seq_len: int = 512
+    token_clip: float | None = None  # cap each token's weight in the Hessian at this x the median token's
 
 
 @dataclass

@@ -30,4 +30,5 @@ def calibrate(model: nn.Module, config, batches: torch.Tensor, skip=lambda name:
         desc = f"SpQR {config.bits}-bit"
     else:
         raise TypeError(f"calibrate takes GPTQConfig or SpQRConfig, got {type(config).__name__}")
-    return quantize_sequential(model, batches, layer, skip, progress, desc)
+    return quantize_sequential(model, batches, layer, skip, progress, desc,
+                               token_clip=getattr(config, 'token_clip', None))

@@ -66,7 +66,7 @@ def _output(out):
 @torch.no_grad()
 def quantize_sequential(model: nn.Module, batches: torch.Tensor, quantize_layer: LayerQuantizer,
                         skip: Callable[[str], bool] = lambda name: False, progress: bool = True,
-                        desc: str = "calibrating", chunk: int = 8) -> dict:
+                        desc: str = "calibrating", chunk: int = 8, token_clip: float | None = None) -> dict:
     """Replace every linear layer inside the blocks, block after block, using Hessians of its real inputs.
 
     Sequences go through each block ``chunk`` at a time (one weight dequantization per chunk, not per sequence).
@@ -83,6 +83,10 @@ def quantize_sequential(model: nn.Module, batches: torch.Tensor, quantize_layer:
         def accumulate(name):
             def hook(module, args):
                 x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+                if token_clip:  # no token may weigh more than token_clip x the median token
+                    norms = x.square().sum(1)
+                    cap = token_clip * norms.median().clamp(min=1e-12)
+                    x = x * (cap / norms.clamp(min=cap)).sqrt().unsqueeze(1)
                 hessians[name].addmm_(x.t(), x)
                 counts[name] += x.shape[0]
             return hook
