@@ -72,7 +72,10 @@ class GPTQConfig(IntConfig):
     damp: float = 0.01
     n_samples: int = 32  # calibration sequences
     seq_len: int = 512
-    token_clip: float | None = None  # cap each token's weight in the Hessian at this x the median token's
+    # Each token's weight in the Hessian is capped at token_clip x the median token's: the first token's massive
+    # activations (squared norm up to 2.6e5 x the median in SmolLM2's down_proj inputs) would make GPTQ fit that
+    # token and the calibration text (docs/calibration.md). None: plain GPTQ.
+    token_clip: float | None = 3.0
 
 
 @dataclass
@@ -87,6 +90,7 @@ class SpQRConfig(_Config):
     damp: float = 0.01
     n_samples: int = 32
     seq_len: int = 512
+    token_clip: float | None = 3.0  # as in GPTQConfig
     compute_dtype: torch.dtype = torch.float32
 
 

@@ -147,3 +147,16 @@ def test_spqr_matches_gptq_quality_on_tiny_groups():
         spqr = SpQRLinear.from_spqr(spqr_quantize(lin.weight, H, 3, 16, max_outliers=0.0), None, 3, 16, 16).dequantize()
         rtn = IntLinear.from_linear(lin, 3, 16).dequantize()
     assert err(spqr) < 1.15 * err(gptq) and err(spqr) < 0.9 * err(rtn), (err(spqr), err(gptq), err(rtn))
+
+
+def test_clip_tokens_caps_massive_tokens_only():
+    from lowbit.calibrate.sequential import clip_tokens
+
+    x = torch.randn(100, 32)
+    x[0] *= 1000  # an attention-sink token with massive activations
+    out = clip_tokens(x, 3.0)
+    norms, median = out.square().sum(1), x.square().sum(1).median()
+    assert norms[0] <= 3.0 * median * (1 + 1e-5)
+    kept = x.square().sum(1) <= 3.0 * median
+    assert torch.equal(out[kept], x[kept])
+    assert torch.allclose(out[0] / out[0].norm(), x[0] / x[0].norm())  # direction kept

@@ -63,6 +63,13 @@ def _output(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def clip_tokens(x: torch.Tensor, token_clip: float) -> torch.Tensor:
+    """Rows of x [tokens, features] scaled down so that none has a squared norm above token_clip x the median's."""
+    norms = x.square().sum(1)
+    cap = token_clip * norms.median().clamp(min=1e-12)
+    return x * (cap / norms.clamp(min=cap)).sqrt().unsqueeze(1)
+
+
 @torch.no_grad()
 def quantize_sequential(model: nn.Module, batches: torch.Tensor, quantize_layer: LayerQuantizer,
                         skip: Callable[[str], bool] = lambda name: False, progress: bool = True,
@@ -83,10 +90,8 @@ def quantize_sequential(model: nn.Module, batches: torch.Tensor, quantize_layer:
         def accumulate(name):
             def hook(module, args):
                 x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-                if token_clip:  # no token may weigh more than token_clip x the median token
-                    norms = x.square().sum(1)
-                    cap = token_clip * norms.median().clamp(min=1e-12)
-                    x = x * (cap / norms.clamp(min=cap)).sqrt().unsqueeze(1)
+                if token_clip:
+                    x = clip_tokens(x, token_clip)
                 hessians[name].addmm_(x.t(), x)
                 counts[name] += x.shape[0]
             return hook
