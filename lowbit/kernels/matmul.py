@@ -80,9 +80,14 @@ def tiled_matmul(x: torch.Tensor, n: int, fill: Callable[[int, int, torch.Tensor
     return y.t()
 
 
+def _cpu_ext(x: torch.Tensor):
+    """The compiled kernels for a CPU tensor, else None (other devices take the reference path)."""
+    return fast() if x.device.type == "cpu" else None
+
+
 def lut_linear(x: torch.Tensor, w: LutWeight, compute_dtype: torch.dtype) -> torch.Tensor:
     """x [M, K] @ W^T in float32 out, on the kernels when they apply."""
-    ext = fast()
+    ext = _cpu_ext(x)
     if ext is None or not w.fits_kernel():
         return reference.lut_linear(x, w, compute_dtype)
     if x.shape[0] <= GEMV_MAX_ROWS:
@@ -96,9 +101,11 @@ def lut_linear(x: torch.Tensor, w: LutWeight, compute_dtype: torch.dtype) -> tor
 
 def int8_linear(x: torch.Tensor, codes: torch.Tensor, row_scale: torch.Tensor, compute_dtype: torch.dtype) -> torch.Tensor:
     """x [M, K] @ (codes * row_scale[:, None])^T for int8 codes (weight-only int8), float32 out."""
-    ext = fast()
+    ext = _cpu_ext(x)
     if ext is not None and x.shape[0] <= GEMV_MAX_ROWS:
         return ext.int8_gemv(x.float(), codes, row_scale.float())
+    if x.device.type != "cpu":
+        return (torch.nn.functional.linear(x.to(compute_dtype), codes.to(compute_dtype)) * row_scale.to(compute_dtype)).float()
     dtype = gemm_dtype(compute_dtype)
     # The per-row scale commutes with the matmul: scale the outputs, not the weight.
     y = tiled_matmul(x.to(dtype), codes.shape[0], lambda r0, r1, tile: tile[:r1 - r0].copy_(codes[r0:r1]),
@@ -108,7 +115,7 @@ def int8_linear(x: torch.Tensor, codes: torch.Tensor, row_scale: torch.Tensor, c
 
 def int8_int8(xq: torch.Tensor, codes: torch.Tensor, code_sums: torch.Tensor) -> torch.Tensor:
     """Exact int32 xq [M, K] @ codes [N, K]^T for int8 operands."""
-    ext = fast()
+    ext = _cpu_ext(xq)
     if ext is not None and xq.shape[0] <= GEMV_MAX_ROWS:
         return ext.int8_int8_gemv(xq, codes, code_sums)
     return torch._int_mm(xq, codes.t())
@@ -116,7 +123,7 @@ def int8_int8(xq: torch.Tensor, codes: torch.Tensor, code_sums: torch.Tensor) ->
 
 def ternary_int8(xq: torch.Tensor, packed: torch.Tensor, N: int, trits) -> torch.Tensor:
     """Exact int32 xq [M, K] @ T^T for ternary T packed 2 bits a weight; ``trits()`` unpacks T for other paths."""
-    ext = fast()
+    ext = _cpu_ext(xq)
     k = xq.shape[1]
     if ext is None or k % 4:
         return torch._int_mm(xq, trits().t())
