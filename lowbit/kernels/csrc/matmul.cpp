@@ -16,6 +16,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
@@ -30,6 +31,20 @@ namespace {
 constexpr int64_t kPrefetchBytes = 2048;
 inline void prefetch_ahead(const void* p) {
   _mm_prefetch(static_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_T0);
+}
+
+// Calls f(m0, std::integral_constant<int, MB>) for the rows of x in blocks of up to 4: the kernels keep MB
+// accumulators in registers, so MB must be a compile-time constant.
+template <typename F>
+void for_x_blocks(int64_t M, F&& f) {
+  for (int64_t m0 = 0; m0 < M; m0 += 4) {
+    switch (std::min<int64_t>(4, M - m0)) {
+      case 1: f(m0, std::integral_constant<int, 1>()); break;
+      case 2: f(m0, std::integral_constant<int, 2>()); break;
+      case 3: f(m0, std::integral_constant<int, 3>()); break;
+      default: f(m0, std::integral_constant<int, 4>()); break;
+    }
+  }
 }
 
 // Everything a kernel needs to know about a LUT-quantized [N, K] weight.
@@ -312,19 +327,13 @@ torch::Tensor lut_gemv(torch::Tensor x, torch::Tensor packed, int64_t N, int64_t
   permute_x(f, x.data_ptr<float>(), M, xp.data(), ls.data());
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
     std::vector<float> s(f.groups + 32), nz(f.groups + 32);
-    for (int64_t m0 = 0; m0 < M; m0 += 4) {
-      const int64_t mb = std::min<int64_t>(4, M - m0);
+    for_x_blocks(M, [&](int64_t m0, auto mb) {
+      constexpr int MB = decltype(mb)::value;
       const float* xm = xp.data() + m0 * Kp;
       const float* lm = ls.data() + m0 * (Kp / f.lane_elems());
-      float* ym = py + m0 * N;
-#define LOWBIT_CASE(MB)                                                              \
-  if (mb == MB) {                                                                    \
-    if (bits == 4) lut_rows<MB, 4>(f, xm, lm, Kp, ym, N, n0, n1, s.data(), nz.data()); \
-    else lut_rows<MB, 2>(f, xm, lm, Kp, ym, N, n0, n1, s.data(), nz.data());          \
-  }
-      LOWBIT_CASE(1) LOWBIT_CASE(2) LOWBIT_CASE(3) LOWBIT_CASE(4)
-#undef LOWBIT_CASE
-    }
+      if (bits == 4) lut_rows<MB, 4>(f, xm, lm, Kp, py + m0 * N, N, n0, n1, s.data(), nz.data());
+      else lut_rows<MB, 2>(f, xm, lm, Kp, py + m0 * N, N, n0, n1, s.data(), nz.data());
+    });
   });
 #else
   const float* px = x.data_ptr<float>();
@@ -474,15 +483,9 @@ torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor row_
   const float* ps = row_scale.data_ptr<float>();
   float* py = y.data_ptr<float>();
   at::parallel_for(0, N, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)), [&](int64_t n0, int64_t n1) {
-    for (int64_t m0 = 0; m0 < M; m0 += 4) {
-      const int64_t mb = std::min<int64_t>(4, M - m0);
-      const float* xm = px + m0 * K;
-      float* ym = py + m0 * N;
-      if (mb == 1) int8_rows<1>(xm, pw, ps, ym, K, N, n0, n1);
-      if (mb == 2) int8_rows<2>(xm, pw, ps, ym, K, N, n0, n1);
-      if (mb == 3) int8_rows<3>(xm, pw, ps, ym, K, N, n0, n1);
-      if (mb == 4) int8_rows<4>(xm, pw, ps, ym, K, N, n0, n1);
-    }
+    for_x_blocks(M, [&](int64_t m0, auto mb) {
+      int8_rows<decltype(mb)::value>(px + m0 * K, pw, ps, py + m0 * N, K, N, n0, n1);
+    });
   });
   return y;
 }
@@ -595,16 +598,9 @@ torch::Tensor ternary_gemv(torch::Tensor xq, torch::Tensor packed, int64_t N) {
 #endif
   at::parallel_for(0, N, std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1)), [&](int64_t n0, int64_t n1) {
 #if defined(__AVX512VNNI__) && defined(LOWBIT_AVX512)
-    for (int64_t m0 = 0; m0 < M; m0 += 4) {
-      const int64_t mb = std::min<int64_t>(4, M - m0);
-      const int8_t* xm = xp.data() + m0 * Kp;
-      int32_t* am = pa + m0 * N;
-      const int32_t* sm = xsum.data() + m0;
-      if (mb == 1) ternary_rows<1>(pw, row_bytes, xm, Kp, sm, am, N, n0, n1);
-      if (mb == 2) ternary_rows<2>(pw, row_bytes, xm, Kp, sm, am, N, n0, n1);
-      if (mb == 3) ternary_rows<3>(pw, row_bytes, xm, Kp, sm, am, N, n0, n1);
-      if (mb == 4) ternary_rows<4>(pw, row_bytes, xm, Kp, sm, am, N, n0, n1);
-    }
+    for_x_blocks(M, [&](int64_t m0, auto mb) {
+      ternary_rows<decltype(mb)::value>(pw, row_bytes, xp.data() + m0 * Kp, Kp, xsum.data() + m0, pa + m0 * N, N, n0, n1);
+    });
 #else
     for (int64_t n = n0; n < n1; ++n) {
       const uint8_t* row = pw + n * row_bytes;
