@@ -79,10 +79,6 @@ def bnb_layers(weight: torch.Tensor) -> dict:
     return out
 
 
-def stored_bytes(layer) -> int:
-    return sum(b.numel() * b.element_size() for name, b in layer.named_buffers() if name != "bias")
-
-
 def kernel_rows(n: int, k: int, repeats: int, rounds: int) -> tuple[list[dict], float]:
     torch.manual_seed(0)
     lin = torch.nn.Linear(k, n, bias=False)
@@ -140,7 +136,7 @@ def kernel_rows(n: int, k: int, repeats: int, rounds: int) -> tuple[list[dict], 
                 lay = copy.deepcopy(layer)
                 lay.compute_dtype = dtype if not name.startswith(("LLM", "ternary")) else lay.compute_dtype
                 xa = real if name.startswith("LLM") else x[dtype]
-                add("lowbit " + name, "fp32" if dtype == torch.float32 else "bf16", stored_bytes(lay),
+                add("lowbit " + name, "fp32" if dtype == torch.float32 else "bf16", lay.stored_bits() // 8,
                     lambda l=lay, a=xa: l(a), lambda l=lay, d=dtype: l(xp.to(d)))
         # Rounds over every row, so that the machine's drift hits all rows alike; median of the rounds' medians.
         times = {i: [] for i in range(len(entries))}

@@ -1,10 +1,10 @@
 """The named quantization methods of the command line and the comparison: name -> what it does to a model."""
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
-
-import re
 
 from lowbit.config import CALIBRATED, GPTQConfig, Int8Config, IntConfig, NF4Config, QuantConfig, SpQRConfig, TernaryConfig
 from lowbit.quantize import quantize

@@ -9,17 +9,7 @@ from tqdm import tqdm
 
 from lowbit.config import CALIBRATED, Int8Config, IntConfig, NF4Config, QuantConfig, TernaryConfig
 from lowbit.nn import BitLinear, Int8Linear, IntLinear, Linear4bit, QuantLinear
-from lowbit.nn.base import is_linear_like
-
-
-def _tied_to_embeddings(model: nn.Module) -> set[int]:
-    """ids of weights shared with an input embedding (their layer must stay as it is)."""
-    shared = set()
-    get = getattr(model, "get_input_embeddings", None)
-    emb = get() if callable(get) else None
-    if emb is not None:
-        shared.add(id(emb.weight))
-    return shared
+from lowbit.nn.base import is_linear_like, replace_module, tied_to_embeddings
 
 
 def _selected(model: nn.Module, patterns: tuple[str, ...] | None) -> set[str] | None:
@@ -44,7 +34,7 @@ def _selected(model: nn.Module, patterns: tuple[str, ...] | None) -> set[str] | 
 
 def eligible_layers(model: nn.Module, config: QuantConfig) -> list[tuple[str, nn.Module]]:
     """(name, module) of the layers ``quantize`` would replace."""
-    tied = _tied_to_embeddings(model)
+    tied = tied_to_embeddings(model)
     selected = _selected(model, config.modules)
     out = []
     for name, module in model.named_modules():
@@ -69,12 +59,8 @@ def build_layer(module: nn.Module, config: QuantConfig) -> QuantLinear:
         return BitLinear.from_linear(module, config.compute_dtype)
     if type(config) is IntConfig:
         return IntLinear.from_linear(module, config.bits, config.group_size, config.compute_dtype, config.clip_search)
-    raise TypeError(f"config must be Int8Config, NF4Config or TernaryConfig, got {type(config).__name__}")
-
-
-def _set(model: nn.Module, name: str, layer: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+    raise TypeError(f"config must be Int8Config, NF4Config, TernaryConfig or IntConfig (GPTQ and SpQR go through "
+                    f"calibration), got {type(config).__name__}")
 
 
 def quantize(model: nn.Module, config: QuantConfig, progress: bool = True, calibration: torch.Tensor | None = None) -> nn.Module:
@@ -100,6 +86,6 @@ def quantize(model: nn.Module, config: QuantConfig, progress: bool = True, calib
         return model
     for name, module in tqdm(layers, desc="quantizing", disable=not progress, leave=False):
         with torch.no_grad():
-            _set(model, name, build_layer(module, config))
+            replace_module(model, name, build_layer(module, config))
     model.lowbit_config = config
     return model

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from lowbit.nn.base import is_linear_like, linear_weight
+from lowbit.nn.base import is_linear_like, linear_weight, replace_module
 
 # quantize_layer(name, module, hessian) -> the replacement layer
 LayerQuantizer = Callable[[str, nn.Module, torch.Tensor], nn.Module]
@@ -106,11 +106,11 @@ def quantize_sequential(model: nn.Module, batches: torch.Tensor, quantize_layer:
         t = time.perf_counter()
         for name, module in linears.items():
             H = 2 * hessians[name] / max(counts[name], 1)
-            parent, _, child = name.rpartition(".")
-            setattr(block.get_submodule(parent) if parent else block, child, quantize_layer(f"{prefix}.{b}.{name}", module, H))
+            replace_module(block, name, quantize_layer(f"{prefix}.{b}.{name}", module, H))
             stats["layers"] += 1
         stats["quantize_s"] = stats.get("quantize_s", 0.0) + time.perf_counter() - t
-        t = time.perf_counter()        # The next block's inputs are this block's outputs, with its layers already quantized.
+        # The next block's inputs are this block's outputs, with its layers already quantized.
+        t = time.perf_counter()
         inputs = [_with_hidden(args, kwargs, _output(block(*args, **kwargs))) for args, kwargs in inputs]
         stats["forward_s"] += time.perf_counter() - t
     stats["seconds"] = time.perf_counter() - t0

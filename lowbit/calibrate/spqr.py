@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from lowbit.calibrate.gptq import gptq_sweep, inverse_hessian
-from lowbit.functional.grouped import SpQRWeight, dequantize_stats, minmax_stats, quantize_stats, round_to_grid
+from lowbit.functional.grouped import (SpQRWeight, dequantize_stats, grid_values, minmax_stats, quantize_stats,
+                                      round_to_grid)
 
 
 def spqr_quantize(W: torch.Tensor, H: torch.Tensor, bits: int = 3, group_size: int = 16, stat_bits: int = 3,
@@ -37,7 +38,7 @@ def spqr_quantize(W: torch.Tensor, H: torch.Tensor, bits: int = 3, group_size: i
     def start_group(col: int, G: torch.Tensor) -> None:
         g, width = col // group_size, G.shape[1]
         s, z = minmax_stats(G, bits)
-        score = ((G - (round_to_grid(G, s[:, None], z[:, None], bits) - z[:, None]) * s[:, None]) / d[col:col + width]) ** 2
+        score = ((G - grid_values(G, s[:, None], z[:, None], bits)) / d[col:col + width]) ** 2
         mask = score > outlier_threshold * score.mean()
         if int(mask.sum()) > budget:  # keep only the most sensitive within the budget
             top = score.flatten().topk(budget).indices if budget else torch.empty(0, dtype=torch.long)

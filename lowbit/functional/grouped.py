@@ -24,13 +24,18 @@ def minmax_stats(w: torch.Tensor, bits: int, clip_search: bool = False) -> tuple
     scale, zero = stats(1.0)
     if not clip_search:
         return scale, zero
-    best = ((w - (round_to_grid(w, scale[:, None], zero[:, None], bits) - zero[:, None]) * scale[:, None]) ** 2).sum(1)
+    best = ((w - grid_values(w, scale[:, None], zero[:, None], bits)) ** 2).sum(1)
     for p in torch.arange(0.95, 0.49, -0.05).tolist():
         s, z = stats(p)
-        err = ((w - (round_to_grid(w, s[:, None], z[:, None], bits) - z[:, None]) * s[:, None]) ** 2).sum(1)
+        err = ((w - grid_values(w, s[:, None], z[:, None], bits)) ** 2).sum(1)
         better = err < best
         scale, zero, best = torch.where(better, s, scale), torch.where(better, z, zero), torch.where(better, err, best)
     return scale, zero
+
+
+def grid_values(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """``w`` rounded to the nearest point of the grid (code - zero) * scale."""
+    return (round_to_grid(w, scale, zero, bits) - zero) * scale
 
 
 def round_to_grid(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
@@ -54,7 +59,8 @@ def quantize_stats(x: torch.Tensor, stat_bits: int, stat_group: int) -> tuple[to
 
 
 def dequantize_stats(codes: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, stat_group: int) -> torch.Tensor:
-    idx = torch.arange(codes.numel()) // stat_group
+    """Inverse of quantize_stats along dim 0: codes [out] or [out, groups], scale and lo per block of rows."""
+    idx = torch.arange(codes.shape[0]) // stat_group
     return codes.float() * scale[idx] + lo[idx]
 
 

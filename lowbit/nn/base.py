@@ -46,6 +46,19 @@ def linear_weight(module: nn.Module) -> torch.Tensor:
     return module.weight.detach() if isinstance(module, nn.Linear) else module.weight.detach().t()
 
 
+def tied_to_embeddings(model: nn.Module) -> set[int]:
+    """ids of weights shared with the model's input embedding (their layer must stay as it is)."""
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    return set() if emb is None else {id(emb.weight)}
+
+
+def replace_module(model: nn.Module, name: str, layer: nn.Module) -> None:
+    """Put ``layer`` where the submodule called ``name`` is."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+
+
 class QuantLinear(nn.Module):
     """Base of lowbit's drop-in replacements for nn.Linear; subclasses hold only quantized weights."""
 
@@ -58,10 +71,10 @@ class QuantLinear(nn.Module):
         else:
             self.bias = None
 
-    def copy_bias(self, module: nn.Module) -> None:
-        """Take the float32 bias of the layer being replaced, if it has one."""
-        if module.bias is not None:
-            self.bias = module.bias.detach().float().clone()
+    def copy_bias(self, bias: torch.Tensor | None) -> None:
+        """Take a float32 copy of the replaced layer's bias, if it has one."""
+        if bias is not None:
+            self.bias = bias.detach().float().clone()
 
     def init_kwargs(self) -> dict:
         """The constructor arguments that rebuild this layer empty (JSON types; dtypes by name)."""
@@ -106,12 +119,12 @@ class DequantLinear(QuantLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        lut = None if x.device.type != "cpu" or needs_autograd(x) else self.lut_weight()
+        cpu_inference = x.device.type == "cpu" and not needs_autograd(x)
+        lut = self.lut_weight() if cpu_inference else None
         if lut is not None:
             y = lut_linear(x.reshape(-1, self.in_features), lut, self.compute_dtype)
             return self._finish(y, x.dtype).reshape(*x.shape[:-1], self.out_features)
         shape = (self.out_features, self.in_features)
         # Without autograd the weight goes to one reused buffer, not to a fresh allocation per call.
-        reuse = x.device.type == "cpu" and not needs_autograd(x)
-        w = self.dequantize(self.compute_dtype, scratch(shape, self.compute_dtype) if reuse else None)
+        w = self.dequantize(self.compute_dtype, scratch(shape, self.compute_dtype) if cpu_inference else None)
         return self._finish(torch.nn.functional.linear(x.to(self.compute_dtype), w), x.dtype)

@@ -23,7 +23,7 @@ class BitLinear(QuantLinear):
         w = linear_weight(module).float()
         layer = cls(w.shape[1], w.shape[0], module.bias is not None, compute_dtype)
         layer.weight_packed, layer.weight_gamma = F.quantize_ternary(w)
-        layer.copy_bias(module)
+        layer.copy_bias(module.bias)
         return layer
 
     def trits(self) -> torch.Tensor:

@@ -38,7 +38,7 @@ class Int8Linear(QuantLinear):
         w = linear_weight(module)
         layer = cls(w.shape[1], w.shape[0], module.bias is not None, threshold, weight_only, compute_dtype, activations)
         layer.weight_codes, layer.weight_absmax = quantize_absmax(w.float(), dim=-1)
-        layer.copy_bias(module)
+        layer.copy_bias(module.bias)
         return layer
 
     def init_kwargs(self) -> dict:

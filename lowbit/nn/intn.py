@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lowbit.functional.absmax import Affine, dequantize_affine
 from lowbit.functional.grouped import minmax_stats, round_to_grid
 from lowbit.formats import pack_2bit, pack_3bit, pack_4bit, unpack_2bit, unpack_3bit, unpack_4bit
 from lowbit.kernels.matmul import LutWeight
@@ -70,8 +71,7 @@ class IntLinear(DequantLinear):
         layer.weight_packed = pack_codes(codes, bits)
         layer.weight_scale = scale.to(torch.float16)
         layer.weight_zero = zero.to(torch.uint8)
-        if bias is not None:
-            layer.bias = bias.detach().float().clone()
+        layer.copy_bias(bias)
         return layer
 
     def init_kwargs(self) -> dict:
@@ -89,11 +89,9 @@ class IntLinear(DequantLinear):
                          self.group_size, self.weight_scale, self.weight_zero)
 
     def dequantize(self, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
-        g = self.group_size
-        scale = self.weight_scale.float().repeat_interleave(g, dim=1)[:, : self.in_features]
-        zero = self.weight_zero.float().repeat_interleave(g, dim=1)[:, : self.in_features]
-        w = (self.codes().float() - zero) * scale
-        return w.to(dtype) if out is None else out.copy_(w)
+        q = Affine(self.codes(), self.weight_scale.float(), self.weight_zero.float(), self.bits, self.group_size)
+        w = dequantize_affine(q, dtype)
+        return w if out is None else out.copy_(w)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, int{self.bits}, group_size={self.group_size}"

@@ -47,7 +47,7 @@ class Linear4bit(DequantLinear):
         w = linear_weight(module).float()
         layer = cls(w.shape[1], w.shape[0], module.bias is not None, quant_type, blocksize, double_quant, compute_dtype)
         layer.set_weight(w)
-        layer.copy_bias(module)
+        layer.copy_bias(module.bias)
         return layer
 
     def init_kwargs(self) -> dict:

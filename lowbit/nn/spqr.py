@@ -41,8 +41,7 @@ class SpQRLinear(DequantLinear):
         layer.outlier_values = q.values[rows, cols].half()
         layer.outlier_cols = cols.to(layer.outlier_cols.dtype)
         layer.outlier_rowptr = torch.nn.functional.pad(torch.bincount(rows, minlength=out_f).cumsum(0), (1, 0)).to(torch.int32)
-        if bias is not None:
-            layer.bias = bias.detach().float().clone()
+        layer.copy_bias(bias)
         return layer
 
     def init_kwargs(self) -> dict:
@@ -57,8 +56,7 @@ class SpQRLinear(DequantLinear):
         out_f, in_f, g = self.out_features, self.in_features, self.group_size
         groups = self.stat_scale.shape[2]
         stat_codes = unpack_3bit(self.stat_packed, 2 * out_f * groups).view(2, out_f, groups)
-        rows = torch.arange(out_f) // self.stat_group  # each row's second-level block
-        stats = [(stat_codes[k].float() * self.stat_scale[k].float()[rows] + self.stat_zero[k].float()[rows])
+        stats = [dequantize_stats(stat_codes[k], self.stat_scale[k].float(), self.stat_zero[k].float(), self.stat_group)
                  .repeat_interleave(g, dim=1)[:, :in_f] for k in range(2)]
         scale = torch.where(stats[0] > 0, stats[0], torch.full_like(stats[0], 1e-8))
         codes = unpack_codes(self.weight_packed, out_f * in_f, self.bits).view(out_f, in_f).float()

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from lowbit.functional import quantize_absmax
-from lowbit.nn.base import is_linear_like
+from lowbit.nn.base import is_linear_like, replace_module, tied_to_embeddings
 
 
 def _int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -59,16 +59,13 @@ class SwitchBackLinear(nn.Linear):
 def to_switchback(model: nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> nn.Module:
     """Replace every nn.Linear of ``model`` (in place, parameters shared) by a SwitchBackLinear, except names
     ending in one of ``skip`` and layers whose weight is tied to the input embedding."""
-    get = getattr(model, "get_input_embeddings", None)
-    emb = get() if callable(get) else None
-    tied = {id(emb.weight)} if emb is not None else set()
+    tied = tied_to_embeddings(model)
     for name, module in list(model.named_modules()):
         if not (isinstance(module, nn.Linear) and is_linear_like(module)) or isinstance(module, SwitchBackLinear):
             continue
         if name.endswith(skip) or id(module.weight) in tied:
             continue
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, SwitchBackLinear.from_linear(module))
+        replace_module(model, name, SwitchBackLinear.from_linear(module))
     return model
 
 
