@@ -24,7 +24,8 @@ from lowbit.models import load_default_model
 WIKI = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "wikipedia-sample.txt"
 CONFIGS = {
     "rtn4": lowbit.IntConfig(bits=4, group_size=128),
-    "gptq4": lowbit.GPTQConfig(bits=4, group_size=128), "spqr4": lowbit.SpQRConfig(bits=4, group_size=16),
+    "gptq4": lowbit.GPTQConfig(bits=4, group_size=128),
+    "gptq4-mse": lowbit.GPTQConfig(bits=4, group_size=128, clip_search=True), "spqr4": lowbit.SpQRConfig(bits=4, group_size=16),
     "rtn3": lowbit.IntConfig(bits=3, group_size=128),
     "gptq3": lowbit.GPTQConfig(bits=3, group_size=128), "gptq3-g64": lowbit.GPTQConfig(bits=3, group_size=64),
     "spqr3": lowbit.SpQRConfig(bits=3, group_size=16),
@@ -35,6 +36,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", default=",".join(CONFIGS))
     ap.add_argument("--samples", type=int, default=32)
+    ap.add_argument("--tag", default="all", help="results/calibrate-TAG.json")
     args = ap.parse_args()
     model, tok = load_default_model()
     texts = {"python-tutorial": default_text()}
@@ -65,7 +67,7 @@ def main() -> None:
         rows.append(row)
         show(row)
         del q
-    out = Path(__file__).parent / "results" / "calibrate.json"
+    out = Path(__file__).parent / "results" / f"calibrate-{args.tag}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"samples": args.samples, "rows": rows}, indent=1, default=str))
 

@@ -76,6 +76,9 @@ class GPTQConfig(IntConfig):
     # activations (squared norm up to 2.6e5 x the median in SmolLM2's down_proj inputs) would make GPTQ fit that
     # token and the calibration text (docs/calibration.md). None: plain GPTQ.
     token_clip: float | None = 3.0
+    # Each group of layers reading one input (q/k/v, o, gate/up, down) is calibrated on the outputs of the groups
+    # before it in its block already quantized, as the GPTQ reference code's --true-sequential.
+    true_sequential: bool = True
 
 
 @dataclass
@@ -91,6 +94,7 @@ class SpQRConfig(_Config):
     n_samples: int = 32
     seq_len: int = 512
     token_clip: float | None = 3.0  # as in GPTQConfig
+    true_sequential: bool = True  # as in GPTQConfig
     compute_dtype: torch.dtype = torch.float32
 
 

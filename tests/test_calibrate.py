@@ -160,3 +160,41 @@ def test_clip_tokens_caps_massive_tokens_only():
     kept = x.square().sum(1) <= 3.0 * median
     assert torch.equal(out[kept], x[kept])
     assert torch.allclose(out[0] / out[0].norm(), x[0] / x[0].norm())  # direction kept
+
+
+def test_true_sequential_calibrates_each_group_on_the_quantized_groups_before_it():
+    import copy
+
+    from lowbit.calibrate.sequential import _input_groups, quantize_sequential
+
+    model = tiny_llama()
+    ids = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(0))
+    block = model.model.layers[0]
+    linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+    seen = {}
+    handle = block.register_forward_pre_hook(lambda m, a, kw: seen.update(args=(a, kw)), with_kwargs=True)
+    model(ids)
+    handle.remove()
+    assert _input_groups(block, linears, *seen["args"]) == [
+        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+        ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+
+    def zeroing(record):
+        # A "quantizer" that zeroes every layer: once v_proj is zero, o_proj's true inputs are zero too.
+        def quantize(name, module, H):
+            record[name] = H
+            out = copy.deepcopy(module)
+            out.weight.data.zero_()
+            return out
+        return quantize
+
+    hs = {}
+    for true_seq in (True, False):
+        record = {}
+        quantize_sequential(copy.deepcopy(model), ids, zeroing(record), progress=False, true_sequential=true_seq)
+        hs[true_seq] = record
+    assert hs[True]["model.layers.0.self_attn.o_proj"].abs().max() == 0
+    assert hs[False]["model.layers.0.self_attn.o_proj"].abs().max() > 0
+    # q, k and v share one Hessian; the first group is calibrated on the same inputs either way
+    q, k = hs[True]["model.layers.0.self_attn.q_proj"], hs[True]["model.layers.0.self_attn.k_proj"]
+    assert q is k and torch.equal(q, hs[False]["model.layers.0.self_attn.q_proj"])

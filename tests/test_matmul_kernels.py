@@ -6,7 +6,8 @@ import torch
 
 from lowbit import kernels
 from lowbit.kernels import matmul, reference
-from lowbit.nn import BitLinear, Int8Linear, IntLinear, Linear4bit
+from lowbit.calibrate.spqr import spqr_quantize
+from lowbit.nn import BitLinear, Int8Linear, IntLinear, Linear4bit, SpQRLinear
 
 pytestmark = pytest.mark.skipif(kernels.fast() is None, reason="C++ kernels not built")
 
@@ -34,6 +35,17 @@ def _compare(layer: torch.nn.Module, k: int, dtype: torch.dtype) -> None:
         assert err <= tol, f"rows {m}: relative error {err:.2e}"
 
 
+def _spqr(lin: torch.nn.Linear, bits: int, stat_group: int = 16) -> SpQRLinear:
+    """SpQR of the layer on correlated synthetic inputs, with a loose outlier threshold so that rows hold several."""
+    k = lin.in_features
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(k, 2 * k, generator=g) + torch.randn(1, 2 * k, generator=g)
+    q = spqr_quantize(lin.weight.detach(), 2 * x @ x.T / x.shape[1], bits, 16, 3, stat_group, 3.0, 0.03, 0.01)
+    layer = SpQRLinear.from_spqr(q, lin.bias, bits, 16, stat_group)
+    assert layer.num_outliers() > lin.out_features
+    return layer
+
+
 LUT_LAYERS = {
     "nf4": lambda lin: Linear4bit.from_linear(lin, "nf4", 64),
     "nf4-dq": lambda lin: Linear4bit.from_linear(lin, "nf4", 64, double_quant=True),
@@ -42,6 +54,10 @@ LUT_LAYERS = {
     "int4-gptq-g128": lambda lin: IntLinear.from_linear(lin, 4, 128),
     "int2-g16": lambda lin: IntLinear.from_linear(lin, 2, 16),
     "int2-g256": lambda lin: IntLinear.from_linear(lin, 2, 256),
+    "int3-gptq-g128": lambda lin: IntLinear.from_linear(lin, 3, 128),
+    "int3-g64": lambda lin: IntLinear.from_linear(lin, 3, 64),
+    "spqr3-b16": lambda lin: _spqr(lin, 3),
+    "spqr4-b16-stats32": lambda lin: _spqr(lin, 4, 32),
 }
 
 
@@ -56,7 +72,7 @@ def test_lut_layers_fast_equals_reference(name, n, k, dtype):
     _compare(layer, k, dtype)
 
 
-@pytest.mark.parametrize("name", ["int4-g64", "int4-gptq-g128", "int2-g16"])
+@pytest.mark.parametrize("name", ["int4-g64", "int4-gptq-g128", "int2-g16", "int3-gptq-g128", "spqr3-b16"])
 def test_partial_last_group(name):
     # 200 columns: the last group is partial; the kernel pads x with zeros past the row.
     layer = LUT_LAYERS[name](_linear(21, 200))
@@ -80,9 +96,24 @@ def test_layouts_the_kernels_do_not_take_fall_back_correctly():
     odd_group = IntLinear.from_linear(_linear(16, 96), 4, 24)  # 24 neither divides nor is a multiple of 128
     assert not odd_group.lut_weight().fits_kernel()
     _compare(odd_group, 96, torch.float32)
-    three_bit = IntLinear.from_linear(_linear(16, 128), 3, 64)
-    assert three_bit.lut_weight() is None
-    _compare(three_bit, 128, torch.float32)
+    three_bit = IntLinear.from_linear(_linear(16, 100), 3, 4)  # rows do not start on a 24-bit word
+    assert not three_bit.lut_weight().fits_kernel()
+    _compare(three_bit, 100, torch.float32)
+    eight_bit = IntLinear.from_linear(_linear(16, 128), 8, 64)
+    assert eight_bit.lut_weight() is None
+    _compare(eight_bit, 128, torch.float32)
+
+
+def test_spqr_outliers_replace_the_coded_weight():
+    # The kernel adds (outlier - coded weight) * x: check against a dense matmul with the outliers written in.
+    layer = _spqr(_linear(24, 256), 3)
+    w = layer.dense_part()
+    rows, cols = layer.outlier_rows(), layer.outlier_cols.long()
+    assert (w[rows, cols] != layer.outlier_values.float()).all()
+    w[rows, cols] = layer.outlier_values.float()
+    x = torch.randn(2, 256)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), x @ w.T + layer.bias, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("k", [64, 200, 4096 + 16])
@@ -113,6 +144,26 @@ def test_int8_layers_fast_equals_reference(mode):
     _compare(layer, 200, torch.float32)
 
 
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_fused_llm_int8_equals_torch_ops(rows):
+    # The fused decode call against the torch-op path, with outlier feature columns split out (|x| >= 6).
+    layer = Int8Linear.from_linear(_linear(70, 200), threshold=6.0)
+    x = torch.randn(rows, 200, generator=torch.Generator().manual_seed(rows))
+    x[:, 3] *= 10
+    x[0, 17] = -7.5
+    assert ((x.abs() >= 6).any(0)).sum() >= 2
+    with torch.no_grad():
+        fast = layer(x)
+        with kernels.reference_only():
+            ref = layer(x)
+        exact = layer(x, reference=True)
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast, exact, rtol=1e-5, atol=1e-5)
+    x[0, 5] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"), torch.no_grad():
+        layer(x)
+
+
 def test_bitlinear_fast_equals_reference():
     layer = BitLinear.from_linear(_linear(70, 576))
     _compare(layer, 576, torch.float32)
@@ -123,3 +174,10 @@ def test_autograd_takes_the_differentiable_path():
     x = torch.randn(2, 128, requires_grad=True)
     layer(x).sum().backward()
     torch.testing.assert_close(x.grad, layer.dequantize().sum(0).expand(2, -1), rtol=1e-5, atol=1e-5)
+
+
+def test_spqr_outlier_columns_out_of_range_raise():
+    layer = _spqr(_linear(24, 256), 3)
+    layer.outlier_cols[5] = 256 + 40  # a corrupt file: the kernel must not read past x
+    with pytest.raises(RuntimeError, match="out of range"), torch.no_grad():
+        layer(torch.randn(1, 256))

@@ -31,4 +31,4 @@ def calibrate(model: nn.Module, config, batches: torch.Tensor, skip=lambda name:
     else:
         raise TypeError(f"calibrate takes GPTQConfig or SpQRConfig, got {type(config).__name__}")
     return quantize_sequential(model, batches, layer, skip, progress, desc,
-                               token_clip=config.token_clip)
+                               token_clip=config.token_clip, true_sequential=config.true_sequential)

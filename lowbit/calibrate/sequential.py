@@ -70,45 +70,89 @@ def clip_tokens(x: torch.Tensor, token_clip: float) -> torch.Tensor:
     return x * (cap / norms.clamp(min=cap)).sqrt().unsqueeze(1)
 
 
+def _input_groups(block: nn.Module, linears: dict[str, nn.Module], args: tuple, kwargs: dict) -> list[list[str]]:
+    """The block's linear layers in call order, grouped by the input tensor they share (q/k/v, o, gate/up, down)."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def record(name):
+        def hook(module, a):
+            seen.setdefault(name, a[0])  # the tensor itself: identity, not an address that could be reused
+        return hook
+
+    handles = [m.register_forward_pre_hook(record(n)) for n, m in linears.items()]
+    try:
+        block(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    stages: list[list[str]] = []
+    for name in seen:
+        if stages and seen[stages[-1][0]] is seen[name]:
+            stages[-1].append(name)
+        else:
+            stages.append([name])
+    return stages + [[n] for n in linears if n not in seen]  # never called: nothing to calibrate on
+
+
 @torch.no_grad()
 def quantize_sequential(model: nn.Module, batches: torch.Tensor, quantize_layer: LayerQuantizer,
                         skip: Callable[[str], bool] = lambda name: False, progress: bool = True,
-                        desc: str = "calibrating", chunk: int = 8, token_clip: float | None = None) -> dict:
+                        desc: str = "calibrating", chunk: int = 8, token_clip: float | None = None,
+                        true_sequential: bool = True) -> dict:
     """Replace every linear layer inside the blocks, block after block, using Hessians of its real inputs.
 
-    Sequences go through each block ``chunk`` at a time (one weight dequantization per chunk, not per sequence).
+    Layers that read the same input share one Hessian. With ``true_sequential`` (as in the GPTQ reference code)
+    each group of them sees the outputs of the groups before it in its block already quantized; the forward
+    pass stops at the next group. Sequences go through each block ``chunk`` at a time.
     """
     t0 = time.perf_counter()
     prefix, blocks = find_blocks(model)
     inputs = _block_inputs(model, blocks[0], batches, chunk)
-    stats = {"layers": 0, "blocks": len(blocks), "samples": len(batches)}
+    stats = {"layers": 0, "blocks": len(blocks), "samples": len(batches), "forward_s": 0.0, "quantize_s": 0.0}
+    groups_of: dict[tuple[str, ...], list[list[str]]] = {}  # blocks alike share their grouping (one extra forward)
     for b, block in enumerate(tqdm(blocks, desc=desc, disable=not progress)):
         linears = {n: m for n, m in block.named_modules() if is_linear_like(m) and not skip(f"{prefix}.{b}.{n}")}
-        hessians = {n: torch.zeros(linear_weight(m).shape[1], linear_weight(m).shape[1]) for n, m in linears.items()}
-        counts = dict.fromkeys(linears, 0)
+        key = tuple(linears)
+        if linears and key not in groups_of:
+            groups_of[key] = _input_groups(block, linears, *inputs[0])
+        groups = groups_of.get(key, [])
+        passes = [[g] for g in groups] if true_sequential else [groups] if groups else []
+        for i, pass_groups in enumerate(passes):
+            hessians = {g[0]: torch.zeros(linear_weight(linears[g[0]]).shape[1], linear_weight(linears[g[0]]).shape[1])
+                        for g in pass_groups}
+            counts = dict.fromkeys(hessians, 0)
 
-        def accumulate(name):
-            def hook(module, args):
-                x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-                if token_clip:
-                    x = clip_tokens(x, token_clip)
-                hessians[name].addmm_(x.t(), x)
-                counts[name] += x.shape[0]
-            return hook
+            def accumulate(name):
+                def hook(module, args):
+                    x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+                    if token_clip:
+                        x = clip_tokens(x, token_clip)
+                    hessians[name].addmm_(x.t(), x)
+                    counts[name] += x.shape[0]
+                return hook
 
-        handles = [m.register_forward_pre_hook(accumulate(n)) for n, m in linears.items()]
-        t = time.perf_counter()
-        for args, kwargs in inputs:
-            block(*args, **kwargs)
-        for h in handles:
-            h.remove()
-        stats["forward_s"] = stats.get("forward_s", 0.0) + time.perf_counter() - t
-        t = time.perf_counter()
-        for name, module in linears.items():
-            H = 2 * hessians[name] / max(counts[name], 1)
-            replace_module(block, name, quantize_layer(f"{prefix}.{b}.{name}", module, H))
-            stats["layers"] += 1
-        stats["quantize_s"] = stats.get("quantize_s", 0.0) + time.perf_counter() - t
+            def stop(module, args):
+                raise _Stop
+
+            handles = [linears[n].register_forward_pre_hook(accumulate(n)) for n in hessians]
+            if i + 1 < len(passes):  # nothing after this pass's layers is needed yet
+                handles.append(linears[passes[i + 1][0][0]].register_forward_pre_hook(stop))
+            t = time.perf_counter()
+            for args, kwargs in inputs:
+                try:
+                    block(*args, **kwargs)
+                except _Stop:
+                    pass
+            for h in handles:
+                h.remove()
+            stats["forward_s"] += time.perf_counter() - t
+            t = time.perf_counter()
+            for g in pass_groups:
+                H = 2 * hessians[g[0]] / max(counts[g[0]], 1)
+                for name in g:
+                    replace_module(block, name, quantize_layer(f"{prefix}.{b}.{name}", linears[name], H))
+                    stats["layers"] += 1
+            stats["quantize_s"] += time.perf_counter() - t
         # The next block's inputs are this block's outputs, with its layers already quantized.
         t = time.perf_counter()
         inputs = [_with_hidden(args, kwargs, _output(block(*args, **kwargs))) for args, kwargs in inputs]

@@ -23,6 +23,9 @@ class LutWeight:
 
     ``scale`` is float32 or float16 [N, groups], or the uint8 codes of double quantization (then
     ``nested_absmax``, ``nested_table``, ``offset``, ``nested_block`` decode it); ``zero`` is None, float32 or uint8.
+    SpQR: ``scale`` holds the packed 3-bit codes of scales and zeros [2, N, groups], each decoded as
+    code * stat_scale + stat_zero (float16 [2, ceil(N / stat_group), groups]); the outliers (CSR ``rowptr``,
+    ``cols``, float16 ``values``) replace single weights.
     """
 
     packed: torch.Tensor
@@ -37,16 +40,28 @@ class LutWeight:
     nested_table: torch.Tensor | None = None
     offset: float = 0.0
     nested_block: int = 256
+    stat_scale: torch.Tensor | None = None
+    stat_zero: torch.Tensor | None = None
+    stat_group: int = 0
+    rowptr: torch.Tensor | None = None
+    cols: torch.Tensor | None = None
+    values: torch.Tensor | None = None
 
     def args(self) -> tuple:
         return (self.packed, self.N, self.K, self.bits, self.lut, self.block, self.scale, self.zero,
-                self.nested_absmax, self.nested_table, float(self.offset), self.nested_block)
+                self.nested_absmax, self.nested_table, float(self.offset), self.nested_block,
+                self.stat_scale, self.stat_zero, self.stat_group, self.rowptr, self.cols, self.values)
+
+    def lane(self) -> int:
+        """Codes in one 32-bit lane of the kernels (3-bit: one 24-bit word)."""
+        return 8 if self.bits == 3 else 32 // self.bits
 
     def fits_kernel(self) -> bool:
-        """Whether the compiled kernels take this layout (rows on byte boundaries, blocks whole lanes)."""
-        lane = 32 // self.bits
+        """Whether the compiled kernels take this layout (rows on word boundaries, blocks whole lanes)."""
+        lane = self.lane()
         chunk = 16 * lane
-        return (self.bits in (2, 4) and self.K * self.bits % 8 == 0 and self.block % lane == 0
+        row_start = self.K * self.bits % 8 == 0 and (self.bits != 3 or self.K % 8 == 0)
+        return (self.bits in (2, 3, 4) and row_start and self.block % lane == 0
                 and (chunk % self.block == 0 or self.block % chunk == 0))
 
 
@@ -119,6 +134,17 @@ def int8_int8(xq: torch.Tensor, codes: torch.Tensor, code_sums: torch.Tensor) ->
     if ext is not None and xq.shape[0] <= GEMV_MAX_ROWS:
         return ext.int8_int8_gemv(xq, codes, code_sums)
     return torch._int_mm(xq, codes.t())
+
+
+def llm_int8_gemv(x: torch.Tensor, codes: torch.Tensor, code_sums: torch.Tensor, row_scale: torch.Tensor,
+                  threshold: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """LLM.int8() with absmax activations for a few float32 rows of x in one compiled call: (y float32, x's row
+    absmax after the outlier columns are taken out), or None where the torch-op path must run."""
+    ext = _cpu_ext(x)
+    if ext is None or x.dtype != torch.float32 or x.shape[0] > GEMV_MAX_ROWS:
+        return None
+    y, absmax = ext.llm_int8_gemv(x, codes, code_sums, row_scale, threshold)
+    return y, absmax
 
 
 def ternary_int8(xq: torch.Tensor, packed: torch.Tensor, N: int, trits) -> torch.Tensor:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.formats.packing import pack_4bit, pack_ternary_2bit, unpack_2bit, unpack_4bit
+from lowbit.formats.packing import pack_4bit, pack_ternary_2bit, unpack_2bit, unpack_3bit, unpack_4bit
 
 
 def _blocks(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, int]:
@@ -76,10 +76,26 @@ def quantize_ternary_2bit(x: torch.Tensor, divisor: float) -> torch.Tensor:
     return pack_ternary_2bit(trits)
 
 
+def _spqr_stats(w) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 scale and zero [N, groups] from SpQR's 3-bit codes and their second-level statistics."""
+    groups = w.stat_scale.shape[-1]
+    codes = unpack_3bit(w.scale, 2 * w.N * groups).view(2, w.N, groups).float()
+    rows = torch.arange(w.N) // w.stat_group
+    scale, zero = (codes[i] * w.stat_scale[i].float()[rows] + w.stat_zero[i].float()[rows] for i in range(2))
+    return torch.where(scale > 0, scale, torch.full_like(scale, 1e-8)), zero
+
+
 def lut_dequantize(w) -> torch.Tensor:
     """The float32 [N, K] weight of a ``matmul.LutWeight``: lut[code] * scale - scale * zero per row block."""
     n = w.N * w.K
-    codes = (unpack_4bit if w.bits == 4 else unpack_2bit)(w.packed, n).view(w.N, w.K).long()
+    codes = {4: unpack_4bit, 3: unpack_3bit, 2: unpack_2bit}[w.bits](w.packed, n).view(w.N, w.K).long()
+    if w.stat_scale is not None:  # SpQR
+        scale, zero = _spqr_stats(w)
+        out = (w.lut[codes] - zero.repeat_interleave(w.block, dim=1)[:, :w.K]) * scale.repeat_interleave(w.block, dim=1)[:, :w.K]
+        if w.rowptr is not None:
+            rows = torch.repeat_interleave(torch.arange(w.N), torch.diff(w.rowptr.long()))
+            out[rows, w.cols.long()] = w.values.float()
+        return out
     scale = w.scale
     if scale.dtype == torch.uint8:  # double quantization
         nested = w.nested_absmax.repeat_interleave(w.nested_block)[:scale.numel()]

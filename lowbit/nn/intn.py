@@ -15,8 +15,8 @@ _PACKERS = {2: (pack_2bit, unpack_2bit), 3: (pack_3bit, unpack_3bit), 4: (pack_4
             8: (lambda c: c.reshape(-1).to(torch.uint8), lambda p, n: p[:n])}
 
 
-# Codes as values for the LUT kernels; 2-bit kernels look at 4 bits, so the 2-bit table repeats.
-_LUTS = {4: torch.arange(16, dtype=torch.float32), 2: torch.arange(4, dtype=torch.float32).repeat(4)}
+# Codes as values for the LUT kernels, which look up 4 bits: the 2- and 3-bit tables repeat.
+CODE_LUTS = {b: torch.arange(2**b, dtype=torch.float32).repeat(16 // 2**b) for b in (2, 3, 4)}
 
 
 def packed_bytes(n: int, bits: int) -> int:
@@ -83,9 +83,9 @@ class IntLinear(DequantLinear):
         return unpack_codes(self.weight_packed, n, self.bits).view(self.out_features, self.in_features)
 
     def lut_weight(self) -> LutWeight | None:
-        if self.bits not in _LUTS:
+        if self.bits not in CODE_LUTS:
             return None
-        return LutWeight(self.weight_packed, self.out_features, self.in_features, self.bits, _LUTS[self.bits],
+        return LutWeight(self.weight_packed, self.out_features, self.in_features, self.bits, CODE_LUTS[self.bits],
                          self.group_size, self.weight_scale, self.weight_zero)
 
     def dequantize(self, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:

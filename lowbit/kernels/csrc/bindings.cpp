@@ -15,14 +15,21 @@ torch::Tensor quantize_ternary_2bit(torch::Tensor x, double divisor);
 torch::Tensor lut_gemv(torch::Tensor x, torch::Tensor packed, int64_t N, int64_t K, int64_t bits, torch::Tensor lut,
                        int64_t block, torch::Tensor scale, c10::optional<torch::Tensor> zero,
                        c10::optional<torch::Tensor> nested_absmax, c10::optional<torch::Tensor> nested_table,
-                       double offset, int64_t nested_block);
+                       double offset, int64_t nested_block, c10::optional<torch::Tensor> stat_scale,
+                       c10::optional<torch::Tensor> stat_zero, int64_t stat_group, c10::optional<torch::Tensor> rowptr,
+                       c10::optional<torch::Tensor> cols, c10::optional<torch::Tensor> values);
 torch::Tensor lut_permute_x(torch::Tensor x, int64_t bits);
 void lut_dequant_rows(torch::Tensor packed, int64_t N, int64_t K, int64_t bits, torch::Tensor lut, int64_t block,
                       torch::Tensor scale, c10::optional<torch::Tensor> zero,
                       c10::optional<torch::Tensor> nested_absmax, c10::optional<torch::Tensor> nested_table,
-                      double offset, int64_t nested_block, int64_t r0, int64_t r1, torch::Tensor out);
+                      double offset, int64_t nested_block, c10::optional<torch::Tensor> stat_scale,
+                      c10::optional<torch::Tensor> stat_zero, int64_t stat_group, c10::optional<torch::Tensor> rowptr,
+                      c10::optional<torch::Tensor> cols, c10::optional<torch::Tensor> values, int64_t r0, int64_t r1,
+                      torch::Tensor out);
 torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor row_scale);
 torch::Tensor int8_int8_gemv(torch::Tensor xq, torch::Tensor codes, torch::Tensor code_sums);
+std::vector<torch::Tensor> llm_int8_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor code_sums,
+                                         torch::Tensor row_scale, double threshold);
 torch::Tensor ternary_gemv(torch::Tensor xq, torch::Tensor packed, int64_t N);
 void ternary_unpack_rows(torch::Tensor packed, int64_t K, int64_t r0, int64_t r1, torch::Tensor out);
 int64_t read_probe(torch::Tensor t);
@@ -39,6 +46,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lut_dequant_rows", &lut_dequant_rows);
   m.def("int8_gemv", &int8_gemv);
   m.def("int8_int8_gemv", &int8_int8_gemv);
+  m.def("llm_int8_gemv", &llm_int8_gemv);
   m.def("ternary_gemv", &ternary_gemv);
   m.def("ternary_unpack_rows", &ternary_unpack_rows);
   m.def("read_probe", &read_probe);

@@ -1,11 +1,15 @@
 // lowbit CPU matmul kernels for low-bit weights. Plain-torch definitions: lowbit/kernels/reference.py.
 //
 // LUT weights (NF4/FP4 with absmax, double-quantized absmax, uniform int4/int2 with scale and zero):
-// a row of W is `bits`-bit codes (4 or 2, the first in the high bits of a byte), value = lut[code] *
-// scale[block] - scale[block] * zero[block]. The AVX-512 path reads 64 bytes of codes as 16 int32 lanes
-// and takes code s of every lane with one shift: vpermps looks at the low 4 bits of each lane only, so
-// no mask is needed (2-bit codes use a lut repeated four times). The codes of one shift are 16
-// non-adjacent weights; x is permuted once per call into that "lane order" instead.
+// a row of W is `bits`-bit codes (4 or 2, the first in the high bits of a byte; 3: eight codes in a big-endian
+// 24-bit word), value = lut[code] * scale[block] - scale[block] * zero[block]. The AVX-512 path reads 64 bytes
+// of codes as 16 int32 lanes (3-bit: 48 bytes, each 24-bit word spread to a lane) and takes code s of every lane
+// with one shift: vpermps looks at the low 4 bits of each lane only, so no mask is needed (2- and 3-bit codes
+// use a lut repeated four or two times). The codes of one shift are 16 non-adjacent weights; x is permuted once
+// per call into that "lane order" instead.
+//
+// SpQR adds two things: the scales and zeros are 3-bit codes with fp16 second-level statistics over blocks of
+// `stat_group` rows, decoded per row; and a few weights are outliers (CSR, fp16) that replace the coded weight.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -13,6 +17,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
@@ -61,15 +66,31 @@ struct LutFormat {
   const float* nested_table_p = nullptr;
   double offset;
   int64_t nested_block;
+  // SpQR statistics: scale holds the packed 3-bit codes of the scales and zeros [2, N, groups], decoded as
+  // code * stat_scale + stat_zero (float16 [2, ceil(N / stat_group), groups]); stat_group == 0 without them.
+  torch::Tensor stat_scale, stat_zero;
+  const c10::Half* stat_scale_p = nullptr;
+  const c10::Half* stat_zero_p = nullptr;
+  int64_t stat_group = 0;
+  // Outliers (CSR): weight (n, cols[j]) is values[j] for j in [rowptr[n], rowptr[n + 1]).
+  torch::Tensor rowptr, cols, values;
+  const int32_t* rowptr_p = nullptr;
+  const int16_t* cols16_p = nullptr;  // one of the two, as stored
+  const int32_t* cols32_p = nullptr;
+  const c10::Half* values_p = nullptr;
 
-  int64_t lane_elems() const { return 32 / bits; }       // weights in one int32 lane
-  int64_t chunk() const { return 16 * lane_elems(); }      // weights in 64 bytes
+  int64_t lane_elems() const { return bits == 3 ? 8 : 32 / bits; }  // weights in one int32 lane
+  int64_t chunk() const { return 16 * lane_elems(); }                // weights in one load of codes
   int64_t padded_k() const { return (K + chunk() - 1) / chunk() * chunk(); }
-  bool has_zero() const { return zero.defined(); }
+  bool has_zero() const { return zero.defined() || stat_group; }
 
   // The float scale and -scale*zero of each block of row n (buffers hold groups + 32 floats).
   void row_constants(int64_t n, float* s, float* nz) const {
     const int64_t g0 = n * groups;
+    if (stat_group) {
+      spqr_row_constants(n, s, nz);
+      return;
+    }
 #ifdef LOWBIT_AVX512
     if (row_constants_avx512(g0, s, nz)) return;
 #endif
@@ -138,19 +159,135 @@ struct LutFormat {
   }
 #endif
 
-  // Element (within its lane) that shift s of a lane holds.
+  // SpQR: scale = max(code * S + Z, 1e-8) and zero = code * S + Z, S and Z of row n's block of rows. The codes
+  // are unpacked into s and nz first, then turned into the constants in place.
+  void spqr_row_constants(int64_t n, float* s, float* nz) const {
+    const uint8_t* codes = static_cast<const uint8_t*>(scale_p);
+    const int64_t b0 = n / stat_group * groups, b1 = ((N + stat_group - 1) / stat_group + n / stat_group) * groups;
+    int64_t g = 0;
+#ifdef LOWBIT_AVX512
+    // Rows whose codes start on a 24-bit word are unpacked 16 at a time in registers; others through s and nz.
+    const bool aligned = groups % 8 == 0;
+    if (!aligned) unpack3(codes, n * groups, groups, s), unpack3(codes, (N + n) * groups, groups, nz);
+    for (; g < groups; g += 16) {
+      const __mmask16 mk = groups - g >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (groups - g)) - 1);
+      auto half16 = [&](const c10::Half* p) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, p + g)); };
+      const __m512 cs = aligned ? codes3_x16(codes, n * groups + g) : _mm512_maskz_loadu_ps(mk, s + g);
+      const __m512 cz = aligned ? codes3_x16(codes, (N + n) * groups + g) : _mm512_maskz_loadu_ps(mk, nz + g);
+      // multiply, then add: the same two roundings as the reference
+      const __m512 sc = _mm512_add_ps(_mm512_mul_ps(cs, half16(stat_scale_p + b0)), half16(stat_zero_p + b0));
+      const __m512 z = _mm512_add_ps(_mm512_mul_ps(cz, half16(stat_scale_p + b1)), half16(stat_zero_p + b1));
+      const __m512 sp = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(sc, _mm512_setzero_ps(), _CMP_GT_OQ),
+                                             _mm512_set1_ps(1e-8f), sc);
+      _mm512_mask_storeu_ps(s + g, mk, sp);
+      _mm512_mask_storeu_ps(nz + g, mk, _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(sp, z)));
+    }
+    g = groups;
+#else
+    unpack3(codes, n * groups, groups, s);
+    unpack3(codes, (N + n) * groups, groups, nz);
+#endif
+    for (; g < groups; ++g) {
+      const float sc = s[g] * static_cast<float>(stat_scale_p[b0 + g]) + static_cast<float>(stat_zero_p[b0 + g]);
+      const float z = nz[g] * static_cast<float>(stat_scale_p[b1 + g]) + static_cast<float>(stat_zero_p[b1 + g]);
+      s[g] = sc > 0.f ? sc : 1e-8f;
+      nz[g] = -s[g] * z;
+    }
+    for (g = groups; g < groups + 16; ++g) s[g] = nz[g] = 0.f;
+  }
+
+#ifdef LOWBIT_AVX512
+  // 16 SpQR statistic codes from code i (a multiple of 8) as float32 lanes: 6 bytes read big-endian into one
+  // 64-bit word, shifted per lane (never past the 2 x N x groups codes stored).
+  __m512 codes3_x16(const uint8_t* p, int64_t i) const {
+    const int64_t byte = 3 * (i / 8), stored = 3 * ((2 * N * groups + 7) / 8);
+    uint64_t v = 0;
+    if (byte + 8 <= stored) std::memcpy(&v, p + byte, 8);  // bytes 6 and 7 land below every shift's 3 bits
+    else std::memcpy(&v, p + byte, static_cast<size_t>(std::min<int64_t>(6, stored - byte)));
+    const __m512i w = _mm512_set1_epi64(static_cast<int64_t>(__builtin_bswap64(v)));
+    const __m512i seven = _mm512_set1_epi64(7);
+    const __m512i lo = _mm512_and_si512(_mm512_srlv_epi64(w, _mm512_setr_epi64(61, 58, 55, 52, 49, 46, 43, 40)), seven);
+    const __m512i hi = _mm512_and_si512(_mm512_srlv_epi64(w, _mm512_setr_epi64(37, 34, 31, 28, 25, 22, 19, 16)), seven);
+    const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(lo)), _mm512_cvtepi64_epi32(hi), 1);
+    return _mm512_cvtepi32_ps(both);
+  }
+#endif
+
+  // Codes [i0, i0 + count) of packed 3-bit codes as floats, a whole 24-bit word at a time where aligned.
+  static void unpack3(const uint8_t* p, int64_t i0, int64_t count, float* out) {
+    int64_t i = i0;
+    const int64_t end = i0 + count;
+    for (; i < end && i % 8; ++i) *out++ = static_cast<float>(code3(p, i));
+    for (; i + 8 <= end; i += 8) {
+      const uint8_t* w = p + 3 * (i / 8);
+      const uint32_t word = uint32_t{w[0]} << 16 | uint32_t{w[1]} << 8 | w[2];
+      for (int j = 0; j < 8; ++j) *out++ = static_cast<float>((word >> (21 - 3 * j)) & 7);
+    }
+    for (; i < end; ++i) *out++ = static_cast<float>(code3(p, i));
+  }
+
+  bool has_outliers() const { return rowptr_p != nullptr; }
+
+  // Code i of 3-bit codes packed eight to a big-endian 24-bit word.
+  static int code3(const uint8_t* p, int64_t i) {
+    const uint8_t* w = p + 3 * (i / 8);
+    const uint32_t word = uint32_t{w[0]} << 16 | uint32_t{w[1]} << 8 | w[2];
+    return static_cast<int>((word >> (21 - 3 * (i % 8))) & 7);
+  }
+
+  // Code of weight k in a row.
+  int code_at(const uint8_t* row, int64_t k) const {
+    if (bits == 3) return code3(row, k);
+    const int64_t per_byte = 8 / bits;
+    return (row[k / per_byte] >> (bits * (per_byte - 1 - k % per_byte))) & ((1 << bits) - 1);
+  }
+
+  // Element (within its lane) that shift s of a lane holds; its own inverse.
   int64_t lane_elem(int64_t s) const {
+    if (bits == 3) return 7 - s;
     const int64_t per_byte = 8 / bits;
     return (s / per_byte) * per_byte + (per_byte - 1 - s % per_byte);
+  }
+
+  // Position of weight k of a row in the lane order.
+  int64_t lane_pos(int64_t k) const {
+    const int64_t L = lane_elems(), E = chunk(), r = k % E;
+    return k / E * E + lane_elem(r % L) * 16 + r / L;
+  }
+
+  // Value of weight k of row n (row constants s, nz of that row).
+  float value(const uint8_t* row, int64_t k, const float* s, const float* nz) const {
+    const int64_t g = k / block;
+    return lut[code_at(row, k)] * s[g] + (has_zero() ? nz[g] : 0.f);
+  }
+
+  // The outliers of row n: y[m, n] += (outlier - coded weight) * x[m, k] for the MB rows of x at x (stride K).
+  int64_t col(int64_t j) const { return cols16_p ? cols16_p[j] : cols32_p[j]; }
+
+  void add_outliers(int64_t n, const uint8_t* row, const float* s, const float* nz, const float* x, int64_t MB,
+                    float* y, int64_t ldy) const {
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int64_t m0 = 0; m0 < MB; m0 += 4) {
+      const int64_t mb = std::min<int64_t>(4, MB - m0);
+      for (int32_t j = rowptr_p[n]; j < rowptr_p[n + 1]; ++j) {
+        const int64_t k = col(j);
+        const float d = static_cast<float>(values_p[j]) - value(row, k, s, nz);
+        for (int64_t m = 0; m < mb; ++m) acc[m] += d * x[(m0 + m) * K + k];
+      }
+      for (int64_t m = 0; m < mb; ++m) y[(m0 + m) * ldy + n] += acc[m], acc[m] = 0.f;
+    }
   }
 };
 
 LutFormat make_format(torch::Tensor packed, int64_t N, int64_t K, int64_t bits, torch::Tensor lut, int64_t block,
                       torch::Tensor scale, c10::optional<torch::Tensor> zero,
                       c10::optional<torch::Tensor> nested_absmax, c10::optional<torch::Tensor> nested_table,
-                      double offset, int64_t nested_block) {
-  TORCH_CHECK(bits == 4 || bits == 2, "LUT kernels take 4- or 2-bit codes");
-  TORCH_CHECK(K * bits % 8 == 0, "rows must start on a byte");
+                      double offset, int64_t nested_block, c10::optional<torch::Tensor> stat_scale,
+                      c10::optional<torch::Tensor> stat_zero, int64_t stat_group,
+                      c10::optional<torch::Tensor> rowptr, c10::optional<torch::Tensor> cols,
+                      c10::optional<torch::Tensor> values) {
+  TORCH_CHECK(bits == 4 || bits == 3 || bits == 2, "LUT kernels take 4-, 3- or 2-bit codes");
+  TORCH_CHECK(K * bits % 8 == 0 && (bits != 3 || K % 8 == 0), "rows must start on a byte (3-bit: on a 24-bit word)");
   LutFormat f;
   f.N = N, f.K = K, f.bits = bits, f.row_bytes = K * bits / 8, f.block = block;
   f.groups = (K + block - 1) / block;
@@ -162,9 +299,23 @@ LutFormat make_format(torch::Tensor packed, int64_t N, int64_t K, int64_t bits, 
   TORCH_CHECK(lut.dtype() == torch::kFloat32 && lut.numel() == 16, "lut must be 16 float32");
   lut = lut.contiguous();
   std::memcpy(f.lut, lut.data_ptr<float>(), sizeof(f.lut));
-  TORCH_CHECK(scale.is_contiguous() && scale.numel() == N * f.groups, "scale must hold N x groups");
+  TORCH_CHECK(scale.is_contiguous() && (stat_scale.has_value() || scale.numel() == N * f.groups),
+              "scale must hold N x groups");
   f.scale = scale;
-  if (scale.scalar_type() == torch::kUInt8) {
+  if (stat_scale.has_value()) {
+    const int64_t blocks = stat_group > 0 ? (N + stat_group - 1) / stat_group : 0;
+    TORCH_CHECK(stat_group > 0 && stat_zero.has_value() && scale.scalar_type() == torch::kUInt8 &&
+                    scale.numel() == 3 * ((2 * N * f.groups + 7) / 8),
+                "SpQR statistics need stat_group and the packed 3-bit codes of 2 x N x groups");
+    f.stat_scale = stat_scale->contiguous();
+    f.stat_zero = stat_zero->contiguous();
+    TORCH_CHECK(f.stat_scale.scalar_type() == torch::kFloat16 && f.stat_zero.scalar_type() == torch::kFloat16 &&
+                    f.stat_scale.numel() == 2 * blocks * f.groups && f.stat_zero.numel() == 2 * blocks * f.groups,
+                "SpQR second-level statistics must be float16 [2, row blocks, groups]");
+    f.stat_scale_p = f.stat_scale.data_ptr<c10::Half>();
+    f.stat_zero_p = f.stat_zero.data_ptr<c10::Half>();
+    f.stat_group = stat_group;
+  } else if (scale.scalar_type() == torch::kUInt8) {
     TORCH_CHECK(nested_absmax.has_value() && nested_table.has_value() && nested_block > 0,
                 "uint8 scales need the nested absmax, table and block");
     f.nested_absmax = nested_absmax->contiguous();
@@ -188,6 +339,25 @@ LutFormat make_format(torch::Tensor packed, int64_t N, int64_t K, int64_t bits, 
   if (f.nested_absmax.defined()) {
     f.nested_absmax_p = f.nested_absmax.data_ptr<float>();
     f.nested_table_p = f.nested_table.data_ptr<float>();
+  }
+  if (rowptr.has_value()) {
+    TORCH_CHECK(cols.has_value() && values.has_value(), "outliers need rowptr, cols and values");
+    f.rowptr = rowptr->contiguous(), f.cols = cols->contiguous(), f.values = values->contiguous();
+    TORCH_CHECK(f.rowptr.scalar_type() == torch::kInt32 && f.rowptr.numel() == N + 1 &&
+                    (f.cols.scalar_type() == torch::kInt16 || f.cols.scalar_type() == torch::kInt32) &&
+                    f.values.scalar_type() == torch::kFloat16 && f.cols.numel() == f.values.numel(),
+                "outliers must be rowptr int32 [N + 1], cols int16/int32 and values float16 of one length");
+    const int32_t* rp = f.rowptr.data_ptr<int32_t>();
+    TORCH_CHECK(rp[0] == 0 && rp[N] == f.values.numel(), "outlier rowptr does not match the outlier count");
+    bool ok = true;
+    for (int64_t n = 0; n < N; ++n) ok &= rp[n] <= rp[n + 1];
+    TORCH_CHECK(ok, "outlier rowptr must not decrease");
+    if (f.cols.scalar_type() == torch::kInt16) f.cols16_p = f.cols.data_ptr<int16_t>();
+    else f.cols32_p = f.cols.data_ptr<int32_t>();
+    for (int64_t j = 0; j < f.values.numel(); ++j) ok &= f.col(j) >= 0 && f.col(j) < K;  // a corrupt file must not read past x
+    TORCH_CHECK(ok, "outlier columns out of range");
+    f.rowptr_p = rp;
+    f.values_p = f.values.data_ptr<c10::Half>();
   }
   return f;
 }
@@ -245,11 +415,29 @@ struct LaneConstants {
 
 // Rows [n0, n1) of y[M, N] for MB rows of x at once (the weights are decoded once for all MB). Even and odd
 // shifts sum apart, so that two chains of FMAs overlap.
+// Chunk c of a row's codes as 16 int32 lanes: 64 bytes (2-, 4-bit), or 48 bytes whose 24-bit words are spread one
+// to a lane (3-bit); bytes past the row read as 0.
+template <int BITS>
+inline __m512i load_chunk(const uint8_t* row, int64_t c, int64_t row_bytes) {
+  constexpr int64_t CB = BITS == 3 ? 48 : 64;
+  const int64_t left = row_bytes - c * CB;
+  const uint8_t* p = row + c * CB;
+  if (BITS != 3 && left >= 64) return _mm512_loadu_si512(p);
+  const int64_t n = std::min(left, CB);  // < 64: 64-byte rows with 64 bytes left returned above
+  const __m512i raw = _mm512_maskz_loadu_epi8((__mmask64)((1ULL << n) - 1), p);
+  if (BITS != 3) return raw;
+  // 128-bit lane i takes bytes 12i..12i+11 (four words), then each word's 3 bytes go big-endian into an int32.
+  const __m512i spread = _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 1, 2, 0, 3, 4, 5, 0, 6, 7, 8, 0, 9, 10, 11, 0), raw);
+  const __m512i order = _mm512_broadcast_i32x4(_mm_setr_epi32(int32_t(0x80000102), int32_t(0x80030405),
+                                                              int32_t(0x80060708), int32_t(0x80090A0B)));
+  return _mm512_shuffle_epi8(spread, order);
+}
+
 template <int MB, int BITS>
-void lut_rows(const LutFormat& f, const float* xp, const float* ls, int64_t Kp, float* y, int64_t ldy,
+void lut_rows(const LutFormat& f, const float* xp, const float* ls, int64_t Kp, const float* x, float* y, int64_t ldy,
               int64_t n0, int64_t n1, float* s, float* nz) {
-  constexpr int S = 32 / BITS;
-  const int64_t E = 16 * S, chunks = Kp / E, full = f.row_bytes / 64, tail = f.row_bytes % 64;
+  constexpr int S = BITS == 3 ? 8 : 32 / BITS;
+  const int64_t E = 16 * S, chunks = Kp / E;
   const __m512 lutv = _mm512_loadu_ps(f.lut);
   const LaneConstants lanes(f);
   const bool zero = f.has_zero();
@@ -259,9 +447,8 @@ void lut_rows(const LutFormat& f, const float* xp, const float* ls, int64_t Kp, 
     __m512 acc[MB];
     for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
     for (int64_t c = 0; c < chunks; ++c) {
-      prefetch_ahead(row + c * 64);
-      const __m512i v = c < full ? _mm512_loadu_si512(row + c * 64)
-                                 : _mm512_maskz_loadu_epi8((__mmask64)((1ULL << tail) - 1), row + c * 64);
+      prefetch_ahead(row + c * (BITS == 3 ? 48 : 64));
+      const __m512i v = load_chunk<BITS>(row, c, f.row_bytes);
       __m512 sum[2][MB];
       for (int m = 0; m < MB; ++m) sum[0][m] = sum[1][m] = _mm512_setzero_ps();
 #pragma GCC unroll 16
@@ -278,6 +465,7 @@ void lut_rows(const LutFormat& f, const float* xp, const float* ls, int64_t Kp, 
       }
     }
     for (int m = 0; m < MB; ++m) y[m * ldy + n] = _mm512_reduce_add_ps(acc[m]);
+    if (f.has_outliers()) f.add_outliers(n, row, s, nz, x, MB, y, ldy);
   }
 }
 #endif
@@ -285,7 +473,6 @@ void lut_rows(const LutFormat& f, const float* xp, const float* ls, int64_t Kp, 
 // Plain C++ for machines without AVX-512: the same sums in the natural order.
 void lut_rows_scalar(const LutFormat& f, const float* x, int64_t M, float* y, int64_t ldy, int64_t n0, int64_t n1,
                      float* s, float* nz) {
-  const int64_t per_byte = 8 / f.bits, mask = (1 << f.bits) - 1;
   for (int64_t n = n0; n < n1; ++n) {
     f.row_constants(n, s, nz);
     const uint8_t* row = f.packed + n * f.row_bytes;
@@ -296,14 +483,14 @@ void lut_rows_scalar(const LutFormat& f, const float* x, int64_t M, float* y, in
         float dot = 0.f, xs = 0.f;
         const int64_t k1 = std::min(f.K, (g + 1) * f.block);
         for (int64_t k = g * f.block; k < k1; ++k) {
-          const int shift = static_cast<int>(f.bits * (per_byte - 1 - k % per_byte));
-          dot += f.lut[(row[k / per_byte] >> shift) & mask] * xr[k];
+          dot += f.lut[f.code_at(row, k)] * xr[k];
           xs += xr[k];
         }
         acc += dot * s[g] + (f.has_zero() ? nz[g] * xs : 0.f);
       }
       y[m * ldy + n] = acc;
     }
+    if (f.has_outliers()) f.add_outliers(n, row, s, nz, x, M, y, ldy);
   }
 }
 
@@ -313,9 +500,11 @@ void lut_rows_scalar(const LutFormat& f, const float* x, int64_t M, float* y, in
 torch::Tensor lut_gemv(torch::Tensor x, torch::Tensor packed, int64_t N, int64_t K, int64_t bits, torch::Tensor lut,
                        int64_t block, torch::Tensor scale, c10::optional<torch::Tensor> zero,
                        c10::optional<torch::Tensor> nested_absmax, c10::optional<torch::Tensor> nested_table,
-                       double offset, int64_t nested_block) {
+                       double offset, int64_t nested_block, c10::optional<torch::Tensor> stat_scale,
+                       c10::optional<torch::Tensor> stat_zero, int64_t stat_group, c10::optional<torch::Tensor> rowptr,
+                       c10::optional<torch::Tensor> cols, c10::optional<torch::Tensor> values) {
   const LutFormat f = make_format(packed, N, K, bits, lut, block, scale, zero, nested_absmax, nested_table, offset,
-                                  nested_block);
+                                  nested_block, stat_scale, stat_zero, stat_group, rowptr, cols, values);
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.size(1) == K, "x must be float32 [M, K]");
   x = x.contiguous();
   const int64_t M = x.size(0), Kp = f.padded_k();
@@ -331,8 +520,11 @@ torch::Tensor lut_gemv(torch::Tensor x, torch::Tensor packed, int64_t N, int64_t
       constexpr int MB = decltype(mb)::value;
       const float* xm = xp.data() + m0 * Kp;
       const float* lm = ls.data() + m0 * (Kp / f.lane_elems());
-      if (bits == 4) lut_rows<MB, 4>(f, xm, lm, Kp, py + m0 * N, N, n0, n1, s.data(), nz.data());
-      else lut_rows<MB, 2>(f, xm, lm, Kp, py + m0 * N, N, n0, n1, s.data(), nz.data());
+      const float* xo = x.data_ptr<float>() + m0 * K;
+      float* ym = py + m0 * N;
+      if (bits == 4) lut_rows<MB, 4>(f, xm, lm, Kp, xo, ym, N, n0, n1, s.data(), nz.data());
+      else if (bits == 3) lut_rows<MB, 3>(f, xm, lm, Kp, xo, ym, N, n0, n1, s.data(), nz.data());
+      else lut_rows<MB, 2>(f, xm, lm, Kp, xo, ym, N, n0, n1, s.data(), nz.data());
     });
   });
 #else
@@ -372,7 +564,7 @@ inline void store16(c10::BFloat16* p, __m512 v) {
 
 template <typename T>
 void dequant_rows_impl(const LutFormat& f, int64_t r0, int64_t r1, T* out, int64_t Kp) {
-  const int64_t per_byte = 8 / f.bits, mask = (1 << f.bits) - 1, L = f.lane_elems(), E = f.chunk();
+  const int64_t L = f.lane_elems(), E = f.chunk();
   at::parallel_for(r0, r1, 1, [&](int64_t n0, int64_t n1) {
     std::vector<float> s(f.groups + 32), nz(f.groups + 32);
     for (int64_t n = n0; n < n1; ++n) {
@@ -383,10 +575,8 @@ void dequant_rows_impl(const LutFormat& f, int64_t r0, int64_t r1, T* out, int64
       {
         const __m512 lutv = _mm512_loadu_ps(f.lut);
         const LaneConstants lanes(f);
-        const int64_t full = f.row_bytes / 64, tail = f.row_bytes % 64;
         for (int64_t c = 0; c < Kp / E; ++c) {
-          const __m512i v = c < full ? _mm512_loadu_si512(row + c * 64)
-                                     : _mm512_maskz_loadu_epi8((__mmask64)((1ULL << tail) - 1), row + c * 64);
+          const __m512i v = f.bits == 3 ? load_chunk<3>(row, c, f.row_bytes) : load_chunk<4>(row, c, f.row_bytes);
           const __m512 sv = lanes.get(s.data(), c);
           const __m512 zv = f.has_zero() ? lanes.get(nz.data(), c) : _mm512_setzero_ps();
           for (int64_t sh = 0; sh < L; ++sh) {
@@ -394,19 +584,18 @@ void dequant_rows_impl(const LutFormat& f, int64_t r0, int64_t r1, T* out, int64
             store16(o + c * E + sh * 16, _mm512_fmadd_ps(w, sv, zv));
           }
         }
-        continue;
       }
-#endif
+#else
       for (int64_t kp = 0; kp < Kp; ++kp) {  // position kp of the lane order holds weight k
         const int64_t c = kp / E, sh = (kp % E) / 16, l = kp % 16;
         const int64_t k = c * E + L * l + f.lane_elem(sh);
-        float v = 0.f;
-        if (k < f.K) {
-          const int shift = static_cast<int>(f.bits * (per_byte - 1 - k % per_byte));
-          const int64_t g = k / f.block;
-          v = f.lut[(row[k / per_byte] >> shift) & mask] * s[g] + (f.has_zero() ? nz[g] : 0.f);
-        }
-        o[kp] = static_cast<T>(v);
+        o[kp] = static_cast<T>(k < f.K ? f.value(row, k, s.data(), nz.data()) : 0.f);
+      }
+#endif
+      if (!f.has_outliers()) continue;
+      for (int32_t j = f.rowptr_p[n]; j < f.rowptr_p[n + 1]; ++j) {
+        const int64_t k = f.col(j);
+        o[f.lane_pos(k)] = static_cast<T>(static_cast<float>(f.values_p[j]));
       }
     }
   });
@@ -417,9 +606,12 @@ void dequant_rows_impl(const LutFormat& f, int64_t r0, int64_t r1, T* out, int64
 void lut_dequant_rows(torch::Tensor packed, int64_t N, int64_t K, int64_t bits, torch::Tensor lut, int64_t block,
                       torch::Tensor scale, c10::optional<torch::Tensor> zero,
                       c10::optional<torch::Tensor> nested_absmax, c10::optional<torch::Tensor> nested_table,
-                      double offset, int64_t nested_block, int64_t r0, int64_t r1, torch::Tensor out) {
+                      double offset, int64_t nested_block, c10::optional<torch::Tensor> stat_scale,
+                      c10::optional<torch::Tensor> stat_zero, int64_t stat_group, c10::optional<torch::Tensor> rowptr,
+                      c10::optional<torch::Tensor> cols, c10::optional<torch::Tensor> values, int64_t r0, int64_t r1,
+                      torch::Tensor out) {
   const LutFormat f = make_format(packed, N, K, bits, lut, block, scale, zero, nested_absmax, nested_table, offset,
-                                  nested_block);
+                                  nested_block, stat_scale, stat_zero, stat_group, rowptr, cols, values);
   const int64_t Kp = f.padded_k();
   TORCH_CHECK(0 <= r0 && r0 <= r1 && r1 <= N, "bad row range");
   TORCH_CHECK(out.is_contiguous() && out.numel() >= (r1 - r0) * Kp, "out too small");
@@ -536,6 +728,59 @@ torch::Tensor int8_int8_gemv(torch::Tensor xq, torch::Tensor codes, torch::Tenso
     }
   });
   return acc;
+}
+
+std::vector<torch::Tensor> quantize_rowwise_int8(torch::Tensor x);
+
+// LLM.int8() for a few rows of x in one call (its torch-op form costs ~0.3 ms of overhead per layer): the
+// feature columns where any |x| >= threshold (threshold > 0) are multiplied in float32 with the dequantized
+// weight columns, the rest is quantized to int8 per row (absmax) and multiplied exactly in int32. Returns
+// y = acc * x_absmax / 127 * row_scale + x_outliers @ (codes * row_scale)_outliers^T, and the x absmax.
+std::vector<torch::Tensor> llm_int8_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor code_sums,
+                                         torch::Tensor row_scale, double threshold) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.size(1) == codes.size(1), "x must be float32 [M, K]");
+  TORCH_CHECK(row_scale.dtype() == torch::kFloat32 && row_scale.numel() == codes.size(0), "row_scale must be float32 [N]");
+  auto xz = x.contiguous().clone();
+  row_scale = row_scale.contiguous();
+  const int64_t M = xz.size(0), K = xz.size(1), N = codes.size(0);
+  float* px = xz.data_ptr<float>();
+  std::vector<int64_t> cols;
+  std::vector<float> xo;  // the outlier columns of x, [M, cols]
+  if (threshold > 0) {
+    const float t = static_cast<float>(threshold);
+    for (int64_t k = 0; k < K; ++k) {
+      bool hit = false;
+      for (int64_t m = 0; m < M; ++m) hit |= std::fabs(px[m * K + k]) >= t;
+      if (hit) cols.push_back(k);
+    }
+    xo.resize(M * cols.size());
+    for (int64_t m = 0; m < M; ++m)
+      for (size_t j = 0; j < cols.size(); ++j) xo[m * cols.size() + j] = px[m * K + cols[j]], px[m * K + cols[j]] = 0.f;
+  }
+  auto q = quantize_rowwise_int8(xz);
+  auto acc = int8_int8_gemv(q[0], codes, code_sums);
+  const float* absmax = q[1].data_ptr<float>();
+  const int32_t* pa = acc.data_ptr<int32_t>();
+  const int8_t* pw = codes.data_ptr<int8_t>();
+  const float* rs = row_scale.data_ptr<float>();
+  auto y = torch::empty({M, N}, torch::kFloat32);
+  float* py = y.data_ptr<float>();
+  const int64_t C = static_cast<int64_t>(cols.size());
+  at::parallel_for(0, N, 1024, [&](int64_t n0, int64_t n1) {
+    for (int64_t m = 0; m < M; ++m) {
+      const float xs = absmax[m] / 127.0f;
+      for (int64_t n = n0; n < n1; ++n) {
+        float v = static_cast<float>(pa[m * N + n]) * xs * rs[n];
+        if (C) {
+          float o = 0.f;
+          for (int64_t j = 0; j < C; ++j) o += xo[m * C + j] * (static_cast<float>(pw[n * K + cols[j]]) * rs[n]);
+          v += o;
+        }
+        py[m * N + n] = v;
+      }
+    }
+  });
+  return {y, q[1]};
 }
 
 #if defined(__AVX512VNNI__) && defined(LOWBIT_AVX512)
