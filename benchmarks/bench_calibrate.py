@@ -25,16 +25,20 @@ WIKI = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "wiki
 CONFIGS = {
     "rtn4": lowbit.IntConfig(bits=4, group_size=128),
     "gptq4": lowbit.GPTQConfig(bits=4, group_size=128),
-    "gptq4-mse": lowbit.GPTQConfig(bits=4, group_size=128, clip_search=True), "spqr4": lowbit.SpQRConfig(bits=4, group_size=16),
+    "gptq4-mse": lowbit.GPTQConfig(bits=4, group_size=128, clip_search=True),
+    "spqr4": lowbit.SpQRConfig(bits=4, group_size=16),
+    "spqr4-s32": lowbit.SpQRConfig(bits=4, group_size=16, stat_group=32),
     "rtn3": lowbit.IntConfig(bits=3, group_size=128),
     "gptq3": lowbit.GPTQConfig(bits=3, group_size=128), "gptq3-g64": lowbit.GPTQConfig(bits=3, group_size=64),
     "spqr3": lowbit.SpQRConfig(bits=3, group_size=16),
+    "spqr3-g32": lowbit.SpQRConfig(bits=3, group_size=32),
 }
+DEFAULT = "rtn4,gptq4,spqr4,spqr4-s32,rtn3,gptq3,gptq3-g64,spqr3,spqr3-g32"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--methods", default=",".join(CONFIGS))
+    ap.add_argument("--methods", default=DEFAULT, help=f"comma-separated, of {', '.join(CONFIGS)}")
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--tag", default="all", help="results/calibrate-TAG.json")
     args = ap.parse_args()

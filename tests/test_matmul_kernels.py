@@ -167,6 +167,10 @@ def test_fused_llm_int8_equals_torch_ops(rows):
 def test_bitlinear_fast_equals_reference():
     layer = BitLinear.from_linear(_linear(70, 576))
     _compare(layer, 576, torch.float32)
+    x = torch.randn(2, 576)
+    x[1, 7] = float("inf")
+    with pytest.raises(ValueError, match="NaN or Inf"), torch.no_grad():
+        layer(x)
 
 
 def test_autograd_takes_the_differentiable_path():

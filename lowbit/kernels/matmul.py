@@ -136,15 +136,16 @@ def int8_int8(xq: torch.Tensor, codes: torch.Tensor, code_sums: torch.Tensor) ->
     return torch._int_mm(xq, codes.t())
 
 
-def llm_int8_gemv(x: torch.Tensor, codes: torch.Tensor, code_sums: torch.Tensor, row_scale: torch.Tensor,
-                  threshold: float) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """LLM.int8() with absmax activations for a few float32 rows of x in one compiled call: (y float32, x's row
-    absmax after the outlier columns are taken out), or None where the torch-op path must run."""
+def q8_gemv(x: torch.Tensor, weight: torch.Tensor, code_sums: torch.Tensor | None, row_scale: torch.Tensor,
+            threshold: float, n: int) -> tuple[torch.Tensor, torch.Tensor, bool] | None:
+    """Per-token absmax int8 x times int8 codes [n, K] (LLM.int8, outlier columns |x| >= threshold in float) or
+    packed ternary weights, for a few float32 rows of x in one compiled call: (y float32, x's row absmax, whether
+    it is finite), or None where the torch-op path must run."""
     ext = _cpu_ext(x)
-    if ext is None or x.dtype != torch.float32 or x.shape[0] > GEMV_MAX_ROWS:
+    ternary = weight.dtype == torch.uint8
+    if ext is None or x.dtype != torch.float32 or x.shape[0] > GEMV_MAX_ROWS or (ternary and x.shape[1] % 4):
         return None
-    y, absmax = ext.llm_int8_gemv(x, codes, code_sums, row_scale, threshold)
-    return y, absmax
+    return ext.q8_gemv(x, weight, code_sums, row_scale, threshold, n)
 
 
 def ternary_int8(xq: torch.Tensor, packed: torch.Tensor, N: int, trits) -> torch.Tensor:

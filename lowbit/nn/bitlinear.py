@@ -6,7 +6,8 @@ from torch import nn
 
 from lowbit import functional as F
 from lowbit.formats import unpack_ternary_2bit
-from lowbit.kernels.matmul import ternary_int8
+from lowbit.functional.validate import check_finite_stats
+from lowbit.kernels.matmul import q8_gemv, ternary_int8
 from lowbit.nn.base import QuantLinear, linear_weight
 
 
@@ -36,6 +37,14 @@ class BitLinear(QuantLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         shape, dtype = x.shape, x.dtype
+        if self.compute_dtype == torch.float32:  # a few rows: quantize, multiply and scale in one compiled call
+            fused = q8_gemv(x.reshape(-1, self.in_features).float(), self.weight_packed, None,
+                            self.weight_gamma.float().reshape(1), 0.0, self.out_features)
+            if fused is not None:
+                y, absmax, finite = fused
+                if not finite:
+                    check_finite_stats(absmax)
+                return self._finish(y, dtype).reshape(*shape[:-1], self.out_features)
         xq, absmax = F.quantize_activations_int8(x.reshape(-1, self.in_features).float())
         # The two scales are applied once per output, after the integer product.
         acc = ternary_int8(xq, self.weight_packed, self.out_features, self.trits).float()  # exact int32

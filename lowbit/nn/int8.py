@@ -6,7 +6,7 @@ from torch import nn
 
 from lowbit.functional import quantize_absmax, quantize_affine
 from lowbit.functional.validate import check_finite_stats
-from lowbit.kernels.matmul import int8_int8, int8_linear, llm_int8_gemv
+from lowbit.kernels.matmul import int8_int8, int8_linear, q8_gemv
 from lowbit.nn.base import QuantLinear, linear_weight, needs_autograd
 
 
@@ -69,11 +69,13 @@ class Int8Linear(QuantLinear):
             else:
                 y = int8_linear(x2, self.weight_codes, self.weight_absmax / 127, self.compute_dtype)
             return self._finish(y, dtype).reshape(*shape[:-1], self.out_features)
-        if self.activations == "absmax" and not reference and not needs_autograd(x):
-            fused = llm_int8_gemv(x2, self.weight_codes, self._code_sums(), row_scale, self.threshold)
+        if self.activations == "absmax" and self.compute_dtype == torch.float32 and not reference and not needs_autograd(x):
+            fused = q8_gemv(x2, self.weight_codes, self._code_sums(), row_scale, self.threshold, self.out_features)
             if fused is not None:
-                check_finite_stats(fused[1])
-                return self._finish(fused[0].to(self.compute_dtype), dtype).reshape(*shape[:-1], self.out_features)
+                y, x_absmax, finite = fused
+                if not finite:
+                    check_finite_stats(x_absmax)
+                return self._finish(y, dtype).reshape(*shape[:-1], self.out_features)
         outliers = None
         if self.threshold > 0:
             cols = (x2.abs() >= self.threshold).any(dim=0)

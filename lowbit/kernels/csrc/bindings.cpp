@@ -28,8 +28,9 @@ void lut_dequant_rows(torch::Tensor packed, int64_t N, int64_t K, int64_t bits, 
                       torch::Tensor out);
 torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor row_scale);
 torch::Tensor int8_int8_gemv(torch::Tensor xq, torch::Tensor codes, torch::Tensor code_sums);
-std::vector<torch::Tensor> llm_int8_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor code_sums,
-                                         torch::Tensor row_scale, double threshold);
+std::tuple<torch::Tensor, torch::Tensor, bool> q8_gemv(torch::Tensor x, torch::Tensor weight,
+                                                       c10::optional<torch::Tensor> code_sums, torch::Tensor row_scale,
+                                                       double threshold, int64_t N);
 torch::Tensor ternary_gemv(torch::Tensor xq, torch::Tensor packed, int64_t N);
 void ternary_unpack_rows(torch::Tensor packed, int64_t K, int64_t r0, int64_t r1, torch::Tensor out);
 int64_t read_probe(torch::Tensor t);
@@ -46,7 +47,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lut_dequant_rows", &lut_dequant_rows);
   m.def("int8_gemv", &int8_gemv);
   m.def("int8_int8_gemv", &int8_int8_gemv);
-  m.def("llm_int8_gemv", &llm_int8_gemv);
+  m.def("q8_gemv", &q8_gemv);
   m.def("ternary_gemv", &ternary_gemv);
   m.def("ternary_unpack_rows", &ternary_unpack_rows);
   m.def("read_probe", &read_probe);

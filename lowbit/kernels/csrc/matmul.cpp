@@ -82,7 +82,8 @@ struct LutFormat {
   int64_t lane_elems() const { return bits == 3 ? 8 : 32 / bits; }  // weights in one int32 lane
   int64_t chunk() const { return 16 * lane_elems(); }                // weights in one load of codes
   int64_t padded_k() const { return (K + chunk() - 1) / chunk() * chunk(); }
-  bool has_zero() const { return zero.defined() || stat_group; }
+  bool zero_term = false;  // set by make_format: zero points (or SpQR statistics) add -scale * zero
+  bool has_zero() const { return zero_term; }
 
   // The float scale and -scale*zero of each block of row n (buffers hold groups + 32 floats).
   void row_constants(int64_t n, float* s, float* nz) const {
@@ -235,12 +236,15 @@ struct LutFormat {
     return static_cast<int>((word >> (21 - 3 * (i % 8))) & 7);
   }
 
-  // Code of weight k in a row.
+  // Code of weight k in a row (shifts, not divisions: this runs per outlier).
   int code_at(const uint8_t* row, int64_t k) const {
     if (bits == 3) return code3(row, k);
-    const int64_t per_byte = 8 / bits;
-    return (row[k / per_byte] >> (bits * (per_byte - 1 - k % per_byte))) & ((1 << bits) - 1);
+    if (bits == 4) return (row[k >> 1] >> (4 * (1 - (k & 1)))) & 15;
+    return (row[k >> 2] >> (2 * (3 - (k & 3)))) & 3;
   }
+
+  int block_shift = -1;  // log2(block) when block is a power of two
+  int64_t group_of(int64_t k) const { return block_shift >= 0 ? k >> block_shift : k / block; }
 
   // Element (within its lane) that shift s of a lane holds; its own inverse.
   int64_t lane_elem(int64_t s) const {
@@ -257,7 +261,7 @@ struct LutFormat {
 
   // Value of weight k of row n (row constants s, nz of that row).
   float value(const uint8_t* row, int64_t k, const float* s, const float* nz) const {
-    const int64_t g = k / block;
+    const int64_t g = group_of(k);
     return lut[code_at(row, k)] * s[g] + (has_zero() ? nz[g] : 0.f);
   }
 
@@ -290,7 +294,10 @@ LutFormat make_format(torch::Tensor packed, int64_t N, int64_t K, int64_t bits, 
   TORCH_CHECK(K * bits % 8 == 0 && (bits != 3 || K % 8 == 0), "rows must start on a byte (3-bit: on a 24-bit word)");
   LutFormat f;
   f.N = N, f.K = K, f.bits = bits, f.row_bytes = K * bits / 8, f.block = block;
+  TORCH_CHECK(block > 0 && N >= 0 && K >= 0, "block must be positive");
   f.groups = (K + block - 1) / block;
+  if ((block & (block - 1)) == 0)
+    while ((int64_t{1} << ++f.block_shift) < block) {}
   TORCH_CHECK(block % f.lane_elems() == 0 && (f.chunk() % block == 0 || block % f.chunk() == 0),
               "block size does not fit the kernel's lanes");
   TORCH_CHECK(packed.is_contiguous() && packed.dtype() == torch::kUInt8 && packed.numel() >= N * f.row_bytes,
@@ -334,6 +341,7 @@ LutFormat make_format(torch::Tensor packed, int64_t N, int64_t K, int64_t bits, 
   }
   f.offset = offset;
   f.nested_block = nested_block;
+  f.zero_term = f.zero.defined() || f.stat_group;
   f.scale_p = f.scale.data_ptr();
   f.zero_p = f.zero.defined() ? f.zero.data_ptr() : nullptr;
   if (f.nested_absmax.defined()) {
@@ -354,7 +362,10 @@ LutFormat make_format(torch::Tensor packed, int64_t N, int64_t K, int64_t bits, 
     TORCH_CHECK(ok, "outlier rowptr must not decrease");
     if (f.cols.scalar_type() == torch::kInt16) f.cols16_p = f.cols.data_ptr<int16_t>();
     else f.cols32_p = f.cols.data_ptr<int32_t>();
-    for (int64_t j = 0; j < f.values.numel(); ++j) ok &= f.col(j) >= 0 && f.col(j) < K;  // a corrupt file must not read past x
+    // A corrupt file must not read past x (plain loops over one type, so that they vectorize).
+    const int64_t nnz = f.values.numel();
+    if (f.cols16_p) for (int64_t j = 0; j < nnz; ++j) ok &= f.cols16_p[j] >= 0 && f.cols16_p[j] < K;
+    else for (int64_t j = 0; j < nnz; ++j) ok &= f.cols32_p[j] >= 0 && f.cols32_p[j] < K;
     TORCH_CHECK(ok, "outlier columns out of range");
     f.rowptr_p = rp;
     f.values_p = f.values.data_ptr<c10::Half>();
@@ -442,8 +453,8 @@ void lut_rows(const LutFormat& f, const float* xp, const float* ls, int64_t Kp, 
   const LaneConstants lanes(f);
   const bool zero = f.has_zero();
   for (int64_t n = n0; n < n1; ++n) {
-    f.row_constants(n, s, nz);
     const uint8_t* row = f.packed + n * f.row_bytes;
+    f.row_constants(n, s, nz);
     __m512 acc[MB];
     for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
     for (int64_t c = 0; c < chunks; ++c) {
@@ -732,21 +743,30 @@ torch::Tensor int8_int8_gemv(torch::Tensor xq, torch::Tensor codes, torch::Tenso
 
 std::vector<torch::Tensor> quantize_rowwise_int8(torch::Tensor x);
 
-// LLM.int8() for a few rows of x in one call (its torch-op form costs ~0.3 ms of overhead per layer): the
-// feature columns where any |x| >= threshold (threshold > 0) are multiplied in float32 with the dequantized
-// weight columns, the rest is quantized to int8 per row (absmax) and multiplied exactly in int32. Returns
-// y = acc * x_absmax / 127 * row_scale + x_outliers @ (codes * row_scale)_outliers^T, and the x absmax.
-std::vector<torch::Tensor> llm_int8_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor code_sums,
-                                         torch::Tensor row_scale, double threshold) {
-  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.size(1) == codes.size(1), "x must be float32 [M, K]");
-  TORCH_CHECK(row_scale.dtype() == torch::kFloat32 && row_scale.numel() == codes.size(0), "row_scale must be float32 [N]");
-  auto xz = x.contiguous().clone();
+torch::Tensor ternary_gemv(torch::Tensor xq, torch::Tensor packed, int64_t N);
+
+// Per-token absmax int8 activations times int8 weights (LLM.int8) or ternary ones (b1.58, uint8 packed 2 bits a
+// weight), for a few rows of x in one call: as torch ops the quantization and scaling cost 0.1-0.3 ms per layer.
+// Int8 with threshold > 0: the feature columns where any |x| >= threshold are taken out of the int8 product and
+// multiplied in float32 with the dequantized weight columns. Returns y [M, N] = acc * x_absmax / 127 *
+// row_scale (one per row, or one for all), plus the outlier product; x's row absmax; whether all are finite.
+std::tuple<torch::Tensor, torch::Tensor, bool> q8_gemv(torch::Tensor x, torch::Tensor weight,
+                                                       c10::optional<torch::Tensor> code_sums, torch::Tensor row_scale,
+                                                       double threshold, int64_t N) {
+  const bool ternary = weight.scalar_type() == torch::kUInt8;
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2, "x must be float32 [M, K]");
+  TORCH_CHECK(ternary || (weight.scalar_type() == torch::kInt8 && weight.dim() == 2 && weight.size(0) == N &&
+                          weight.size(1) == x.size(1) && code_sums.has_value()),
+              "weight must be int8 codes [N, K] with their row sums, or packed ternary uint8");
   row_scale = row_scale.contiguous();
-  const int64_t M = xz.size(0), K = xz.size(1), N = codes.size(0);
+  TORCH_CHECK(row_scale.dtype() == torch::kFloat32 && (row_scale.numel() == N || row_scale.numel() == 1),
+              "row_scale must be float32 [N] or [1]");
+  auto xz = x.contiguous().clone();
+  const int64_t M = xz.size(0), K = xz.size(1);
   float* px = xz.data_ptr<float>();
   std::vector<int64_t> cols;
   std::vector<float> xo;  // the outlier columns of x, [M, cols]
-  if (threshold > 0) {
+  if (!ternary && threshold > 0) {
     const float t = static_cast<float>(threshold);
     for (int64_t k = 0; k < K; ++k) {
       bool hit = false;
@@ -758,29 +778,30 @@ std::vector<torch::Tensor> llm_int8_gemv(torch::Tensor x, torch::Tensor codes, t
       for (size_t j = 0; j < cols.size(); ++j) xo[m * cols.size() + j] = px[m * K + cols[j]], px[m * K + cols[j]] = 0.f;
   }
   auto q = quantize_rowwise_int8(xz);
-  auto acc = int8_int8_gemv(q[0], codes, code_sums);
   const float* absmax = q[1].data_ptr<float>();
+  bool finite = true;
+  for (int64_t m = 0; m < M; ++m) finite &= std::isfinite(absmax[m]);
+  auto acc = ternary ? ternary_gemv(q[0], weight, N) : int8_int8_gemv(q[0], weight, *code_sums);
   const int32_t* pa = acc.data_ptr<int32_t>();
-  const int8_t* pw = codes.data_ptr<int8_t>();
   const float* rs = row_scale.data_ptr<float>();
+  const int64_t rstride = row_scale.numel() == 1 ? 0 : 1, C = static_cast<int64_t>(cols.size());
+  const int8_t* pw = ternary ? nullptr : weight.data_ptr<int8_t>();
   auto y = torch::empty({M, N}, torch::kFloat32);
   float* py = y.data_ptr<float>();
-  const int64_t C = static_cast<int64_t>(cols.size());
-  at::parallel_for(0, N, 1024, [&](int64_t n0, int64_t n1) {
-    for (int64_t m = 0; m < M; ++m) {
-      const float xs = absmax[m] / 127.0f;
-      for (int64_t n = n0; n < n1; ++n) {
-        float v = static_cast<float>(pa[m * N + n]) * xs * rs[n];
-        if (C) {
-          float o = 0.f;
-          for (int64_t j = 0; j < C; ++j) o += xo[m * C + j] * (static_cast<float>(pw[n * K + cols[j]]) * rs[n]);
-          v += o;
-        }
-        py[m * N + n] = v;
+  for (int64_t m = 0; m < M; ++m) {
+    const float xs = absmax[m] / 127.0f;
+    for (int64_t n = 0; n < N; ++n) {
+      const float r = rs[n * rstride];
+      float v = static_cast<float>(pa[m * N + n]) * xs * r;
+      if (C) {
+        float o = 0.f;
+        for (int64_t j = 0; j < C; ++j) o += xo[m * C + j] * (static_cast<float>(pw[n * K + cols[j]]) * r);
+        v += o;
       }
+      py[m * N + n] = v;
     }
-  });
-  return {y, q[1]};
+  }
+  return {y, q[1], finite};
 }
 
 #if defined(__AVX512VNNI__) && defined(LOWBIT_AVX512)
