@@ -71,9 +71,10 @@ def main() -> None:
         rows.append(row)
         show(row)
         del q
-    out = Path(__file__).parent / "results" / f"calibrate-{args.tag}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"samples": args.samples, "rows": rows}, indent=1, default=str))
+        # Written after every row: a long run stopped part way keeps what it measured.
+        out = Path(__file__).parent / "results" / f"calibrate-{args.tag}.json"
+        out.parent.mkdir(exist_ok=True)
+        out.write_text(json.dumps({"samples": args.samples, "rows": rows}, indent=1, default=str))
 
 
 if __name__ == "__main__":
