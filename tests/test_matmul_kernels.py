@@ -183,5 +183,6 @@ def test_autograd_takes_the_differentiable_path():
 def test_spqr_outlier_columns_out_of_range_raise():
     layer = _spqr(_linear(24, 256), 3)
     layer.outlier_cols[5] = 256 + 40  # a corrupt file: the kernel must not read past x
-    with pytest.raises(RuntimeError, match="out of range"), torch.no_grad():
-        layer(torch.randn(1, 256))
+    for rows in (1, 40):  # the GEMV and the tiled prefill
+        with pytest.raises(RuntimeError, match="out of range"), torch.no_grad():
+            layer(torch.randn(rows, 256))

@@ -98,7 +98,7 @@ def _input_groups(block: nn.Module, linears: dict[str, nn.Module], args: tuple, 
 def quantize_sequential(model: nn.Module, batches: torch.Tensor, quantize_layer: LayerQuantizer,
                         skip: Callable[[str], bool] = lambda name: False, progress: bool = True,
                         desc: str = "calibrating", chunk: int = 8, token_clip: float | None = None,
-                        true_sequential: bool = True) -> dict:
+                        true_sequential: bool = False) -> dict:
     """Replace every linear layer inside the blocks, block after block, using Hessians of its real inputs.
 
     Layers that read the same input share one Hessian. With ``true_sequential`` (as in the GPTQ reference code)

@@ -220,8 +220,7 @@ struct LutFormat {
     const int64_t end = i0 + count;
     for (; i < end && i % 8; ++i) *out++ = static_cast<float>(code3(p, i));
     for (; i + 8 <= end; i += 8) {
-      const uint8_t* w = p + 3 * (i / 8);
-      const uint32_t word = uint32_t{w[0]} << 16 | uint32_t{w[1]} << 8 | w[2];
+      const uint32_t word = word24(p, i / 8);
       for (int j = 0; j < 8; ++j) *out++ = static_cast<float>((word >> (21 - 3 * j)) & 7);
     }
     for (; i < end; ++i) *out++ = static_cast<float>(code3(p, i));
@@ -229,11 +228,15 @@ struct LutFormat {
 
   bool has_outliers() const { return rowptr_p != nullptr; }
 
+  // Big-endian 24-bit word w of packed 3-bit codes (codes 8w .. 8w + 7, the first in the high bits).
+  static uint32_t word24(const uint8_t* p, int64_t w) {
+    const uint8_t* b = p + 3 * w;
+    return uint32_t{b[0]} << 16 | uint32_t{b[1]} << 8 | b[2];
+  }
+
   // Code i of 3-bit codes packed eight to a big-endian 24-bit word.
   static int code3(const uint8_t* p, int64_t i) {
-    const uint8_t* w = p + 3 * (i / 8);
-    const uint32_t word = uint32_t{w[0]} << 16 | uint32_t{w[1]} << 8 | w[2];
-    return static_cast<int>((word >> (21 - 3 * (i % 8))) & 7);
+    return static_cast<int>((word24(p, i / 8) >> (21 - 3 * (i % 8))) & 7);
   }
 
   // Code of weight k in a row (shifts, not divisions: this runs per outlier).
@@ -289,7 +292,9 @@ LutFormat make_format(torch::Tensor packed, int64_t N, int64_t K, int64_t bits, 
                       double offset, int64_t nested_block, c10::optional<torch::Tensor> stat_scale,
                       c10::optional<torch::Tensor> stat_zero, int64_t stat_group,
                       c10::optional<torch::Tensor> rowptr, c10::optional<torch::Tensor> cols,
-                      c10::optional<torch::Tensor> values) {
+                      c10::optional<torch::Tensor> values, int64_t r0 = 0, int64_t r1 = -1) {
+  if (r1 < 0) r1 = N;  // the rows this call reads: only their outliers are checked (prefill calls once a tile)
+  TORCH_CHECK(0 <= r0 && r0 <= r1 && r1 <= N, "bad row range");
   TORCH_CHECK(bits == 4 || bits == 3 || bits == 2, "LUT kernels take 4-, 3- or 2-bit codes");
   TORCH_CHECK(K * bits % 8 == 0 && (bits != 3 || K % 8 == 0), "rows must start on a byte (3-bit: on a 24-bit word)");
   LutFormat f;
@@ -357,15 +362,15 @@ LutFormat make_format(torch::Tensor packed, int64_t N, int64_t K, int64_t bits, 
                 "outliers must be rowptr int32 [N + 1], cols int16/int32 and values float16 of one length");
     const int32_t* rp = f.rowptr.data_ptr<int32_t>();
     TORCH_CHECK(rp[0] == 0 && rp[N] == f.values.numel(), "outlier rowptr does not match the outlier count");
-    bool ok = true;
-    for (int64_t n = 0; n < N; ++n) ok &= rp[n] <= rp[n + 1];
+    bool ok = rp[r0] >= 0 && rp[r1] <= f.values.numel();
+    for (int64_t n = r0; n < r1; ++n) ok &= rp[n] <= rp[n + 1];
     TORCH_CHECK(ok, "outlier rowptr must not decrease");
     if (f.cols.scalar_type() == torch::kInt16) f.cols16_p = f.cols.data_ptr<int16_t>();
     else f.cols32_p = f.cols.data_ptr<int32_t>();
     // A corrupt file must not read past x (plain loops over one type, so that they vectorize).
-    const int64_t nnz = f.values.numel();
-    if (f.cols16_p) for (int64_t j = 0; j < nnz; ++j) ok &= f.cols16_p[j] >= 0 && f.cols16_p[j] < K;
-    else for (int64_t j = 0; j < nnz; ++j) ok &= f.cols32_p[j] >= 0 && f.cols32_p[j] < K;
+    const int64_t j0 = rp[r0], j1 = rp[r1];
+    if (f.cols16_p) for (int64_t j = j0; j < j1; ++j) ok &= f.cols16_p[j] >= 0 && f.cols16_p[j] < K;
+    else for (int64_t j = j0; j < j1; ++j) ok &= f.cols32_p[j] >= 0 && f.cols32_p[j] < K;
     TORCH_CHECK(ok, "outlier columns out of range");
     f.rowptr_p = rp;
     f.values_p = f.values.data_ptr<c10::Half>();
@@ -622,9 +627,8 @@ void lut_dequant_rows(torch::Tensor packed, int64_t N, int64_t K, int64_t bits, 
                       c10::optional<torch::Tensor> cols, c10::optional<torch::Tensor> values, int64_t r0, int64_t r1,
                       torch::Tensor out) {
   const LutFormat f = make_format(packed, N, K, bits, lut, block, scale, zero, nested_absmax, nested_table, offset,
-                                  nested_block, stat_scale, stat_zero, stat_group, rowptr, cols, values);
+                                  nested_block, stat_scale, stat_zero, stat_group, rowptr, cols, values, r0, r1);
   const int64_t Kp = f.padded_k();
-  TORCH_CHECK(0 <= r0 && r0 <= r1 && r1 <= N, "bad row range");
   TORCH_CHECK(out.is_contiguous() && out.numel() >= (r1 - r0) * Kp, "out too small");
   if (out.dtype() == torch::kFloat32)
     dequant_rows_impl<float>(f, r0, r1, out.data_ptr<float>(), Kp);
