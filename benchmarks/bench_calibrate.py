@@ -42,6 +42,9 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--tag", default="all", help="results/calibrate-TAG.json")
     args = ap.parse_args()
+    from lowbit.eval.speed import machine
+
+    print(f"machine: {machine()}")
     model, tok = load_default_model()
     texts = {"python-tutorial": default_text()}
     if WIKI.exists():

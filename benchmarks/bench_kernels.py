@@ -250,7 +250,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from lowbit.eval.speed import machine
 
-    print(f"{machine()}; W [{args.n}, {args.k}]")
+    print(f"machine: {machine()}\nW [{args.n}, {args.k}]")
     rows, bw = kernel_rows(args.n, args.k, args.repeats, args.rounds)
     ratios(rows)
     print(f"\nbandwidth probe (read, {args.threads} threads): {bw:.1f} GB/s\n")

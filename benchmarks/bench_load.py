@@ -35,6 +35,9 @@ def main() -> None:
     ap.add_argument("--formats", default="nf4,int8,ternary")
     args = ap.parse_args()
     import lowbit
+    from lowbit.eval.speed import machine
+
+    print(f"machine: {machine()}")
     from lowbit.models import load_default_model
 
     configs = {"nf4": lowbit.NF4Config(), "int8": lowbit.Int8Config(), "ternary": lowbit.TernaryConfig()}

@@ -46,6 +46,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--no-bnb", action="store_true")
     args = ap.parse_args()
+    from lowbit.eval.speed import machine
+
+    print(f"machine: {machine()}")
     model, tok = load_default_model()
     texts = {"python-tutorial": (SHARED / "python-tutorial.txt").read_text()}
     wiki = SHARED / "wikipedia-sample.txt"

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -38,6 +37,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     import bitsandbytes.functional as bnbf
+
+    from lowbit.eval.speed import machine
 
     assert kernels.fast() is not None, "C++ kernels did not build; see the warning above"
     x = torch.randn(args.rows, args.cols, generator=torch.Generator().manual_seed(0))
@@ -79,7 +80,7 @@ def main() -> None:
         })
     header = f"{'primitive':36} {'lowbit ms':>10} {'lowbit GB/s':>12} {'plain torch':>12} {'bnb GB/s':>9} {'vs bnb':>7}"
     print(f"tensor {args.rows}x{args.cols} fp32 ({gb:.2f} GB), {args.threads} threads, median of {args.repeats}; "
-          f"torch {torch.__version__}, bitsandbytes {__import__('bitsandbytes').__version__}, {platform.processor() or platform.machine()}")
+          f"bitsandbytes {__import__('bitsandbytes').__version__}\nmachine: {machine()}")
     print(header)
     print("-" * len(header))
     for r in rows:

@@ -160,6 +160,9 @@ def main() -> None:
     ap.add_argument("--skip-paged", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(2)
+    from lowbit.eval.speed import machine
+
+    print(f"machine: {machine()}")
     results = {}
     if not args.skip_curves:
         print(f"fine-tuning {args.layers} blocks, {args.steps} steps of {args.batch} x {args.seq} tokens:")

@@ -6,4 +6,15 @@ from lowbit.config import GPTQConfig, Int8Config, IntConfig, NF4Config, SpQRConf
 from lowbit.eval.memory import memory_report  # noqa: E402
 from lowbit.quantize import quantize  # noqa: E402
 
-__all__ = ["CheckpointError", "load", "load_tokenizer", "save", "GPTQConfig", "Int8Config", "IntConfig", "NF4Config", "SpQRConfig", "TernaryConfig", "config_from_dict", "config_from_json", "memory_report", "quantize"]
+
+
+def __getattr__(name: str):
+    # Training needs peft; import it only when asked for.
+    if name == "prepare_for_training":
+        from lowbit.train import prepare_for_training
+
+        return prepare_for_training
+    raise AttributeError(f"module 'lowbit' has no attribute {name!r}")
+
+
+__all__ = ["prepare_for_training", "CheckpointError", "load", "load_tokenizer", "save", "GPTQConfig", "Int8Config", "IntConfig", "NF4Config", "SpQRConfig", "TernaryConfig", "config_from_dict", "config_from_json", "memory_report", "quantize"]

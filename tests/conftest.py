@@ -33,6 +33,24 @@ def real_weights(smollm):
     }
 
 
+def forced_paths() -> list[tuple[str, str]]:
+    """Every (kernel build, bf16 prefill GEMM dtype) this CPU can run: each build it supports, each GEMM dtype."""
+    from lowbit.kernels import cpu_ext
+
+    return [(v, g) for v in cpu_ext.variants() if cpu_ext.supported(v) for g in ("fp32", "bf16")]
+
+
+@pytest.fixture(params=forced_paths(), ids=lambda p: f"{p[0]}-gemm_{p[1]}")
+def forced_path(request):
+    """Runs the test once per forced path (``pytestmark = pytest.mark.usefixtures("forced_path")``), so a machine
+    without AMX or VNNI also tests the paths such CPUs choose, and the other way round."""
+    from lowbit import kernels
+
+    with kernels.force(kernels=request.param[0], gemm=request.param[1]):
+        assert kernels.fast() is not None or os.environ.get("LOWBIT_NO_EXT"), "kernel build failed"
+        yield request.param
+
+
 @pytest.fixture
 def rng():
     return torch.Generator().manual_seed(1234)

@@ -17,11 +17,23 @@ def run(*args):
 
 
 def test_help_has_an_example_for_every_command():
-    for cmd in ("quantize", "eval", "compare", "outliers", "demo"):
+    for cmd in ("quantize", "eval", "compare", "outliers", "demo", "doctor"):
         code, out = run(cmd, "--help")
         assert code == 0 and "Example: lowbit" in out, cmd
     proc = subprocess.run([sys.executable, "-m", "lowbit", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "compare" in proc.stdout
+
+
+def test_doctor_names_the_cpu_its_features_and_the_chosen_paths():
+    from lowbit import kernels
+    from lowbit.kernels import cpu
+
+    code, out = run("doctor")
+    assert code == 0, out
+    assert cpu.cpu_model() in out and kernels.describe() in " ".join(out.split())
+    for feature in cpu.DECIDING:  # each feature in a row, saying whether this CPU has it
+        row = next(line for line in out.splitlines() if f" {feature} " in line)
+        assert ("yes" in row) == (feature in cpu.cpu_flags()), row
 
 
 def test_quantize_then_eval_a_checkpoint(tmp_path, smollm):

@@ -6,6 +6,9 @@ import lowbit
 import lowbit.functional as F
 from lowbit.nn import BitLinear, Int8Linear, Linear4bit
 
+# Every test here runs once per kernel build and prefill GEMM dtype this CPU can run (conftest.forced_path).
+pytestmark = pytest.mark.usefixtures("forced_path")
+
 
 @pytest.fixture
 def linear():

@@ -9,7 +9,9 @@ from lowbit.kernels import matmul, reference
 from lowbit.calibrate.spqr import spqr_quantize
 from lowbit.nn import BitLinear, Int8Linear, IntLinear, Linear4bit, SpQRLinear
 
-pytestmark = pytest.mark.skipif(kernels.fast() is None, reason="C++ kernels not built")
+# Every test here runs once per kernel build and prefill GEMM dtype this CPU can run (conftest.forced_path).
+pytestmark = [pytest.mark.usefixtures("forced_path"),
+              pytest.mark.skipif(kernels.fast() is None, reason="C++ kernels not built")]
 
 ROWS = (1, 3, 8, 9, 40)  # GEMV sizes, and past GEMV_MAX_ROWS the tiled prefill path
 

@@ -1,7 +1,6 @@
 """Prefill and decode speed of a causal LM in tokens/s, and a line that names the machine they ran on."""
 from __future__ import annotations
 
-import platform
 import statistics
 import time
 
@@ -9,14 +8,12 @@ import torch
 
 
 def machine() -> str:
-    """CPU model, cores torch uses, torch version: what a speed figure is worth."""
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{name}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    """CPU model and the features that choose paths, threads, torch version, the kernel paths in use: what a
+    speed figure is worth."""
+    from lowbit import kernels
+    from lowbit.kernels import cpu
+
+    return f"{cpu.describe()}; {torch.get_num_threads()} threads, torch {torch.__version__}; {kernels.describe()}"
 
 
 @torch.no_grad()

@@ -198,3 +198,22 @@ def load_bnb_checkpoint(directory: str | os.PathLike, compute_dtype: torch.dtype
         with safe_open(str(f), framework="pt") as st:
             state.update({k: st.get_tensor(k) for k in st.keys()})
     return from_bnb_state_dict(model, state, compute_dtype)
+
+
+def bnb_fused_cpu(model: nn.Module, enabled: bool) -> int:
+    """Choose bitsandbytes' eval-mode CPU path for every bitsandbytes Linear4bit in ``model``; returns how many.
+
+    Where the CPU has AVX512_BF16, bitsandbytes (0.50) repacks an eval-mode Linear4bit's weight on its first call
+    and runs a fused kernel in bf16 (input, absmax and output rounded to bf16); elsewhere, and in training mode, it
+    dequantizes and multiplies in the compute dtype, as lowbit's reference path does. ``enabled=False`` forces
+    that second path on any CPU; ``enabled=True`` is refused where the CPU lacks the instructions.
+    """
+    import bitsandbytes as bnb
+
+    if enabled and not bnb.functional.has_avx512bf16():
+        raise RuntimeError("bitsandbytes' fused 4-bit CPU kernel needs AVX512_BF16, which this CPU lacks")
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for m in layers:
+        m.support_avx512bf16_for_cpu = enabled
+    return len(layers)
+

@@ -1,26 +1,76 @@
-"""Kernel selection: the compiled CPU kernels when they build, else the plain-torch reference."""
+"""Kernel selection: which compiled build (or the plain-torch reference) runs, and the dtype of prefill GEMMs.
+
+Both follow the CPU's features by default, and each can be forced on any machine (tests run every path):
+
+    LOWBIT_KERNELS=auto | avx512_vnni | avx512 | scalar | reference   (a build this CPU cannot run is an error)
+    LOWBIT_GEMM=auto | bf16 | fp32      (prefill GEMMs of bf16-compute layers: bf16 even where the CPU emulates it)
+
+or ``with lowbit.kernels.force(kernels="scalar", gemm="bf16"): ...``.
+"""
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from types import ModuleType
 from typing import Iterator
 
-from lowbit.kernels import cpu_ext
+from lowbit.kernels import cpu, cpu_ext
 
-_force_reference = False
+GEMM_PATHS = ("auto", "bf16", "fp32")
+_forced: dict[str, str | None] = {"kernels": None, "gemm": None}
+
+
+def _choice(kind: str, env: str, allowed: tuple[str, ...]) -> str:
+    value = _forced[kind] or os.environ.get(env, "").strip().lower() or "auto"
+    if value not in allowed:
+        raise ValueError(f"{env}={value!r}: expected one of {', '.join(allowed)}")
+    return value
+
+
+def kernel_path() -> str:
+    """The kernels that run: a compiled variant's name, or "reference" for the plain-torch path."""
+    choice = _choice("kernels", "LOWBIT_KERNELS", cpu_ext.PATHS)
+    if choice == "auto":
+        return cpu_ext.best_variant()
+    if choice != "reference" and not cpu_ext.supported(choice):
+        raise RuntimeError(f"LOWBIT_KERNELS={choice}: this CPU cannot run that build ({cpu.describe()})")
+    return choice
+
+
+def gemm_path() -> str:
+    """The dtype of prefill GEMMs for bf16-compute layers: "bf16" or "fp32"."""
+    choice = _choice("gemm", "LOWBIT_GEMM", GEMM_PATHS)
+    if choice == "auto":  # bf16 only where the CPU multiplies it natively: emulated bf16 is 3-4x slower than fp32
+        return "bf16" if cpu.native_bf16() else "fp32"
+    return choice
 
 
 def fast() -> ModuleType | None:
-    """The compiled kernel module, or None when the reference path must be used."""
-    return None if _force_reference else cpu_ext.load()
+    """The compiled kernel module of the chosen path, or None when the reference path must be used."""
+    path = kernel_path()
+    return None if path == "reference" else cpu_ext.load(path)
 
 
 @contextmanager
-def reference_only() -> Iterator[None]:
-    """Run the enclosed code on the plain-torch reference kernels (for tests and comparisons)."""
-    global _force_reference
-    saved, _force_reference = _force_reference, True
+def force(kernels: str | None = None, gemm: str | None = None) -> Iterator[None]:
+    """Run the enclosed code on the named kernel path and/or prefill GEMM dtype (None: leave as chosen)."""
+    if kernels is not None and kernels not in cpu_ext.PATHS:
+        raise ValueError(f"kernels={kernels!r}: expected one of {', '.join(cpu_ext.PATHS)}")
+    if gemm is not None and gemm not in GEMM_PATHS:
+        raise ValueError(f"gemm={gemm!r}: expected one of {', '.join(GEMM_PATHS)}")
+    saved = dict(_forced)
+    _forced.update({k: v for k, v in (("kernels", kernels), ("gemm", gemm)) if v is not None})
     try:
         yield
     finally:
-        _force_reference = saved
+        _forced.update(saved)
+
+
+def reference_only():
+    """Run the enclosed code on the plain-torch reference kernels (for tests and comparisons)."""
+    return force(kernels="reference")
+
+
+def describe() -> str:
+    """One line: the paths that run on this machine now."""
+    return f"kernels {kernel_path()}, bf16 prefill GEMMs in {gemm_path()}"

@@ -6,7 +6,8 @@ import threading
 import torch
 from torch import nn
 
-from lowbit.kernels.matmul import LutWeight, lut_linear
+from lowbit.kernels import fast
+from lowbit.kernels.matmul import TILE_BYTES, LutWeight, gemm_dtype, lut_linear
 
 _scratch = threading.local()
 
@@ -59,8 +60,30 @@ def replace_module(model: nn.Module, name: str, layer: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
 
 
+class FrozenWeightMatmul(torch.autograd.Function):
+    """y = layer(x) for a layer whose quantized weight is frozen. Backward gives only x's gradient, rebuilt from the
+    packed weight tile by tile: nothing is saved between forward and backward (no input, no dequantized weight).
+
+    Layers that quantize their input too (LLM.int8, b1.58) get the straight-through gradient, dy @ dequantize():
+    the rounding of x counts as the identity, the convention of quantization-aware training."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: "QuantLinear") -> torch.Tensor:
+        ctx.layer, ctx.shape, ctx.dtype = layer, x.shape, x.dtype
+        return layer.quantized_forward(x)  # autograd is off in here: the inference kernels run
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        layer = ctx.layer
+        grad_x = layer.input_grad(grad_y.reshape(-1, layer.out_features))
+        return grad_x.to(ctx.dtype).reshape(ctx.shape), None
+
+
 class QuantLinear(nn.Module):
-    """Base of lowbit's drop-in replacements for nn.Linear; subclasses hold only quantized weights."""
+    """Base of lowbit's drop-in replacements for nn.Linear; subclasses hold only quantized weights.
+
+    Subclasses define ``quantized_forward``; under autograd it runs inside ``FrozenWeightMatmul``.
+    """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, compute_dtype: torch.dtype) -> None:
         super().__init__()
@@ -93,6 +116,38 @@ class QuantLinear(nn.Module):
         """Stored weight bits per weight parameter."""
         return self.stored_bits() / (self.in_features * self.out_features)
 
+    @property
+    def qweight(self) -> torch.Tensor:
+        """The main stored tensor of the quantized weight (its codes): where the layer lives, for PEFT and others."""
+        return next(b for name, b in self.named_buffers() if name != "bias")
+
+    def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
+        if needs_autograd(x):
+            self._check_input(x)
+            return FrozenWeightMatmul.apply(x, self)
+        return self.quantized_forward(x, **kwargs)
+
+    def quantized_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """y = x W^T + b with the quantized weight (no autograd)."""
+        raise NotImplementedError
+
+    def tile_rows(self, dtype: torch.dtype = torch.float32) -> int:
+        """Rows of the weight in one backward tile: about an L2 cache."""
+        return max(16, TILE_BYTES // (self.in_features * torch.empty((), dtype=dtype).element_size()))
+
+    def weight_tiles(self, dtype: torch.dtype):
+        """Yield (r0, r1, W[r0:r1] as ``dtype``) covering the weight; this default rebuilds it in one piece."""
+        yield 0, self.out_features, self.dequantize().to(dtype)
+
+    def input_grad(self, grad_y: torch.Tensor) -> torch.Tensor:
+        """dL/dx [M, in] = grad_y [M, out] @ W, W rebuilt one tile of rows at a time."""
+        dtype = gemm_dtype(self.compute_dtype)
+        grad_x = torch.zeros(grad_y.shape[0], self.in_features, dtype=torch.float32, device=grad_y.device)
+        g = grad_y.to(dtype)
+        for r0, r1, w in self.weight_tiles(dtype):
+            grad_x += (g[:, r0:r1] @ w).float()
+        return grad_x
+
     def _finish(self, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
@@ -117,7 +172,33 @@ class DequantLinear(QuantLinear):
         """The weight as the LUT kernels take it, or None where they do not apply."""
         return None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def weight_tiles(self, dtype: torch.dtype):
+        yield 0, self.out_features, self.dequantize(dtype)
+
+    def input_grad(self, grad_y: torch.Tensor) -> torch.Tensor:
+        lut = self.lut_weight() if grad_y.device.type == "cpu" else None
+        ext = fast() if lut is not None and lut.fits_kernel() else None
+        if ext is None:
+            return super().input_grad(grad_y)
+        # The compiled kernel rebuilds rows in its lane order (columns permuted): multiply in that order, then put
+        # each column back where it belongs.
+        dtype = gemm_dtype(self.compute_dtype)
+        k = self.in_features
+        order = ext.lut_permute_x(torch.arange(1, k + 1, dtype=torch.float32)[None], lut.bits)[0].long() - 1
+        rows = self.tile_rows(dtype)
+        tile = torch.empty(min(rows, self.out_features), order.numel(), dtype=dtype)
+        grad_p = torch.zeros(grad_y.shape[0], order.numel(), dtype=torch.float32)
+        g = grad_y.to(dtype)
+        for r0 in range(0, self.out_features, rows):
+            r1 = min(r0 + rows, self.out_features)
+            ext.lut_dequant_rows(*lut.args(), r0, r1, tile)
+            grad_p += (g[:, r0:r1] @ tile[:r1 - r0]).float()
+        valid = order >= 0  # lanes past the end of a row are padding
+        grad_x = torch.empty(grad_y.shape[0], k, dtype=torch.float32)
+        grad_x[:, order[valid]] = grad_p[:, valid]
+        return grad_x
+
+    def quantized_forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         cpu_inference = x.device.type == "cpu" and not needs_autograd(x)
         lut = self.lut_weight() if cpu_inference else None

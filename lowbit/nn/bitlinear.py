@@ -34,7 +34,18 @@ class BitLinear(QuantLinear):
     def dequantize(self) -> torch.Tensor:
         return self.trits().float() * self.weight_gamma
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def weight_tiles(self, dtype: torch.dtype):
+        k = self.in_features
+        if k % 4:  # rows do not start on a byte: unpack the whole matrix
+            yield from super().weight_tiles(dtype)
+            return
+        rows = self.tile_rows(dtype)
+        for r0 in range(0, self.out_features, rows):
+            r1 = min(r0 + rows, self.out_features)
+            trits = unpack_ternary_2bit(self.weight_packed[r0 * k // 4:r1 * k // 4], (r1 - r0) * k).view(r1 - r0, k)
+            yield r0, r1, trits.to(dtype) * self.weight_gamma.to(dtype)
+
+    def quantized_forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         shape, dtype = x.shape, x.dtype
         if self.compute_dtype == torch.float32:  # a few rows: quantize, multiply and scale in one compiled call

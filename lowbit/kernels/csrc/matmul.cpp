@@ -10,7 +10,7 @@
 //
 // SpQR adds two things: the scales and zeros are 3-bit codes with fp16 second-level statistics over blocks of
 // `stat_group` rows, decoded per row; and a few weights are outliers (CSR, fp16) that replace the coded weight.
-#include <torch/extension.h>
+#include <torch/types.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -21,6 +21,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -928,4 +929,15 @@ int64_t read_probe(torch::Tensor t) {
 #endif
   });
   return total.load();
+}
+
+// The instruction set this build was compiled for (lowbit/kernels/cpu_ext.py checks it against the variant).
+std::string compiled_isa() {
+#if defined(LOWBIT_AVX512) && defined(__AVX512VNNI__)
+  return "avx512_vnni";
+#elif defined(LOWBIT_AVX512)
+  return "avx512";
+#else
+  return "scalar";
+#endif
 }

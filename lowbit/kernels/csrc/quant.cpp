@@ -1,6 +1,6 @@
 // lowbit CPU quantization kernels. Each function mirrors a plain-torch reference in
 // lowbit/kernels/reference.py and must produce bit-identical results; tests check that.
-#include <torch/extension.h>
+#include <torch/types.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
