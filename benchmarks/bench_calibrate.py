@@ -16,10 +16,10 @@ from pathlib import Path
 
 import lowbit
 from lowbit.calibrate import calibration_batches
-from lowbit.compare import linear_bits_per_param
+from lowbit.app.compare import linear_bits_per_param
 from lowbit.data import default_text
 from lowbit.eval import perplexity
-from lowbit.models import load_default_model
+from lowbit.app.models import load_default_model
 
 WIKI = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "wikipedia-sample.txt"
 CONFIGS = {

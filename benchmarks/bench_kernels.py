@@ -45,7 +45,7 @@ def read_probe(mb: int = 256):
 
 def real_activation(k: int) -> torch.Tensor:
     """A hidden state of SmolLM2-135M (its outlier feature included), tiled to k features."""
-    from lowbit.models import load_default_model
+    from lowbit.app.models import load_default_model
 
     model, tok = load_default_model()
     captured = {}
@@ -206,7 +206,7 @@ def ratios(rows: list[dict]) -> None:
 def e2e_rows(repeats: int) -> list[dict]:
     """Greedy decode tokens/s of SmolLM2-135M: dense, lowbit layers, bitsandbytes' layers (eval)."""
     from lowbit.eval.speed import speed
-    from lowbit.models import load_default_model
+    from lowbit.app.models import load_default_model
 
     model, _ = load_default_model()
     model.eval()

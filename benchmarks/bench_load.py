@@ -38,7 +38,7 @@ def main() -> None:
     from lowbit.eval.speed import machine
 
     print(f"machine: {machine()}")
-    from lowbit.models import load_default_model
+    from lowbit.app.models import load_default_model
 
     configs = {"nf4": lowbit.NF4Config(), "int8": lowbit.Int8Config(), "ternary": lowbit.TernaryConfig()}
     rows = []

@@ -15,7 +15,7 @@ import torch
 import lowbit
 from lowbit.data import default_text
 from lowbit.eval.perplexity import perplexity
-from lowbit.models import load_default_model
+from lowbit.app.models import load_default_model
 
 WIKI = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikipedia-sample.txt"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -52,7 +52,7 @@ def main() -> None:
     model = loftq(model, lowbit.NF4Config(), config, iters=args.iters)
     took = time.perf_counter() - t
     rows[f"NF4+DQ + LoftQ adapters (rank {args.rank}, {args.iters} iterations, {took:.0f} s)"] = ppl(model, tok)
-    print(f"| model | " + " | ".join(f"{t} ppl | vs fp32" for t in texts) + " |")
+    print("| model | " + " | ".join(f"{t} ppl | vs fp32" for t in texts) + " |")
     print("|---|" + "---|---|" * len(texts))
     for name, r in rows.items():
         print(f"| {name} | " + " | ".join(f"{r[t]:.3f} | {r[t] / rows['fp32'][t]:.4f}" for t in texts) + " |")

@@ -14,7 +14,7 @@ import torch
 
 import lowbit
 from lowbit.eval import memory_report, perplexity
-from lowbit.models import load_default_model
+from lowbit.app.models import load_default_model
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def trimmed_model(layers: int):
-    from lowbit.models import load_default_model
+    from lowbit.app.models import load_default_model
 
     model, tok = load_default_model()
     model.model.layers = model.model.layers[:layers]

@@ -16,7 +16,7 @@ SHARED = ROOT.parent / "shared" / "data"
 @pytest.fixture(scope="session")
 def smollm():
     """SmolLM2-135M (fp32) and its tokenizer; the test must not modify the model."""
-    from lowbit.models import load_default_model
+    from lowbit.app.models import load_default_model
 
     return load_default_model()
 

@@ -151,7 +151,7 @@ def bnb_inputs_and_outputs(model):
 def test_transformers_checkpoints_both_ways(tmp_path):
     import transformers
 
-    from test_checkpoint import IDS, logits, tiny_llama
+    from test_checkpoint import logits, tiny_llama
 
     # Every in_features is a multiple of 64: bitsandbytes 0.50.2's CPU dequantize_4bit kernel reads rows
     # whose length is not a multiple of the blocksize with the wrong absmax (see docs/formats.md).

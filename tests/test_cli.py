@@ -17,7 +17,7 @@ def run(*args):
 
 
 def test_help_has_an_example_for_every_command():
-    for cmd in ("quantize", "eval", "compare", "outliers", "demo", "doctor"):
+    for cmd in ("quantize", "eval", "compare", "outliers", "demo", "doctor", "finetune"):
         code, out = run(cmd, "--help")
         assert code == 0 and "Example: lowbit" in out, cmd
     proc = subprocess.run([sys.executable, "-m", "lowbit", "--help"], capture_output=True, text=True)

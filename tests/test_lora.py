@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import lowbit
-from test_checkpoint import IDS, logits, tiny_llama
+from test_checkpoint import logits, tiny_llama
 
 peft = pytest.importorskip("peft")
 from lowbit.train import LoraQuantLinear  # noqa: E402

@@ -1,5 +1,5 @@
 import lowbit.functional as F
-from lowbit.weight_report import FORMATS, weight_report
+from lowbit.app.weight_report import FORMATS, weight_report
 
 
 def test_weight_report_on_real_weights(real_weights):

@@ -8,11 +8,13 @@ from lowbit.nn import QuantLinear
 
 
 def prepare_for_training(model: nn.Module, gradient_checkpointing: bool = True) -> nn.Module:
-    """Freeze every parameter, keep norms and the output head in fp32, and make the input embeddings' output require
+    """Freeze every parameter but LoRA adapters' (``lora_*``), keep norms and the output head in fp32, and make the input embeddings' output require
     grad so that gradient checkpointing has a graph to recompute. Returns the model (changed in place)."""
     if not any(isinstance(m, QuantLinear) for m in model.modules()):
         raise ValueError("the model has no lowbit layers: quantize it first (lowbit.quantize)")
-    for p in model.parameters():
+    for name, p in model.named_parameters():
+        if "lora_" in name:  # adapters already attached (LoftQ): they are what trains
+            continue
         p.requires_grad_(False)
         if p.dtype in (torch.float16, torch.bfloat16):  # norms, embeddings and head: fp32 for stable training
             p.data = p.data.float()

@@ -11,7 +11,7 @@ from tqdm import tqdm
 from lowbit.eval.memory import memory_report
 from lowbit.eval.perplexity import perplexity
 from lowbit.eval.speed import speed
-from lowbit.methods import apply_method, check_method, describe, needs_calibration
+from lowbit.app.methods import apply_method, check_method, describe, needs_calibration
 from lowbit.nn import QuantLinear
 from lowbit.quantize import eligible_layers
 from lowbit.config import NF4Config

@@ -87,7 +87,7 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from lowbit.models import load_default_model
+    from lowbit.app.models import load_default_model
 
     console = Console()
     with console.status("loading SmolLM2-135M (first run converts the GGUF, ~30 s)"):

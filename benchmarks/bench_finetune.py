@@ -1,0 +1,145 @@
+"""QLoRA on CPU: LoRA adapters on SmolLM2-135M with the base in fp32, NF4+DQ, NF4+DQ with LoftQ init, LLM.int8 and
+ternary, and bitsandbytes 4-bit + PEFT, on the same data, seed and steps.
+
+Train on the first 90% of shared/data/wikipedia-sample.txt, held-out perplexity on the first --eval-tokens of the
+rest, before and after. Each run is a fresh process (its peak RSS is its own). Prints a Markdown table and writes
+benchmarks/results/finetune.json.
+Usage: python benchmarks/bench_finetune.py [--steps 200] [--runs fp32,nf4,nf4-loftq,int8,ternary,bnb-nf4]
+       [--bnb-steps 5]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+WIKI = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikipedia-sample.txt"
+RUNS = {
+    "fp32": ("LoRA on the fp32 base", dict(method="fp32")),
+    "nf4": ("QLoRA NF4+DQ", dict(method="nf4")),
+    "nf4-loftq": ("QLoRA NF4+DQ, LoftQ init", dict(method="nf4", loftq=True)),
+    "int8": ("QLoRA on LLM.int8", dict(method="int8")),
+    "ternary": ("QLoRA on ternary (b1.58 PTQ)", dict(method="ternary")),
+    "bnb-nf4": ("bitsandbytes NF4+DQ + PEFT", None),
+}
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def one_lowbit(name: str, args) -> dict:
+    from lowbit.app.finetune import FinetuneConfig, run
+
+    cfg = FinetuneConfig(**RUNS[name][1], steps=args.steps, batch=args.batch, seq=args.seq, rank=args.rank,
+                         eval_tokens=args.eval_tokens, save_every=args.steps, lr=args.lr)
+    out = Path(args.workdir) / name
+    t = time.perf_counter()
+    s = run("smollm2-135m", WIKI.read_text(), out, cfg, progress=False)
+    s["wall_seconds"] = time.perf_counter() - t
+    return s
+
+
+def one_bnb(args) -> dict:
+    """bitsandbytes' Linear4bit (training mode: its CPU path) under PEFT, same data, batches and adapters."""
+    import bitsandbytes as bnb
+    import peft
+
+    from lowbit.app.finetune import FinetuneConfig, batch_at, heldout_perplexity, split_tokens
+    from lowbit.app.models import load_default_model
+
+    cfg = FinetuneConfig(steps=args.bnb_steps, batch=args.batch, seq=args.seq, rank=args.rank, lr=args.lr)
+    model, tok = load_default_model()
+    for name, m in list(model.named_modules()):
+        for child_name, child in list(m.named_children()):
+            if isinstance(child, torch.nn.Linear) and child_name != "lm_head":
+                layer = bnb.nn.Linear4bit(child.in_features, child.out_features, child.bias is not None,
+                                          compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True)
+                layer.weight = bnb.nn.Params4bit(child.weight.data.clone(), requires_grad=False, quant_type="nf4",
+                                                 compress_statistics=True, blocksize=64)._quantize("cpu")
+                setattr(m, child_name, layer)
+    model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
+    torch.manual_seed(0)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=cfg.rank, lora_alpha=2 * cfg.rank, target_modules=cfg.targets,
+                                                       lora_dropout=0.0))
+    ids = tok(WIKI.read_text(), return_tensors="pt", verbose=False).input_ids[0]
+    train, held = split_tokens(ids, cfg.heldout, cfg.seq)
+    before = heldout_perplexity(model, held, cfg.seq, args.bnb_eval_tokens)
+    from lowbit.optim import AdamW8bit
+
+    opt = AdamW8bit([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0, paged=True)
+    model.train()
+    times, losses = [], []
+    for step in range(cfg.steps):
+        t = time.perf_counter()
+        batch = batch_at(train, step, cfg)
+        loss = model(batch, labels=batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t)
+        losses.append(loss.item())
+    after = heldout_perplexity(model, held, cfg.seq, args.bnb_eval_tokens)
+    return {"ppl_before": before, "ppl_after": after, "steps": cfg.steps, "losses": losses,
+            "step_seconds": sum(times[1:]) / max(1, len(times) - 1),
+            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "heldout_tokens": args.bnb_eval_tokens}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", default=",".join(RUNS))
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--bnb-steps", type=int, default=5)
+    ap.add_argument("--bnb-eval-tokens", type=int, default=1024)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--eval-tokens", type=int, default=8192)
+    ap.add_argument("--workdir", default=str(Path(__file__).parent / "results" / "finetune-runs"))
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    if args.one:  # child process: one run, its JSON on the last line of stdout
+        s = one_bnb(args) if args.one == "bnb-nf4" else one_lowbit(args.one, args)
+        s["peak_rss_mb"] = peak_rss_mb()
+        print(json.dumps(s))
+        return
+    from lowbit.eval.speed import machine
+
+    print(f"machine: {machine()}")
+    print(f"{args.steps} steps of {args.batch} x {args.seq} tokens, rank {args.rank}, lr {args.lr}, paged AdamW8bit; "
+          f"held-out: first {args.eval_tokens} tokens of the last 10% of wikipedia-sample.txt", flush=True)
+    results = {}
+    passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("runs", "one")]
+    for name in args.runs.split(","):
+        proc = subprocess.run([sys.executable, __file__, "--one", name, *passthrough], capture_output=True, text=True)
+        if proc.returncode:
+            print(f"{name}: FAILED\n{proc.stderr[-2000:]}", flush=True)
+            continue
+        results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+        r = results[name]
+        print(f"{RUNS[name][0]}: ppl {r['ppl_before']:.3f} -> {r['ppl_after']:.3f}, {r['step_seconds']:.2f} s/step, "
+              f"peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
+        out = Path(__file__).parent / "results" / "finetune.json"
+        out.parent.mkdir(exist_ok=True)
+        out.write_text(json.dumps({"machine": machine(), "args": vars(args), "runs": results}, indent=1))
+    base = results.get("fp32")
+    print("\n| run | steps | trainable params | held-out ppl before | after | after / LoRA fp32 | s/step | peak RSS MB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, r in results.items():
+        rel = f"{r['ppl_after'] / base['ppl_after']:.4f}" if base else ""
+        print(f"| {RUNS[name][0]} | {r['steps']} | {r['trainable_params'] / 1e6:.2f}M | {r['ppl_before']:.3f} | "
+              f"{r['ppl_after']:.3f} | {rel} | {r['step_seconds']:.2f} | {r['peak_rss_mb']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,252 @@
+"""QLoRA fine-tuning as the `lowbit finetune` command runs it: split a text, train LoRA adapters on a frozen (low-bit)
+base with deterministic batches, checkpoint atomically, resume bit-identically, report held-out perplexity."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class FinetuneError(ValueError):
+    """Bad input or a run that cannot go on (one line for the user)."""
+
+
+@dataclass
+class FinetuneConfig:
+    method: str = "nf4"  # any quantization method name of `lowbit quantize`, or fp32 (plain LoRA)
+    rank: int = 16
+    alpha: float | None = None  # default 2 * rank
+    steps: int = 200
+    batch: int = 4
+    seq: int = 256
+    lr: float = 2e-4
+    heldout: float = 0.1  # the last 10% of the text's tokens are held out
+    optimizer: str = "paged-adamw8bit"  # or adamw8bit, adamw
+    loftq: bool = False
+    loftq_iters: int = 2
+    targets: list[str] = field(default_factory=lambda: list(ALL_LINEAR))
+    eval_tokens: int = 8192
+    save_every: int = 50
+    seed: int = 0
+    checkpointing: bool = True
+
+    def check(self) -> None:
+        if self.steps < 1:
+            raise FinetuneError(f"--steps must be >= 1, got {self.steps}")
+        if self.rank < 1:
+            raise FinetuneError(f"--rank must be >= 1, got {self.rank}")
+        if self.batch < 1 or self.seq < 2:
+            raise FinetuneError("--batch must be >= 1 and --seq >= 2")
+        if not 0 < self.heldout < 1:
+            raise FinetuneError(f"--heldout must be in (0, 1), got {self.heldout}")
+        if self.optimizer not in ("paged-adamw8bit", "adamw8bit", "adamw"):
+            raise FinetuneError(f"--optimizer must be paged-adamw8bit, adamw8bit or adamw, got {self.optimizer!r}")
+        if self.loftq and self.method not in ("nf4", "fp4", "int4"):
+            raise FinetuneError("--loftq needs a 4-bit method (nf4, fp4, int4)")
+
+
+def split_tokens(ids: torch.Tensor, heldout: float, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first (1 - heldout) of the tokens to train on, the rest held out; refuses texts too short for either."""
+    cut = int(ids.numel() * (1 - heldout))
+    train, held = ids[:cut], ids[cut:]
+    if train.numel() < seq + 1:
+        raise FinetuneError(f"the training part of the text has {train.numel()} tokens, fewer than one training "
+                            f"sequence ({seq} + 1): give a longer text or a smaller --seq")
+    if held.numel() < 2:
+        raise FinetuneError("the held-out part of the text has fewer than 2 tokens: give a longer text")
+    return train, held
+
+
+def batch_at(train: torch.Tensor, step: int, cfg: FinetuneConfig) -> torch.Tensor:
+    """Batch ``step``: random windows drawn from a generator seeded by (seed, step), so a resumed run sees the
+    same batches as an uninterrupted one."""
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    starts = torch.randint(0, train.numel() - cfg.seq, (cfg.batch,), generator=g)
+    return torch.stack([train[s:s + cfg.seq] for s in starts.tolist()])
+
+
+@torch.no_grad()
+def heldout_perplexity(model, ids: torch.Tensor, window: int, max_tokens: int) -> float:
+    """exp(mean NLL) over non-overlapping windows of the held-out tokens (at most ``max_tokens``)."""
+    was_training = model.training
+    model.eval()
+    ids = ids[:max_tokens]
+    nll, count = 0.0, 0
+    for start in range(0, ids.numel() - 1, window):
+        chunk = ids[start:start + window + 1].unsqueeze(0)
+        if chunk.shape[1] < 2:
+            break
+        logits = model(chunk[:, :-1]).logits[0].float()
+        nll += float(torch.nn.functional.cross_entropy(logits, chunk[0, 1:], reduction="sum"))
+        count += chunk.shape[1] - 1
+    model.train(was_training)
+    return math.exp(nll / count)
+
+
+def build_model(spec: str, cfg: FinetuneConfig):
+    """(peft model, tokenizer): the base quantized by ``cfg.method``, prepared, with fresh or LoftQ adapters."""
+    import peft
+
+    import lowbit
+    from lowbit.app.methods import apply_method, check_method, method_config, needs_calibration
+    from lowbit.app.models import load_model
+
+    check_method(cfg.method)
+    if needs_calibration(cfg.method):
+        raise FinetuneError(f"{cfg.method} needs calibration data: quantize with `lowbit quantize` first and fine-tune "
+                            "the checkpoint with --method fp32")
+    model, tok = load_model(spec)
+    torch.manual_seed(cfg.seed)
+    lora_config = peft.LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha or 2 * cfg.rank, target_modules=cfg.targets,
+                                  lora_dropout=0.0)
+    if cfg.loftq:
+        from lowbit.train import loftq
+
+        model = loftq(model, method_config(cfg.method), lora_config, cfg.loftq_iters, progress=False)
+        lowbit.prepare_for_training(model.get_base_model(), cfg.checkpointing)  # leaves the adapters trainable
+        return model, tok
+    if cfg.method != "fp32":
+        apply_method(model, cfg.method, progress=False)
+    if any(isinstance(m, lowbit.nn.QuantLinear) for m in model.modules()):
+        lowbit.prepare_for_training(model, cfg.checkpointing)
+    else:  # plain LoRA on a full-precision base
+        model.requires_grad_(False)
+        model.enable_input_require_grads()
+        if cfg.checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        return peft.get_peft_model(model, lora_config), tok
+    except ValueError as e:  # PEFT: target modules that match nothing
+        raise FinetuneError(str(e).splitlines()[0]) from None
+
+
+def make_optimizer(params, cfg: FinetuneConfig) -> torch.optim.Optimizer:
+    from lowbit.optim import AdamW8bit
+
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    return AdamW8bit(params, lr=cfg.lr, weight_decay=0.0, paged=cfg.optimizer == "paged-adamw8bit")
+
+
+def _adapter_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(out: Path, model, opt, step: int, losses: list[float], extra: dict) -> None:
+    """out/checkpoint/: adapter (PEFT format), optimizer state and progress, replaced atomically."""
+    tmp = out / "checkpoint.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp / "adapter")
+    torch.save({"optimizer": opt.state_dict(), "adapter": _adapter_state(model)}, tmp / "state.pt")
+    (tmp / "progress.json").write_text(json.dumps({"step": step, "losses": losses, **extra}))
+    final = out / "checkpoint"
+    old = out / "checkpoint.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(out: Path, model, opt) -> tuple[int, list[float], dict]:
+    """Restore adapter and optimizer from out/checkpoint; (step, losses, extra) or (0, [], {}) without one."""
+    ck = out / "checkpoint"
+    if not (ck / "progress.json").exists():
+        return 0, [], {}
+    progress = json.loads((ck / "progress.json").read_text())
+    state = torch.load(ck / "state.pt", weights_only=True)
+    params = dict(model.named_parameters())
+    if set(state["adapter"]) != {n for n, p in params.items() if p.requires_grad}:
+        raise FinetuneError(f"{ck} holds an adapter for another model, method or rank: use another --out")
+    with torch.no_grad():
+        for name, value in state["adapter"].items():
+            if params[name].shape != value.shape:
+                raise FinetuneError(f"{ck}: adapter tensor {name} has shape {tuple(value.shape)}, this run "
+                                    f"{tuple(params[name].shape)} (another --rank?): use another --out")
+            params[name].copy_(value)
+    opt.load_state_dict(state["optimizer"])
+    return progress["step"], progress["losses"], {k: v for k, v in progress.items() if k not in ("step", "losses")}
+
+
+def plot_losses(losses: list[float], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(range(1, len(losses) + 1), losses, lw=0.8, alpha=0.5, label="loss per step")
+    k = max(1, len(losses) // 20)
+    if len(losses) >= k:
+        smooth = torch.tensor(losses).unfold(0, k, 1).mean(1)
+        ax.plot(range(k, len(losses) + 1), smooth.tolist(), lw=2, label=f"mean of {k} steps")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(spec: str, text: str, out: Path, cfg: FinetuneConfig, progress: bool = True) -> dict:
+    """Fine-tune adapters on ``text`` and write out/adapter, out/loss.png, out/summary.json; resume from out/."""
+    cfg.check()
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FinetuneError(f"--out {out} exists and is not a folder")
+    model, tok = build_model(spec, cfg)
+    ids = tok(text, return_tensors="pt", verbose=False).input_ids[0]
+    train, held = split_tokens(ids, cfg.heldout, cfg.seq)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = make_optimizer(params, cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    step, losses, extra = load_checkpoint(out, model, opt)
+    if step and {**extra.get("config", {}), "steps": cfg.steps} != asdict(cfg):  # more --steps may extend a run
+        raise FinetuneError(f"{out}/checkpoint was written with other settings ({extra.get('config')}): use another --out")
+    if step == 0:
+        extra = {"config": asdict(cfg), "ppl_before": heldout_perplexity(model, held, cfg.seq, cfg.eval_tokens),
+                 "train_seconds": 0.0}
+    model.train()
+    bar = tqdm(total=cfg.steps, initial=step, desc="fine-tuning", disable=not progress, dynamic_ncols=True)
+    t0 = time.perf_counter()
+    while step < cfg.steps:
+        batch = batch_at(train, step, cfg)
+        loss = model(batch, labels=batch).loss
+        if not torch.isfinite(loss):
+            bar.close()
+            saved = out / "checkpoint" / "progress.json"
+            kept = (f"the last checkpoint (step {json.loads(saved.read_text())['step']}) is in {out}/checkpoint"
+                    if saved.exists() else "no checkpoint was written yet")
+            raise FinetuneError(f"the loss became {loss.item()} at step {step + 1}: stopped ({kept}; try a lower --lr)")
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        losses.append(loss.item())
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            extra["train_seconds"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            save_checkpoint(out, model, opt, step, losses, extra)
+    bar.close()
+    ppl_after = heldout_perplexity(model, held, cfg.seq, cfg.eval_tokens)
+    model.save_pretrained(out / "adapter")
+    plot_losses(losses, out / "loss.png", f"{spec}, {cfg.method}, rank {cfg.rank}")
+    summary = {"model": spec, **extra, "ppl_after": ppl_after, "steps": step, "final_loss": losses[-1], "losses": losses,
+               "train_tokens": train.numel(), "heldout_tokens": min(held.numel(), cfg.eval_tokens),
+               "trainable_params": sum(p.numel() for p in params),
+               "step_seconds": extra["train_seconds"] / max(1, step)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary

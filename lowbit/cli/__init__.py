@@ -1,0 +1,19 @@
+"""The ``lowbit`` command: one module per subcommand, sharing ``lowbit.cli.common``. What they run lives in
+``lowbit.app`` (bundled models, comparisons, reports, fine-tuning runs) and in the library."""
+# Importing a module registers its command; this order is the order of `lowbit --help`.
+from lowbit.cli import quantize  # noqa: F401, E402
+from lowbit.cli import evaluate  # noqa: F401, E402
+from lowbit.cli import compare  # noqa: F401, E402
+from lowbit.cli import outliers  # noqa: F401, E402
+from lowbit.cli import demo  # noqa: F401, E402
+from lowbit.cli import finetune  # noqa: F401, E402
+from lowbit.cli import doctor  # noqa: F401, E402
+from lowbit.cli.common import app
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""What every ``lowbit`` subcommand shares: the typer app, consoles, one-line errors, loading models and texts."""
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+_WIDE = None if sys.stdout.isatty() else 130  # piped or logged: do not squeeze tables to 80 columns
+console = Console(width=_WIDE)
+err = Console(stderr=True, width=_WIDE)
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="lowbit: make language models small (8, 4, 3 and 1.58 bits) and measure what it costs.")
+
+MODEL_HELP = "smollm2-135m (bundled), a .gguf file, a transformers folder, or a lowbit checkpoint folder"
+TEXT_HELP = "text file to evaluate on (default: the bundled Python Tutorial)"
+
+
+SPEED_PROTOCOL = "prefill of 128 tokens, greedy decode of 16 tokens with the KV cache, batch 1, median of 3 runs"
+
+
+class UserError(Exception):
+    """Bad input from the command line: printed as one line, exit code 2."""
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def friendly(fn):
+    """Turn the errors a user can cause into one red line and exit code 2 (bugs still show a traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from lowbit.checkpoint import CheckpointError
+
+        try:
+            return fn(*args, **kwargs)
+        except (UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
+                CheckpointError, ValueError, TypeError) as e:
+            err.print(f"[bold red]error:[/] {first_line(e)}", highlight=False)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def setup() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
+    warnings.filterwarnings("ignore", message=".*is deprecated and will be removed in v6.*", category=FutureWarning)
+    try:  # transformers' per-tensor "Loading weights" bar: noise on second-long loads, and it splits error output
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def read_text(path: Optional[Path]) -> tuple[str, str]:
+    from lowbit.data import DEFAULT_TEXT, default_text
+
+    if path is None:
+        return default_text(), f"{DEFAULT_TEXT.name} (bundled)"
+    if not path.is_file():
+        raise UserError(f"text file not found: {path}")
+    return path.readread_text(encoding="utf-8", errors="replace"), str(path)
+
+
+def parse_methods(spec: str) -> list[str]:
+    from lowbit.app.methods import check_method
+
+    names = [m.strip() for m in spec.split(",") if m.strip()]
+    if not names:
+        raise UserError("--methods is empty")
+    return [check_method(m) for m in names]
+
+
+def load(spec: str, encoders: bool = False):
+    """(model, tokenizer) by lowbit.app.models.load_model (load_any with ``encoders``); load failures as one line."""
+    from lowbit.app.models import load_any, load_model
+
+    with console.status(f"loading {spec}"):
+        try:
+            return (load_any if encoders else load_model)(spec)
+        except FileNotFoundError:
+            raise
+        except (OSError, KeyError, ValueError) as e:  # transformers' ways of saying "not a model I know"
+            raise UserError(f"cannot load {spec}: {first_line(e)}") from None
+
+
+def describe_protocol(tokens: int, window: int, stride: Optional[int], text_name: str, dtype: str = "float32 compute") -> str:
+    windows = "non-overlapping windows" if not stride or stride == window else f"sliding windows, stride {stride}"
+    return f"perplexity on the first {tokens} tokens of {text_name}, {window}-token {windows}, {dtype}"

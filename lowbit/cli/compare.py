@@ -1,0 +1,51 @@
+"""lowbit compare: every method on one model, in one table, a plot and JSON."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from lowbit.cli.common import app, friendly, MODEL_HELP, SPEED_PROTOCOL, TEXT_HELP, console, load, parse_methods, describe_protocol, read_text, setup
+
+
+def run_compare(model: str, methods: list[str], text: Optional[Path], tokens: int, window: int, stride: Optional[int],
+                out: Path, speed: bool) -> list[dict]:
+    """The body of ``compare`` (and of the demo's first half): rows, table, plot and JSON."""
+    from lowbit.app.compare import compare
+    from lowbit.eval.speed import machine
+    from lowbit.app.report import compare_table, plot_tradeoff, write_json
+
+    body, text_name = read_text(text)
+    base, tok = load(model)
+    rows = compare(base, tok, methods, body, tokens, window, stride, with_speed=speed)
+    out.mkdir(parents=True, exist_ok=True)
+    protocol = describe_protocol(tokens, window, stride, text_name)
+    title = f"{model}: {protocol}"
+    console.print(compare_table(rows, title))
+    console.print(f"speeds: {SPEED_PROTOCOL}, on {machine()}")
+    plot_tradeoff(rows, out / "tradeoff.png", f"{model}, {text_name}, {tokens} tokens")
+    write_json({"model": model, "protocol": protocol, "machine": machine(), "rows": rows}, out / "compare.json")
+    console.print(f"written: {out / 'compare.json'}, {out / 'tradeoff.png'}")
+    return rows
+
+
+@app.command("compare")
+@friendly
+def compare_cmd(
+    model: str = typer.Argument("smollm2-135m", help=MODEL_HELP),
+    methods: str = typer.Option(",".join(("fp32", "bf16", "int8", "int8-zp", "int8-weight", "nf4", "fp4", "int4", "ternary")),
+                                help="comma-separated methods; also rtn3, rtn4, gptq3, gptq4, spqr3, spqr4"),
+    text: Optional[Path] = typer.Option(None, help=TEXT_HELP),
+    tokens: int = typer.Option(8192, help="tokens of the text to score"),
+    window: int = typer.Option(512, help="tokens per window"),
+    stride: Optional[int] = typer.Option(None, help="sliding-window stride (default: non-overlapping windows)"),
+    speed: bool = typer.Option(True, "--speed/--no-speed", help="measure prefill and decode tokens/s"),
+    out: Path = typer.Option(Path("lowbit-compare"), "--out", "-o", help="folder for compare.json and tradeoff.png"),
+) -> None:
+    """Quantize MODEL by each method and compare bits/param, size, perplexity and speed in one table, a plot and JSON.
+
+    Example: lowbit compare smollm2-135m --methods fp32,int8,nf4,ternary --tokens 4096
+    """
+    setup()
+    run_compare(model, parse_methods(methods), text, tokens, window, stride, out, speed)

@@ -1,0 +1,72 @@
+"""lowbit eval: perplexity, speed and memory of one model."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from lowbit.cli.common import app, friendly, MODEL_HELP, SPEED_PROTOCOL, TEXT_HELP, UserError, console, load, describe_protocol, read_text, setup
+
+
+@app.command("eval")
+@friendly
+def eval_(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    method: str = typer.Option("fp32", "--method", "-m", help="quantize on the fly before measuring (fp32: as loaded)"),
+    text: Optional[Path] = typer.Option(None, help=TEXT_HELP),
+    tokens: int = typer.Option(8192, help="tokens of the text to score"),
+    window: int = typer.Option(512, help="tokens per window"),
+    stride: Optional[int] = typer.Option(None, help="sliding-window stride (default: non-overlapping windows)"),
+    speed: bool = typer.Option(True, "--speed/--no-speed", help="measure prefill and decode tokens/s"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="also write the figures to this JSON file"),
+    adapter: Optional[Path] = typer.Option(None, help="a PEFT LoRA adapter folder (from lowbit finetune) to apply"),
+) -> None:
+    """Perplexity, prefill/decode speed and memory of MODEL (a checkpoint folder or a model to quantize on the fly).
+
+    Example: lowbit eval smollm2-nf4 --tokens 4096     (or: lowbit eval smollm2-135m --method int8)
+    """
+    setup()
+    from lowbit.app.compare import linear_bits_per_param, measure
+    from lowbit.eval.speed import machine
+    from lowbit.app.methods import apply_method, check_method, needs_calibration
+
+    check_method(method)
+    if tokens < 2 or window < 2 or (stride is not None and not 0 < stride <= window):
+        raise UserError("--tokens and --window must be >= 2, and --stride in 1..window")
+    body, text_name = read_text(text)
+    m, tok = load(model)
+    if method != "fp32":
+        calibration = None
+        if needs_calibration(method):
+            from lowbit.calibrate import calibration_batches
+
+            calibration = calibration_batches(tok, body, skip_tokens=max(tokens, 8192))
+        apply_method(m, method, calibration=calibration)
+    if adapter is not None:
+        m = _with_adapter(m, adapter)
+    row = measure(m, tok, body, tokens, window, stride, with_speed=speed)
+    row.update(model=model, method=method, protocol=describe_protocol(tokens, window, stride, text_name), machine=machine())
+    console.print(f"[bold]{model}[/] ({method}): perplexity [bold]{row['perplexity']:.3f}[/]  ({row['protocol']})")
+    console.print(f"memory {row['model_mb']:.1f} MB, {row['bits_per_param_model']:.2f} bits/param (model), "
+                  f"{linear_bits_per_param(m):.3f} bits/param (linear layers)")
+    if speed:
+        console.print(f"prefill {row['prefill_tok_s']:.0f} tok/s, decode {row['decode_tok_s']:.1f} tok/s ({SPEED_PROTOCOL}) "
+                      f"on {row['machine']}")
+    if json_out:
+        json_out.writeread_text(json.dumps(row, indent=1, default=str))
+
+
+def _with_adapter(model, adapter: Path):
+    """``model`` with the PEFT adapter in ``adapter`` applied; an adapter of another model is one error line."""
+    import peft
+
+    import lowbit.train  # noqa: F401 - PEFT wraps lowbit layers
+
+    if not (adapter / "adapter_config.json").is_file():
+        raise UserError(f"{adapter} is not a PEFT adapter folder (no adapter_config.json)")
+    try:
+        return peft.PeftModel.from_pretrained(model, adapter).eval()
+    except (RuntimeError, ValueError, KeyError) as e:  # size mismatches, unknown target modules
+        raise UserError(f"the adapter in {adapter} does not fit this model: {str(e).strip().splitlines()[0]}") from None

@@ -1,0 +1,55 @@
+"""lowbit quantize: quantize a model and save it as a lowbit checkpoint."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from lowbit.cli.common import app, friendly, MODEL_HELP, UserError, console, load, read_text, setup
+
+
+@app.command()
+@friendly
+def quantize(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    method: str = typer.Option("nf4", "--method", "-m",
+                               help="int8 | int8-zp | int8-weight | nf4 | fp4 | int4 | ternary | rtn | gptq | spqr | bf16"),
+    bits: Optional[int] = typer.Option(None, help="bits of rtn / gptq / spqr (2, 3, 4 or 8; default 4, spqr 3)"),
+    calib_text: Optional[Path] = typer.Option(None, help="calibration text of gptq / spqr (default: the bundled text past its first 8192 tokens)"),
+    out: Path = typer.Option(..., "--out", "-o", help="folder for the lowbit checkpoint"),
+    blocksize: Optional[int] = typer.Option(None, help="block / group size (nf4, fp4, int4: 64; rtn, gptq: 128; spqr: 16)"),
+    double_quant: Optional[bool] = typer.Option(None, "--double-quant/--no-double-quant", help="quantize the 4-bit absmax too"),
+    threshold: Optional[float] = typer.Option(None, help="LLM.int8 outlier threshold (default 6.0; 0 turns it off)"),
+    max_shard_size: str = typer.Option("2GB", help="largest safetensors shard"),
+) -> None:
+    """Quantize MODEL and save it (with its tokenizer) as a lowbit checkpoint.
+
+    Example: lowbit quantize smollm2-135m --method nf4 --out smollm2-nf4
+    """
+    setup()
+    import lowbit
+    from lowbit.app.methods import apply_method, check_method, needs_calibration
+
+    check_method(method)
+    if method == "fp32":
+        raise UserError("fp32 is the unquantized model: choose a method such as nf4 or int8")
+    if bits is not None and bits not in (2, 3, 4, 8):
+        raise UserError(f"--bits must be 2, 3, 4 or 8, got {bits}")
+    m, tok = load(model)
+    calibration = None
+    if needs_calibration(method):
+        from lowbit.calibrate import calibration_batches
+
+        body, _ = read_text(calib_text)
+        calibration = calibration_batches(tok, body, skip_tokens=0 if calib_text else 8192)
+    t = time.perf_counter()
+    apply_method(m, method, calibration=calibration, blocksize=blocksize, double_quant=double_quant, threshold=threshold,
+                 bits=bits)
+    seconds = time.perf_counter() - t
+    lowbit.save(m, out, tokenizer=tok, max_shard_size=max_shard_size)
+    r = lowbit.memory_report(m)
+    console.print(f"[green]saved[/] {out}: {method}, {r['total_bytes'] / 1e6:.1f} MB "
+                  f"({r['bits_per_param']:.2f} bits/param over the whole model; fp32 {r['fp32_bytes'] / 1e6:.1f} MB), "
+                  f"quantized in {seconds:.1f} s")
