@@ -145,3 +145,6 @@ def test_loftq_starts_closer_to_full_precision_than_plain_quantization():
             with_adapter = m.base_layer.dequantize() + m.get_delta_weight("default")
             plain_error = (w - plain.get_submodule(name).dequantize()).norm()
             assert (w - with_adapter).norm() < 0.9 * plain_error, name
+    lowbit.prepare_for_training(model.get_base_model())  # freezes the base, leaves the attached adapters trainable
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
