@@ -71,7 +71,7 @@ def read_text(path: Optional[Path]) -> tuple[str, str]:
         return default_text(), f"{DEFAULT_TEXT.name} (bundled)"
     if not path.is_file():
         raise UserError(f"text file not found: {path}")
-    return path.readread_text(encoding="utf-8", errors="replace"), str(path)
+    return path.read_text(encoding="utf-8", errors="replace"), str(path)
 
 
 def parse_methods(spec: str) -> list[str]:

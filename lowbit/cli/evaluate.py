@@ -55,7 +55,7 @@ def eval_(
         console.print(f"prefill {row['prefill_tok_s']:.0f} tok/s, decode {row['decode_tok_s']:.1f} tok/s ({SPEED_PROTOCOL}) "
                       f"on {row['machine']}")
     if json_out:
-        json_out.writeread_text(json.dumps(row, indent=1, default=str))
+        json_out.write_text(json.dumps(row, indent=1, default=str))
 
 
 def _with_adapter(model, adapter: Path):
