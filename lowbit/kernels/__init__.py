@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
+from functools import lru_cache
 from types import ModuleType
 from typing import Iterator
 
@@ -20,16 +21,15 @@ GEMM_PATHS = ("auto", "bf16", "fp32")
 _forced: dict[str, str | None] = {"kernels": None, "gemm": None}
 
 
-def _choice(kind: str, env: str, allowed: tuple[str, ...]) -> str:
-    value = _forced[kind] or os.environ.get(env, "").strip().lower() or "auto"
-    if value not in allowed:
-        raise ValueError(f"{env}={value!r}: expected one of {', '.join(allowed)}")
-    return value
+def _choice(kind: str, env: str) -> str:
+    return _forced[kind] or os.environ.get(env, "").strip().lower() or "auto"
 
 
-def kernel_path() -> str:
-    """The kernels that run: a compiled variant's name, or "reference" for the plain-torch path."""
-    choice = _choice("kernels", "LOWBIT_KERNELS", cpu_ext.PATHS)
+# The choices are read on every layer call: resolve each (choice, CPU features) pair once.
+@lru_cache(maxsize=None)
+def _resolve_kernels(choice: str, flags: frozenset[str]) -> str:
+    if choice not in cpu_ext.PATHS:
+        raise ValueError(f"LOWBIT_KERNELS={choice!r}: expected one of {', '.join(cpu_ext.PATHS)}")
     if choice == "auto":
         return cpu_ext.best_variant()
     if choice != "reference" and not cpu_ext.supported(choice):
@@ -37,12 +37,23 @@ def kernel_path() -> str:
     return choice
 
 
-def gemm_path() -> str:
-    """The dtype of prefill GEMMs for bf16-compute layers: "bf16" or "fp32"."""
-    choice = _choice("gemm", "LOWBIT_GEMM", GEMM_PATHS)
+@lru_cache(maxsize=None)
+def _resolve_gemm(choice: str, flags: frozenset[str]) -> str:
+    if choice not in GEMM_PATHS:
+        raise ValueError(f"LOWBIT_GEMM={choice!r}: expected one of {', '.join(GEMM_PATHS)}")
     if choice == "auto":  # bf16 only where the CPU multiplies it natively: emulated bf16 is 3-4x slower than fp32
         return "bf16" if cpu.native_bf16() else "fp32"
     return choice
+
+
+def kernel_path() -> str:
+    """The kernels that run: a compiled variant's name, or "reference" for the plain-torch path."""
+    return _resolve_kernels(_choice("kernels", "LOWBIT_KERNELS"), cpu.cpu_flags())
+
+
+def gemm_path() -> str:
+    """The dtype of prefill GEMMs for bf16-compute layers: "bf16" or "fp32"."""
+    return _resolve_gemm(_choice("gemm", "LOWBIT_GEMM"), cpu.cpu_flags())
 
 
 def fast() -> ModuleType | None:

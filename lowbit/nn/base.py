@@ -135,17 +135,34 @@ class QuantLinear(nn.Module):
         """Rows of the weight in one backward tile: about an L2 cache."""
         return max(16, TILE_BYTES // (self.in_features * torch.empty((), dtype=dtype).element_size()))
 
+    def row_ranges(self, dtype: torch.dtype):
+        """(r0, r1) of each backward tile of rows."""
+        rows = self.tile_rows(dtype)
+        return [(r0, min(r0 + rows, self.out_features)) for r0 in range(0, self.out_features, rows)]
+
     def weight_tiles(self, dtype: torch.dtype):
-        """Yield (r0, r1, W[r0:r1] as ``dtype``) covering the weight; this default rebuilds it in one piece."""
+        """Yield (r0, r1, W[r0:r1] as ``dtype``) covering the weight, columns in ``tile_column_order()``; this
+        default rebuilds it in one piece."""
         yield 0, self.out_features, self.dequantize().to(dtype)
+
+    def tile_column_order(self) -> torch.Tensor | None:
+        """Where the tiles' columns come from (original column per tile column, -1 for padding); None: in order."""
+        return None
 
     def input_grad(self, grad_y: torch.Tensor) -> torch.Tensor:
         """dL/dx [M, in] = grad_y [M, out] @ W, W rebuilt one tile of rows at a time."""
         dtype = gemm_dtype(self.compute_dtype)
-        grad_x = torch.zeros(grad_y.shape[0], self.in_features, dtype=torch.float32, device=grad_y.device)
+        order = self.tile_column_order()
+        width = self.in_features if order is None else order.numel()
+        grad = torch.zeros(grad_y.shape[0], width, dtype=torch.float32, device=grad_y.device)
         g = grad_y.to(dtype)
         for r0, r1, w in self.weight_tiles(dtype):
-            grad_x += (g[:, r0:r1] @ w).float()
+            grad += (g[:, r0:r1] @ w).float()
+        if order is None:
+            return grad
+        valid = order >= 0  # tile columns past the end of a row are padding
+        grad_x = torch.empty(grad_y.shape[0], self.in_features, dtype=torch.float32, device=grad_y.device)
+        grad_x[:, order[valid]] = grad[:, valid]
         return grad_x
 
     def _finish(self, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -172,31 +189,33 @@ class DequantLinear(QuantLinear):
         """The weight as the LUT kernels take it, or None where they do not apply."""
         return None
 
-    def weight_tiles(self, dtype: torch.dtype):
-        yield 0, self.out_features, self.dequantize(dtype)
-
-    def input_grad(self, grad_y: torch.Tensor) -> torch.Tensor:
-        lut = self.lut_weight() if grad_y.device.type == "cpu" else None
+    def _row_kernel(self):
+        """(LutWeight, compiled kernels) where backward can rebuild rows on the kernels, else None."""
+        lut = self.lut_weight() if self.qweight.device.type == "cpu" else None
         ext = fast() if lut is not None and lut.fits_kernel() else None
-        if ext is None:
-            return super().input_grad(grad_y)
-        # The compiled kernel rebuilds rows in its lane order (columns permuted): multiply in that order, then put
-        # each column back where it belongs.
-        dtype = gemm_dtype(self.compute_dtype)
-        k = self.in_features
-        order = ext.lut_permute_x(torch.arange(1, k + 1, dtype=torch.float32)[None], lut.bits)[0].long() - 1
-        rows = self.tile_rows(dtype)
-        tile = torch.empty(min(rows, self.out_features), order.numel(), dtype=dtype)
-        grad_p = torch.zeros(grad_y.shape[0], order.numel(), dtype=torch.float32)
-        g = grad_y.to(dtype)
-        for r0 in range(0, self.out_features, rows):
-            r1 = min(r0 + rows, self.out_features)
+        return None if ext is None else (lut, ext)
+
+    def tile_column_order(self) -> torch.Tensor | None:
+        # The compiled kernel rebuilds rows in its lane order (columns permuted): input_grad puts them back.
+        kernel = self._row_kernel()
+        if kernel is None:
+            return None
+        lut, ext = kernel
+        return ext.lut_permute_x(torch.arange(1, self.in_features + 1, dtype=torch.float32)[None], lut.bits)[0].long() - 1
+
+    def weight_tiles(self, dtype: torch.dtype):
+        kernel = self._row_kernel()
+        if kernel is None:
+            yield 0, self.out_features, self.dequantize(dtype)
+            return
+        lut, ext = kernel
+        tile = None
+        for r0, r1 in self.row_ranges(dtype):
+            if tile is None:  # one buffer for every tile, as wide as the kernel's padded rows
+                width = ext.lut_permute_x(torch.zeros(1, self.in_features), lut.bits).shape[1]
+                tile = torch.empty(r1 - r0, width, dtype=dtype)
             ext.lut_dequant_rows(*lut.args(), r0, r1, tile)
-            grad_p += (g[:, r0:r1] @ tile[:r1 - r0]).float()
-        valid = order >= 0  # lanes past the end of a row are padding
-        grad_x = torch.empty(grad_y.shape[0], k, dtype=torch.float32)
-        grad_x[:, order[valid]] = grad_p[:, valid]
-        return grad_x
+            yield r0, r1, tile[:r1 - r0]
 
     def quantized_forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)

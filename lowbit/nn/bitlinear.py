@@ -39,9 +39,7 @@ class BitLinear(QuantLinear):
         if k % 4:  # rows do not start on a byte: unpack the whole matrix
             yield from super().weight_tiles(dtype)
             return
-        rows = self.tile_rows(dtype)
-        for r0 in range(0, self.out_features, rows):
-            r1 = min(r0 + rows, self.out_features)
+        for r0, r1 in self.row_ranges(dtype):
             trits = unpack_ternary_2bit(self.weight_packed[r0 * k // 4:r1 * k // 4], (r1 - r0) * k).view(r1 - r0, k)
             yield r0, r1, trits.to(dtype) * self.weight_gamma.to(dtype)
 

@@ -58,9 +58,8 @@ class Int8Linear(QuantLinear):
         return self.weight_codes.float() * (self.weight_absmax / 127).unsqueeze(1)
 
     def weight_tiles(self, dtype: torch.dtype):
-        rows, scale = self.tile_rows(dtype), (self.weight_absmax / 127).to(dtype).unsqueeze(1)
-        for r0 in range(0, self.out_features, rows):
-            r1 = min(r0 + rows, self.out_features)
+        scale = (self.weight_absmax / 127).to(dtype).unsqueeze(1)
+        for r0, r1 in self.row_ranges(dtype):
             yield r0, r1, self.weight_codes[r0:r1].to(dtype) * scale[r0:r1]
 
     def quantized_forward(self, x: torch.Tensor, reference: bool = False) -> torch.Tensor:
