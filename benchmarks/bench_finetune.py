@@ -34,15 +34,31 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def steady_step(times: list[float]) -> float:
+    """Median step time, the first step (allocation, page faults) left out."""
+    rest = sorted(times[1:] or times)
+    return rest[len(rest) // 2]
+
+
 def one_lowbit(name: str, args) -> dict:
-    from lowbit.app.finetune import FinetuneConfig, run
+    from lowbit.app.finetune import FinetuneConfig, heldout_perplexity, train
 
     cfg = FinetuneConfig(**RUNS[name][1], steps=args.steps, batch=args.batch, seq=args.seq, rank=args.rank,
                          eval_tokens=args.eval_tokens, save_every=args.steps, lr=args.lr)
     out = Path(args.workdir) / name
     t = time.perf_counter()
-    s = run("smollm2-135m", WIKI.read_text(), out, cfg, progress=False)
+    s, model, held = train("smollm2-135m", WIKI.read_text(), out, cfg, progress=False)
     s["wall_seconds"] = time.perf_counter() - t
+    s["peak_rss_mb"], s["steady_step_seconds"] = peak_rss_mb(), steady_step(s["step_times"])
+    if cfg.method != "fp32":  # deployment (item 4): fold the adapters in, re-quantized and in full precision
+        import copy
+
+        from lowbit.train import merge_and_requantize, merge_to_full_precision
+
+        model.eval()
+        s["ppl_merged_requantized"] = heldout_perplexity(merge_and_requantize(copy.deepcopy(model)), held, cfg.seq,
+                                                         cfg.eval_tokens)
+        s["ppl_merged_fp32"] = heldout_perplexity(merge_to_full_precision(model), held, cfg.seq, cfg.eval_tokens)
     return s
 
 
@@ -64,8 +80,11 @@ def one_bnb(args) -> dict:
                 layer.weight = bnb.nn.Params4bit(child.weight.data.clone(), requires_grad=False, quant_type="nf4",
                                                  compress_statistics=True, blocksize=64)._quantize("cpu")
                 setattr(m, child_name, layer)
-    model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
-                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
+    # PEFT's own checkpointing switch does nothing on transformers 5 (is_activation_checkpointing stays False):
+    # turn it on the way the lowbit runs do, or this run skips the re-forward the others pay for.
+    model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    assert model.is_activation_checkpointing
     torch.manual_seed(0)
     model = peft.get_peft_model(model, peft.LoraConfig(r=cfg.rank, lora_alpha=2 * cfg.rank, target_modules=cfg.targets,
                                                        lora_dropout=0.0))
@@ -88,7 +107,7 @@ def one_bnb(args) -> dict:
         losses.append(loss.item())
     after = heldout_perplexity(model, held, cfg.seq, args.bnb_eval_tokens)
     return {"ppl_before": before, "ppl_after": after, "steps": cfg.steps, "losses": losses,
-            "step_seconds": sum(times[1:]) / max(1, len(times) - 1),
+            "step_seconds": sum(times) / len(times), "steady_step_seconds": steady_step(times),
             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "heldout_tokens": args.bnb_eval_tokens}
 
@@ -110,7 +129,7 @@ def main() -> None:
     torch.set_num_threads(2)
     if args.one:  # child process: one run, its JSON on the last line of stdout
         s = one_bnb(args) if args.one == "bnb-nf4" else one_lowbit(args.one, args)
-        s["peak_rss_mb"] = peak_rss_mb()
+        s.setdefault("peak_rss_mb", peak_rss_mb())
         print(json.dumps(s))
         return
     from lowbit.eval.speed import machine
@@ -127,19 +146,23 @@ def main() -> None:
             continue
         results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
         r = results[name]
-        print(f"{RUNS[name][0]}: ppl {r['ppl_before']:.3f} -> {r['ppl_after']:.3f}, {r['step_seconds']:.2f} s/step, "
+        print(f"{RUNS[name][0]}: ppl {r['ppl_before']:.3f} -> {r['ppl_after']:.3f}, {r['steady_step_seconds']:.2f} s/step, "
               f"peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
         out = Path(__file__).parent / "results" / "finetune.json"
         out.parent.mkdir(exist_ok=True)
         out.write_text(json.dumps({"machine": machine(), "args": vars(args), "runs": results}, indent=1))
     base = results.get("fp32")
-    print("\n| run | steps | trainable params | held-out ppl before | after | after / LoRA fp32 | s/step | peak RSS MB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| run | steps | trainable params | held-out ppl before | after | after / LoRA fp32 | s/step (median) "
+          "| step / LoRA fp32 | peak RSS MB | RSS / LoRA fp32 | merged, re-quantized ppl | merged, fp32 ppl |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
-        rel = f"{r['ppl_after'] / base['ppl_after']:.4f}" if base else ""
-        print(f"| {RUNS[name][0]} | {r['steps']} | {r['trainable_params'] / 1e6:.2f}M | {r['ppl_before']:.3f} | "
-              f"{r['ppl_after']:.3f} | {rel} | {r['step_seconds']:.2f} | {r['peak_rss_mb']:.0f} |")
+        def rel(key: str) -> str:
+            return f"{r[key] / base[key]:.3f}x" if base else ""
 
+        merged = [f"{r[k]:.3f}" if k in r else "" for k in ("ppl_merged_requantized", "ppl_merged_fp32")]
+        print(f"| {RUNS[name][0]} | {r['steps']} | {r['trainable_params'] / 1e6:.2f}M | {r['ppl_before']:.3f} | "
+              f"{r['ppl_after']:.3f} | {rel('ppl_after')} | {r['steady_step_seconds']:.2f} | "
+              f"{rel('steady_step_seconds')} | {r['peak_rss_mb']:.0f} | {rel('peak_rss_mb')} | {' | '.join(merged)} |")
 
 if __name__ == "__main__":
     main()

@@ -27,9 +27,12 @@ def inputs_with_outlier_column(m: int, k: int) -> torch.Tensor:
     return x.requires_grad_(True)
 
 
-@pytest.mark.parametrize("rows", [3, 24])
+# The default backward tile holds these layers' whole weight; 4 KiB tiles (at most 16 rows) cover accumulation.
+@pytest.mark.parametrize("rows, tile_bytes", [(3, None), (24, None), (24, 4096)])
 @pytest.mark.parametrize("name", list(LAYERS))
-def test_input_gradient_is_dy_times_dequantized_weight(name, rows):
+def test_input_gradient_is_dy_times_dequantized_weight(name, rows, tile_bytes, monkeypatch):
+    if tile_bytes:
+        monkeypatch.setattr("lowbit.nn.base.BACKWARD_TILE_BYTES", tile_bytes)
     k = 254 if name == "ternary k%4" else 576
     layer = LAYERS[name](_linear(130, k))
     x = inputs_with_outlier_column(rows, k)

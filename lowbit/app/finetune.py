@@ -200,7 +200,13 @@ def plot_losses(losses: list[float], path: Path, title: str) -> None:
 
 
 def run(spec: str, text: str, out: Path, cfg: FinetuneConfig, progress: bool = True) -> dict:
-    """Fine-tune adapters on ``text`` and write out/adapter, out/loss.png, out/summary.json; resume from out/."""
+    """Fine-tune adapters on ``text`` and write out/adapter, out/loss.png, out/summary.json; resume from out/.
+    Returns the summary."""
+    return train(spec, text, out, cfg, progress)[0]
+
+
+def train(spec: str, text: str, out: Path, cfg: FinetuneConfig, progress: bool = True):
+    """``run``, returning (summary, the trained PEFT model, the held-out token ids)."""
     cfg.check()
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -220,7 +226,9 @@ def run(spec: str, text: str, out: Path, cfg: FinetuneConfig, progress: bool = T
     model.train()
     bar = tqdm(total=cfg.steps, initial=step, desc="fine-tuning", disable=not progress, dynamic_ncols=True)
     t0 = time.perf_counter()
+    step_times = []  # this process's steps only (a resumed run does not know the earlier ones)
     while step < cfg.steps:
+        t_step = time.perf_counter()
         batch = batch_at(train, step, cfg)
         loss = model(batch, labels=batch).loss
         if not torch.isfinite(loss):
@@ -234,6 +242,7 @@ def run(spec: str, text: str, out: Path, cfg: FinetuneConfig, progress: bool = T
         opt.zero_grad(set_to_none=True)
         step += 1
         losses.append(loss.item())
+        step_times.append(time.perf_counter() - t_step)
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         if step % cfg.save_every == 0 or step == cfg.steps:
@@ -247,6 +256,6 @@ def run(spec: str, text: str, out: Path, cfg: FinetuneConfig, progress: bool = T
     summary = {"model": spec, **extra, "ppl_after": ppl_after, "steps": step, "final_loss": losses[-1], "losses": losses,
                "train_tokens": train.numel(), "heldout_tokens": min(held.numel(), cfg.eval_tokens),
                "trainable_params": sum(p.numel() for p in params),
-               "step_seconds": extra["train_seconds"] / max(1, step)}
+               "step_seconds": extra["train_seconds"] / max(1, step), "step_times": step_times}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    return summary
+    return summary, model, held

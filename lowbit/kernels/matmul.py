@@ -78,15 +78,17 @@ def tiled_matmul(x: torch.Tensor, n: int, fill: Callable[[int, int, torch.Tensor
     each), so that the full weight is never materialized."""
     rows = max(16, TILE_BYTES // (k * torch.empty((), dtype=dtype).element_size()) // 16 * 16)
     tile = torch.empty(min(rows, n), k, dtype=dtype)
-    y = torch.empty(n, x.shape[0], dtype=x.dtype if dtype.is_floating_point else torch.int32)  # y^T: tiles fill rows
+    # Row-major out, filled a block of columns per tile: as fast as filling y^T, and a transposed view would push
+    # later ops (attention, norms) onto their slow strided paths.
+    y = torch.empty(x.shape[0], n, dtype=x.dtype if dtype.is_floating_point else torch.int32)
     for r0 in range(0, n, rows):
         r1 = min(r0 + rows, n)
         fill(r0, r1, tile)
         if dtype == torch.int8:
-            y[r0:r1] = torch._int_mm(x, tile[:r1 - r0].t()).t()
+            y[:, r0:r1] = torch._int_mm(x, tile[:r1 - r0].t())
         else:
-            torch.mm(tile[:r1 - r0], x.t(), out=y[r0:r1])
-    return y.t()
+            torch.mm(x, tile[:r1 - r0].t(), out=y[:, r0:r1])
+    return y
 
 
 def _cpu_ext(x: torch.Tensor):

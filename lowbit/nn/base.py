@@ -6,10 +6,17 @@ import threading
 import torch
 from torch import nn
 
+from lowbit.config import check_compute_dtype
 from lowbit.kernels import fast
-from lowbit.kernels.matmul import TILE_BYTES, LutWeight, gemm_dtype, lut_linear
+from lowbit.kernels.matmul import LutWeight, gemm_dtype, lut_linear
 
 _scratch = threading.local()
+
+# Backward rebuilds the weight in tiles of rows this large (16 MiB: one tile for a 135M model's layers, 12 for a
+# 4096 x 11008 one). Its GEMMs reduce over a tile's rows, so small (L2-sized) tiles mean short reductions and one
+# extra pass over the [M, in] gradient per tile: 1.4x slower at 576 x 1536, M = 1024 (measured, 2026-12-02).
+BACKWARD_TILE_BYTES = 16 << 20
+WHOLE_MIN_ROWS = 128  # see DequantLinear._dequantize_whole
 
 
 def scratch(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -87,6 +94,7 @@ class QuantLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool, compute_dtype: torch.dtype) -> None:
         super().__init__()
+        check_compute_dtype(compute_dtype)  # what a checkpoint can name and load back
         self.in_features, self.out_features = in_features, out_features
         self.compute_dtype = compute_dtype
         if bias:
@@ -132,8 +140,8 @@ class QuantLinear(nn.Module):
         raise NotImplementedError
 
     def tile_rows(self, dtype: torch.dtype = torch.float32) -> int:
-        """Rows of the weight in one backward tile: about an L2 cache."""
-        return max(16, TILE_BYTES // (self.in_features * torch.empty((), dtype=dtype).element_size()))
+        """Rows of the weight in one backward tile (``BACKWARD_TILE_BYTES``)."""
+        return max(16, BACKWARD_TILE_BYTES // (self.in_features * torch.empty((), dtype=dtype).element_size()))
 
     def row_ranges(self, dtype: torch.dtype):
         """(r0, r1) of each backward tile of rows."""
@@ -153,17 +161,21 @@ class QuantLinear(nn.Module):
         """dL/dx [M, in] = grad_y [M, out] @ W, W rebuilt one tile of rows at a time."""
         dtype = gemm_dtype(self.compute_dtype)
         order = self.tile_column_order()
-        width = self.in_features if order is None else order.numel()
-        grad = torch.zeros(grad_y.shape[0], width, dtype=torch.float32, device=grad_y.device)
-        g = grad_y.to(dtype)
+        g, grad = grad_y.to(dtype), None
         for r0, r1, w in self.weight_tiles(dtype):
-            grad += (g[:, r0:r1] @ w).float()
+            if grad is None:
+                grad = (g[:, r0:r1] @ w).float()
+            elif dtype == torch.float32:
+                grad.addmm_(g[:, r0:r1], w)  # in place: no product temporary per tile
+            else:  # bf16 products, summed over tiles in fp32
+                grad += (g[:, r0:r1] @ w).float()
         if order is None:
             return grad
-        valid = order >= 0  # tile columns past the end of a row are padding
-        grad_x = torch.empty(grad_y.shape[0], self.in_features, dtype=torch.float32, device=grad_y.device)
-        grad_x[:, order[valid]] = grad[:, valid]
-        return grad_x
+        # Tile columns are in the kernel's lane order (padding past the row's end): one gather puts them back.
+        source = torch.empty(self.in_features, dtype=torch.long, device=grad_y.device)
+        valid = order >= 0
+        source[order[valid]] = valid.nonzero().squeeze(1).to(grad_y.device)
+        return grad.index_select(1, source)
 
     def _finish(self, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if self.bias is not None:
@@ -190,7 +202,10 @@ class DequantLinear(QuantLinear):
         return None
 
     def _row_kernel(self):
-        """(LutWeight, compiled kernels) where backward can rebuild rows on the kernels, else None."""
+        """(LutWeight, compiled kernels) where backward rebuilds rows on the kernels, else None: also for weights of
+        one backward tile, which ``dequantize`` rebuilds whole in column order (no lane-order gather after)."""
+        if self.in_features * self.out_features * 4 <= BACKWARD_TILE_BYTES:
+            return None
         lut = self.lut_weight() if self.qweight.device.type == "cpu" else None
         ext = fast() if lut is not None and lut.fits_kernel() else None
         return None if ext is None else (lut, ext)
@@ -217,10 +232,18 @@ class DequantLinear(QuantLinear):
             ext.lut_dequant_rows(*lut.args(), r0, r1, tile)
             yield r0, r1, tile[:r1 - r0]
 
+    def _dequantize_whole(self, x: torch.Tensor) -> bool:
+        # From 128 rows of x, with a weight of at most BACKWARD_TILE_BYTES: dequantizing it whole (in column order)
+        # and one GEMM beat the kernels' tiles, which need x permuted to their lane order. NF4 at 576 x 1536:
+        # 5.6 vs 7.2 ms at 512 rows, 1.9 vs 2.0 at 128, 1.0 vs 0.7 at 16 (2026-12-02, CPU B). Larger weights keep
+        # the tiles, which stay in cache.
+        rows = x.numel() // max(1, x.shape[-1])
+        return rows >= WHOLE_MIN_ROWS and self.in_features * self.out_features * 4 <= BACKWARD_TILE_BYTES
+
     def quantized_forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         cpu_inference = x.device.type == "cpu" and not needs_autograd(x)
-        lut = self.lut_weight() if cpu_inference else None
+        lut = self.lut_weight() if cpu_inference and not self._dequantize_whole(x) else None
         if lut is not None:
             y = lut_linear(x.reshape(-1, self.in_features), lut, self.compute_dtype)
             return self._finish(y, x.dtype).reshape(*x.shape[:-1], self.out_features)
