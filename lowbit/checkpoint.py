@@ -23,16 +23,15 @@ from torch import nn
 
 import lowbit
 from lowbit.config import _DTYPES, config_from_dict
+from lowbit.manifest import CONFIG_ERRORS, CheckpointError, safe_file, validate
 from lowbit.nn import BitLinear, Int8Linear, IntLinear, Linear4bit, QuantLinear, SpQRLinear
 from lowbit.nn.base import is_linear_like, linear_weight
 
 FORMAT, FORMAT_VERSION, MANIFEST = "lowbit", 1, "lowbit.json"
 LAYER_TYPES = {cls.__name__: cls for cls in (Int8Linear, Linear4bit, BitLinear, IntLinear, SpQRLinear)}
 _OURS = ("model-*.safetensors", "model-*.safetensors.tmp", "tokenizer-*", f"{MANIFEST}.*.tmp")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be written or read as asked: the message says why."""
+_FLOAT_DTYPES = {**_DTYPES, "float64": torch.float64}
+__all__ = ["CheckpointError", "save", "load", "load_tokenizer", "read_manifest", "check_target"]
 
 
 def _parse_size(size: int | str) -> int:
@@ -61,6 +60,14 @@ def _tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]
     return tensors, tied
 
 
+def _unsaved_buffer_dtypes(model: nn.Module) -> dict[str, str]:
+    """dtype names of the float buffers a state dict leaves out (rotary inv_freq, ...): ``model.to(bf16)`` casts
+    them too, and a rebuilt model must compute with the same ones to give the same outputs."""
+    saved = set(model.state_dict())
+    return {name: str(b.dtype).removeprefix("torch.") for name, b in model.named_buffers()
+            if name not in saved and b.is_floating_point()}
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -75,6 +82,13 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _as_umask_allows(path: Path) -> None:
+    """Give a file the permissions an ordinary new file gets (safetensors writes its files 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def _write_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -93,14 +107,37 @@ def _plan_shards(tensors: dict[str, torch.Tensor], limit: int) -> list[list[str]
     return shards
 
 
-def save(model: nn.Module, directory: str | os.PathLike, tokenizer=None, max_shard_size: int | str = "2GB") -> Path:
-    """Write ``model`` (quantized by lowbit or not) and optionally its tokenizer to ``directory``, atomically."""
+def check_target(directory: str | os.PathLike) -> Path:
+    """Raise CheckpointError unless ``save`` could write to ``directory`` (run it before long work)."""
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise CheckpointError(f"{directory} exists and is not a directory")
     if directory.is_dir() and any(directory.iterdir()) and not (directory / MANIFEST).is_file():
         raise CheckpointError(f"{directory} is not empty and holds no lowbit checkpoint; refusing to write into it")
-    limit = _parse_size(max_shard_size)
+    parent = directory
+    while not parent.exists():  # the folder save would create: its nearest existing ancestor must take it
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise CheckpointError(f"cannot write to {directory}: {parent} is not a writable folder")
+    return directory
+
+
+def _previous_files(directory: Path) -> set[str]:
+    """Files the committed manifest names: kept through the next save, for loads that read it before the commit."""
+    try:
+        old = json.loads((directory / MANIFEST).read_text())
+        return {sh["file"] for sh in old["shards"]} | {old.get("tokenizer")}
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+
+
+def save(model: nn.Module, directory: str | os.PathLike, tokenizer=None, max_shard_size: int | str = "2GB") -> Path:
+    """Write ``model`` (quantized by lowbit or not) and optionally its tokenizer to ``directory``, atomically."""
+    directory = check_target(directory)
+    try:
+        limit = _parse_size(max_shard_size)
+    except ValueError:
+        raise CheckpointError(f"max_shard_size must be a size such as 2GB, 500MB or a byte count, got {max_shard_size!r}") from None
     if limit <= 0:
         raise CheckpointError(f"max_shard_size must be positive, got {max_shard_size!r}")
     tensors, tied = _tensors(model)
@@ -110,15 +147,18 @@ def save(model: nn.Module, directory: str | os.PathLike, tokenizer=None, max_sha
     qconfig = getattr(model, "lowbit_config", None)
     save_id = uuid.uuid4().hex[:12]
     plan = _plan_shards(tensors, limit)
-    directory.mkdir(parents=True, exist_ok=True)
+    created = not directory.exists()
     made: list[Path] = []
     try:
+        directory.mkdir(parents=True, exist_ok=True)
+        previous = _previous_files(directory)
         shards = []
         for i, names in enumerate(plan):
             final = directory / f"model-{save_id}-{i + 1:05d}-of-{len(plan):05d}.safetensors"
             tmp = final.with_name(final.name + ".tmp")
             made += [tmp, final]
             _write_shard({n: tensors[n] for n in names}, tmp)
+            _as_umask_allows(tmp)
             _fsync(tmp)
             os.replace(tmp, final)
             shards.append({"file": final.name, "sha256": _sha256(final), "bytes": final.stat().st_size, "tensors": names})
@@ -132,7 +172,7 @@ def save(model: nn.Module, directory: str | os.PathLike, tokenizer=None, max_sha
             "quantization": qconfig.to_dict() if qconfig is not None else None,
             "architecture": type(model).__name__,
             "model_config": json.loads(config.to_json_string()) if hasattr(config, "to_json_string") else None,
-            "layers": layers, "tied": tied, "shards": shards,
+            "layers": layers, "tied": tied, "shards": shards, "buffer_dtypes": _unsaved_buffer_dtypes(model),
             "tokenizer": tok_dir.name if tok_dir else None,
         }
         tmp = directory / f"{MANIFEST}.{save_id}.tmp"
@@ -140,18 +180,24 @@ def save(model: nn.Module, directory: str | os.PathLike, tokenizer=None, max_sha
         tmp.write_text(json.dumps(manifest, indent=1))
         _fsync(tmp)
         os.replace(tmp, directory / MANIFEST)  # the commit
-    except BaseException:
+    except BaseException as e:
         for p in made:
             if p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
             elif p.exists():
                 p.unlink()
+        if created and directory.is_dir() and not any(directory.iterdir()):
+            directory.rmdir()  # nothing half written: not even an empty folder
+        if isinstance(e, (OSError, SafetensorError)):  # read-only file system, disk full, ...
+            raise CheckpointError(f"cannot write the checkpoint to {directory}: {e}") from None
         raise
     _fsync(directory)
-    keep = {s["file"] for s in shards} | {manifest["tokenizer"]}
-    for p in directory.iterdir():  # leftovers of earlier saves, finished or not
+    # Leftovers of earlier saves, finished or not, go; the previous checkpoint's files stay until the next save,
+    # so that a load that read the previous manifest just before the commit still finds its shards.
+    keep = {s["file"] for s in shards} | {manifest["tokenizer"]} | previous
+    for p in directory.iterdir():
         if p.name not in keep and any(fnmatch(p.name, pat) for pat in _OURS):
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     return directory
 
 
@@ -173,9 +219,7 @@ def read_manifest(directory: str | os.PathLike) -> dict:
         raise CheckpointError(
             f"{directory} was written by lowbit {manifest.get('lowbit_version', '?')} in checkpoint format {version}; "
             f"lowbit {lowbit.__version__} reads formats up to {FORMAT_VERSION}: upgrade lowbit")
-    if not isinstance(manifest.get("shards"), list) or not isinstance(manifest.get("layers"), dict):
-        raise CheckpointError(f"{path} lacks its shard list or layer table: the checkpoint is damaged")
-    return manifest
+    return validate(manifest, Path(directory), LAYER_TYPES)
 
 
 def _skeleton(manifest: dict) -> nn.Module:
@@ -186,12 +230,16 @@ def _skeleton(manifest: dict) -> nn.Module:
     from accelerate import init_empty_weights
 
     cfg = dict(manifest["model_config"])
-    config = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
     cls = getattr(transformers, manifest.get("architecture") or "", None)
-    with init_empty_weights():
-        if cls is not None and hasattr(cls, "_from_config"):
-            return cls._from_config(config)
-        return transformers.AutoModelForCausalLM.from_config(config)
+    try:
+        config = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+        with init_empty_weights():
+            if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+                return cls._from_config(config)
+            return transformers.AutoModelForCausalLM.from_config(config)
+    except CONFIG_ERRORS as e:  # a config transformers cannot build
+        raise CheckpointError(f"lowbit.json: model_config does not describe a model transformers can build "
+                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
 def _swap_layers(model: nn.Module, layers: dict) -> None:
@@ -209,14 +257,17 @@ def _swap_layers(model: nn.Module, layers: dict) -> None:
                 raise CheckpointError(f"layer {name} is already a different lowbit layer")
         elif is_linear_like(old):
             out_f, in_f = linear_weight(old).shape
-            if (in_f, out_f) != (spec["in_features"], spec["out_features"]):
+            if (in_f, out_f) != (spec.get("in_features"), spec.get("out_features")):
                 raise CheckpointError(f"shape mismatch at {name}: the checkpoint has {spec['in_features']} -> "
                                       f"{spec['out_features']} features, the model {in_f} -> {out_f}")
         else:
             raise CheckpointError(f"layer {name} is a {type(old).__name__} in this model, not a linear layer")
         spec["compute_dtype"] = _DTYPES[spec["compute_dtype"]]
-        with torch.device("meta"):
-            new = cls(**spec)
+        try:
+            with torch.device("meta"):
+                new = cls(**spec)
+        except (ValueError, TypeError, RuntimeError) as e:
+            raise CheckpointError(f"lowbit.json: layers[{name!r}] cannot be built: {e}") from None
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
 
@@ -230,54 +281,134 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
         module._buffers[attr] = tensor
 
 
-def _verify(directory: Path, shards: list[dict]) -> None:
-    for s in shards:
-        path = directory / s["file"]
-        if not path.is_file():
-            raise CheckpointError(f"shard {s['file']} is missing from {directory}")
-        if path.stat().st_size != s["bytes"] or _sha256(path) != s["sha256"]:
+def _open_shards(directory: Path, shards: list[dict]) -> list:
+    """An open file per shard, taken right after the manifest is read: the files stay readable even if a save
+    into the folder deletes them later (POSIX), so a load never mixes two checkpoints or loses a shard."""
+    files = []
+    try:
+        for i, s in enumerate(shards):
+            path = safe_file(directory, s["file"], f"shards[{i}].file")
+            if not path.is_file():
+                raise CheckpointError(f"shard {s['file']} is missing from {directory}")
+            files.append(open(path, "rb"))
+    except BaseException:
+        for f in files:
+            f.close()
+        raise
+    return files
+
+
+def _fd_path(f, path: Path) -> str:
+    """A path that opens this very file (not whatever now has its name), where the OS offers one."""
+    for proc in (f"/proc/self/fd/{f.fileno()}", f"/dev/fd/{f.fileno()}"):
+        if os.path.exists(proc):
+            return proc
+    return str(path)
+
+
+def _verify(files: list, shards: list[dict]) -> None:
+    for f, s in zip(files, shards):
+        h = hashlib.sha256()
+        f.seek(0)
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+        if f.tell() != s["bytes"] or h.hexdigest() != s["sha256"]:
             raise CheckpointError(f"shard {s['file']} does not match its checksum: it was truncated or modified after saving")
 
 
+def _owner_is_quantized(model: nn.Module, name: str) -> bool:
+    module_name = name.rpartition(".")[0]
+    return isinstance(model.get_submodule(module_name) if module_name else model, QuantLinear)
+
+
+def _check_tensor(model: nn.Module, name: str, t: torch.Tensor, want: torch.Tensor) -> None:
+    # A lowbit layer's buffers have the exact dtype its constructor gives them; other tensors (embeddings, norms,
+    # unquantized layers) come back in the dtype they were saved in: a bf16 model loads as bf16.
+    same_kind = t.dtype.is_floating_point and want.dtype.is_floating_point and not _owner_is_quantized(model, name)
+    if t.shape != want.shape or (t.dtype != want.dtype and not same_kind):
+        raise CheckpointError(f"{name}: the checkpoint has {t.dtype} {tuple(t.shape)}, "
+                              f"the model expects {want.dtype} {tuple(want.shape)}")
+
+
+def _manifest_stamp(directory: Path):
+    try:
+        st = (directory / MANIFEST).stat()
+        return st.st_ino, st.st_mtime_ns, st.st_size
+    except OSError:
+        return None
+
+
 def load(directory: str | os.PathLike, model: nn.Module | None = None, verify: bool = True) -> nn.Module:
-    """Rebuild a saved model without materializing full-precision weights; ``model`` for non-transformers ones."""
+    """Rebuild a saved model without materializing full-precision weights; ``model`` for non-transformers ones.
+
+    A save into the same folder at the same time is safe: if its commit lands while this load reads, the load
+    starts again on the new checkpoint (it never mixes the two)."""
     directory = Path(directory)
+    for attempt in range(5):
+        stamp = _manifest_stamp(directory)
+        try:
+            return _load_once(directory, model, verify)
+        except (CheckpointError, OSError) as e:
+            if attempt == 4 or _manifest_stamp(directory) == stamp:  # not a race with a save: a real error
+                if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
+                    raise CheckpointError(f"cannot read {directory}: {e}") from None
+                raise
+    raise AssertionError("unreachable")
+
+
+def _load_once(directory: Path, model: nn.Module | None, verify: bool) -> nn.Module:
     manifest = read_manifest(directory)
+    files = _open_shards(directory, manifest["shards"])
+    try:
+        return _fill(directory, manifest, files, model, verify)
+    finally:
+        for f in files:
+            f.close()
+
+
+def _fill(directory: Path, manifest: dict, files: list, model: nn.Module | None, verify: bool) -> nn.Module:
     if verify:
-        _verify(directory, manifest["shards"])
+        _verify(files, manifest["shards"])
     model = _skeleton(manifest) if model is None else model
     _swap_layers(model, manifest["layers"])
     expected = model.state_dict(keep_vars=True)
-    tied = manifest.get("tied", {})
+    tied = manifest.get("tied") or {}
     seen = set()
-    for shard in manifest["shards"]:
+    for shard, file in zip(manifest["shards"], files):
         try:
-            with safe_open(str(directory / shard["file"]), framework="pt") as f:
-                for name in f.keys():
+            with safe_open(_fd_path(file, directory / shard["file"]), framework="pt") as f:
+                names = list(f.keys())
+                if sorted(names) != sorted(shard["tensors"]):
+                    raise CheckpointError(f"shard {shard['file']} holds other tensors than lowbit.json lists")
+                for name in names:
                     if name not in expected:
                         raise CheckpointError(f"the checkpoint has a tensor {name} that this model does not have")
                     t = f.get_tensor(name)
-                    want = expected[name]
-                    if t.shape != want.shape or t.dtype != want.dtype:
-                        raise CheckpointError(f"{name}: the checkpoint has {t.dtype} {tuple(t.shape)}, "
-                                              f"the model expects {want.dtype} {tuple(want.shape)}")
+                    _check_tensor(model, name, t, expected[name])
                     _assign(model, name, t)
                     seen.add(name)
         except SafetensorError as e:
             raise CheckpointError(f"shard {shard['file']} cannot be read ({e}): the file is damaged") from None
     for alias, target in tied.items():
-        if alias not in expected or target not in seen:
+        if alias not in expected or target not in seen or alias in seen:
             raise CheckpointError(f"tied tensor {alias} -> {target} does not fit this model")
         module_name, _, attr = alias.rpartition(".")
         module = model.get_submodule(module_name) if module_name else model
         tgt_module, _, tgt_attr = target.rpartition(".")
         src = model.get_submodule(tgt_module) if tgt_module else model
         holder = src._parameters if tgt_attr in src._parameters else src._buffers
+        _check_tensor(model, alias, holder[tgt_attr], expected[alias])
         (module._parameters if attr in module._parameters else module._buffers)[attr] = holder[tgt_attr]
         seen.add(alias)
     missing = sorted(set(expected) - seen)
     if missing:
         raise CheckpointError(f"the checkpoint lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:3]}")
+    buffers = dict(model.named_buffers())
+    for name, dtype in (manifest.get("buffer_dtypes") or {}).items():
+        if name in buffers and buffers[name].is_floating_point():
+            module_name, _, attr = name.rpartition(".")
+            module = model.get_submodule(module_name) if module_name else model
+            module._buffers[attr] = buffers[name].to(_FLOAT_DTYPES[dtype])
     if manifest.get("quantization"):
         model.lowbit_config = config_from_dict(manifest["quantization"])
     return model.eval()
@@ -290,4 +421,4 @@ def load_tokenizer(directory: str | os.PathLike):
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(Path(directory) / manifest["tokenizer"]))
+    return AutoTokenizer.from_pretrained(str(safe_file(Path(directory), manifest["tokenizer"], "tokenizer")))

@@ -8,13 +8,53 @@ from dataclasses import dataclass, field
 import torch
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+COMPUTE_DTYPES = tuple(_DTYPES.values())
 DEFAULT_SKIP = ("lm_head", "*.lm_head")
+
+
+def _positive_int(value, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _number(value, name: str, low: float, high: float = float("inf"), open_low: bool = False) -> None:
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and value == value
+    if not ok or value > high or value < low or (open_low and value == low):
+        bound = f"{'>' if open_low else '>='} {low}" + ("" if high == float("inf") else f" and <= {high}")
+        raise ValueError(f"{name} must be a number {bound}, got {value!r}")
+
+
+def _choice(value, name: str, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+def check_compute_dtype(dtype) -> None:
+    """Raise ValueError unless ``dtype`` is one lowbit layers compute in (and checkpoints store)."""
+    if dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype!r}")
 
 
 @dataclass
 class _Config:
     skip: tuple[str, ...] = DEFAULT_SKIP  # fnmatch patterns of module names left as they are
     modules: tuple[str, ...] | None = None  # fnmatch patterns of modules to quantize; None: every linear layer
+
+    def __post_init__(self) -> None:
+        # Every field is checked here, when the config is made: not minutes later, inside quantize.
+        for key in ("skip", "modules"):
+            v = getattr(self, key)
+            if v is None and key == "modules":
+                continue
+            if isinstance(v, str) or not all(isinstance(p, str) for p in v):
+                raise ValueError(f"{key} must be a list of module-name patterns (strings), got {v!r}")
+            setattr(self, key, tuple(v))
+        if hasattr(self, "compute_dtype"):
+            check_compute_dtype(self.compute_dtype)
+        self.check()
+
+    def check(self) -> None:
+        """Raise ValueError on a field out of its range (each config checks its own)."""
 
     def to_dict(self) -> dict:
         d = {"method": METHOD_OF[type(self)]}
@@ -36,6 +76,13 @@ class Int8Config(_Config):
     compute_dtype: torch.dtype = torch.float32
     activations: str = "absmax"  # or "zeropoint": LLM.int8()'s asymmetric vector-wise variant
 
+    def check(self) -> None:
+        _number(self.threshold, "threshold", 0.0)  # 0 (or inf) turns the outlier split off
+        _choice(self.weight_only, "weight_only", (True, False))
+        _choice(self.activations, "activations", ("absmax", "zeropoint"))
+        if self.weight_only and self.activations != "absmax":
+            raise ValueError("activations applies to int8 activations: weight_only=True keeps them in float")
+
 
 @dataclass
 class NF4Config(_Config):
@@ -43,8 +90,19 @@ class NF4Config(_Config):
 
     quant_type: str = "nf4"
     blocksize: int = 64
-    double_quant: bool = True
+    double_quant: bool | None = None  # None: on for nf4 / fp4 (their absmax), off for int4 (it has no absmax)
     compute_dtype: torch.dtype = torch.float32
+
+    def check(self) -> None:
+        _choice(self.quant_type, "quant_type", ("nf4", "fp4", "int4"))
+        _positive_int(self.blocksize, "blocksize")
+        if self.blocksize % 2:
+            raise ValueError(f"blocksize must be even (two 4-bit codes share a byte), got {self.blocksize}")
+        if self.double_quant is None:
+            self.double_quant = self.quant_type != "int4"
+        _choice(self.double_quant, "double_quant", (True, False))
+        if self.double_quant and self.quant_type == "int4":
+            raise ValueError("double_quant applies to the absmax of nf4 / fp4; int4 has a scale and zero per group")
 
 
 @dataclass
@@ -62,6 +120,11 @@ class IntConfig(_Config):
     group_size: int = 128
     compute_dtype: torch.dtype = torch.float32
     clip_search: bool = False  # search each group's range for the least rounding error instead of min-max
+
+    def check(self) -> None:
+        _choice(self.bits, "bits", (2, 3, 4, 8))
+        _positive_int(self.group_size, "group_size")
+        _choice(self.clip_search, "clip_search", (True, False))
 
 
 @dataclass
@@ -81,6 +144,19 @@ class GPTQConfig(IntConfig):
     # on SmolLM2-135M it did not help (GPTQ 4-bit g128 1.1697 / 1.4108 vs 1.1623 / 1.3895, docs/calibration.md).
     true_sequential: bool = False
 
+    def check(self) -> None:
+        super().check()
+        _check_calibration_fields(self)
+
+
+def _check_calibration_fields(c) -> None:
+    _number(c.damp, "damp", 0.0, open_low=True)
+    _positive_int(c.n_samples, "n_samples")
+    _positive_int(c.seq_len, "seq_len")
+    if c.token_clip is not None:
+        _number(c.token_clip, "token_clip", 1.0)
+    _choice(c.true_sequential, "true_sequential", (True, False))
+
 
 @dataclass
 class SpQRConfig(_Config):
@@ -98,6 +174,14 @@ class SpQRConfig(_Config):
     true_sequential: bool = False  # as in GPTQConfig
     compute_dtype: torch.dtype = torch.float32
 
+    def check(self) -> None:
+        _choice(self.bits, "bits", (2, 3, 4, 8))
+        _positive_int(self.group_size, "group_size")
+        _positive_int(self.stat_group, "stat_group")
+        _number(self.outlier_threshold, "outlier_threshold", 0.0, open_low=True)
+        _number(self.max_outliers, "max_outliers", 0.0, 1.0)
+        _check_calibration_fields(self)
+
 
 METHOD_OF = {Int8Config: "int8", NF4Config: "4bit", TernaryConfig: "ternary", IntConfig: "int", GPTQConfig: "gptq",
              SpQRConfig: "spqr"}
@@ -107,12 +191,47 @@ _CLASS_OF = {v: k for k, v in METHOD_OF.items()}
 QuantConfig = Int8Config | NF4Config | TernaryConfig | IntConfig | GPTQConfig | SpQRConfig
 
 
+_NAMED = {
+    "int8": (Int8Config, {}), "int8-zp": (Int8Config, {"activations": "zeropoint"}),
+    "int8-weight": (Int8Config, {"weight_only": True}),
+    "nf4": (NF4Config, {"quant_type": "nf4"}), "fp4": (NF4Config, {"quant_type": "fp4"}),
+    "int4": (NF4Config, {"quant_type": "int4"}), "ternary": (TernaryConfig, {}),
+    "rtn": (IntConfig, {}), "gptq": (GPTQConfig, {}), "spqr": (SpQRConfig, {}),
+}
+NAMES = tuple(_NAMED) + ("rtn2", "rtn3", "rtn8", "gptq2", "gptq3", "gptq8", "spqr2", "spqr4")
+
+
+def config_from_name(name: str, **overrides) -> QuantConfig:
+    """The config of a method by name, as the ``lowbit`` command names them (nf4, int8, gptq3, ...); ``overrides``
+    set fields (``config_from_name("nf4", blocksize=128)``)."""
+    base, bits = (name[:-1], int(name[-1])) if name[-1:].isdigit() and name[:-1] in ("rtn", "gptq", "spqr") else (name, None)
+    if base not in _NAMED:
+        raise ValueError(f"unknown quantization method {name!r}; choose from {', '.join(_NAMED)} (rtn, gptq and spqr "
+                         "take their bits as a suffix: gptq3)")
+    cls, fields = _NAMED[base]
+    if bits is not None:
+        fields = {**fields, "bits": bits}
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        verb = "does" if len(unknown) == 1 else "do"
+        raise ValueError(f"{', '.join(unknown)} {verb} not apply to {name} ({cls.__name__} has {', '.join(sorted(known))})")
+    return cls(**{**fields, **overrides})
+
+
 def config_from_dict(d: dict) -> QuantConfig:
-    """Rebuild a config from ``to_dict`` output; unknown methods or fields raise ValueError."""
+    """Rebuild a config from ``to_dict`` output (or a ``config_from_name`` name as its method: "nf4");
+    unknown methods or fields raise ValueError."""
     d = dict(d)
     method = d.pop("method", None)
+    if method not in _CLASS_OF and isinstance(method, str) and method in _NAMED:
+        method, named = METHOD_OF[_NAMED[method][0]], _NAMED[method][1]
+        clash = {k for k in named if k in d and d[k] != named[k]}
+        if clash:
+            raise ValueError(f"method and field(s) {sorted(clash)} disagree: {d}")
+        d = {**named, **d}
     if method not in _CLASS_OF:
-        raise ValueError(f"unknown quantization method {method!r}; known: {', '.join(_CLASS_OF)}")
+        raise ValueError(f"unknown quantization method {method!r}; known: {', '.join(_CLASS_OF)} (or {', '.join(_NAMED)})")
     cls = _CLASS_OF[method]
     names = {f.name for f in dataclasses.fields(cls)}
     extra = set(d) - names
@@ -123,7 +242,7 @@ def config_from_dict(d: dict) -> QuantConfig:
             raise ValueError(f"compute_dtype must be one of {list(_DTYPES)}, got {d['compute_dtype']!r}")
         d["compute_dtype"] = _DTYPES[d["compute_dtype"]]
     for key in ("skip", "modules"):
-        if d.get(key) is not None:
+        if isinstance(d.get(key), list):
             d[key] = tuple(d[key])
     return cls(**d)
 

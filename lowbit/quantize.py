@@ -1,13 +1,14 @@
 """lowbit.quantize(model, config): swap every eligible linear layer for its quantized counterpart."""
 from __future__ import annotations
 
+import warnings
 from fnmatch import fnmatch
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from lowbit.config import CALIBRATED, Int8Config, IntConfig, NF4Config, QuantConfig, TernaryConfig
+from lowbit.config import CALIBRATED, Int8Config, IntConfig, NF4Config, QuantConfig, TernaryConfig, config_from_name
 from lowbit.nn import BitLinear, Int8Linear, IntLinear, Linear4bit, QuantLinear
 from lowbit.nn.base import is_linear_like, replace_module, tied_to_embeddings
 
@@ -63,12 +64,21 @@ def build_layer(module: nn.Module, config: QuantConfig) -> QuantLinear:
                     f"calibration), got {type(config).__name__}")
 
 
-def quantize(model: nn.Module, config: QuantConfig, progress: bool = True, calibration: torch.Tensor | None = None) -> nn.Module:
+def quantize(model: nn.Module, config: QuantConfig | str, progress: bool = True,
+             calibration: torch.Tensor | None = None) -> nn.Module:
     """Replace the model's eligible linear layers in place (LM head and tied embeddings kept); return it.
+
+    ``config`` is a config object or a method's name with its defaults ("nf4", "int8", "gptq3": see
+    ``lowbit.config.config_from_name``).
 
     GPTQConfig and SpQRConfig need ``calibration``: token ids [sequences, length], for example from
     ``lowbit.calibrate.calibration_batches(tokenizer, text)``.
     """
+    if isinstance(config, str):
+        config = config_from_name(config)
+    if not isinstance(config, (Int8Config, NF4Config, TernaryConfig, IntConfig, *CALIBRATED)):
+        raise TypeError(f"config must be a lowbit config (NF4Config(), Int8Config(), ...) or a method name such as "
+                        f"'nf4', got {type(config).__name__}")
     if any(isinstance(m, QuantLinear) for m in model.modules()):
         raise ValueError("this model is already quantized by lowbit; load or build the full-precision model to quantize again")
     layers = eligible_layers(model, config)
@@ -78,14 +88,36 @@ def quantize(model: nn.Module, config: QuantConfig, progress: bool = True, calib
         if calibration is None:
             raise ValueError(f"{type(config).__name__} needs calibration data: quantize(model, config, calibration=ids), "
                              "ids from lowbit.calibrate.calibration_batches(tokenizer, text)")
+        if not isinstance(calibration, torch.Tensor) or calibration.dim() != 2 or calibration.is_floating_point():
+            got = f"a {calibration.dim()}-D {calibration.dtype} tensor" if isinstance(calibration, torch.Tensor) else type(calibration).__name__
+            raise ValueError(f"calibration must be token ids of shape [sequences, length] (integers), got {got}: "
+                             "lowbit.calibrate.calibration_batches(tokenizer, text) makes them")
+        if calibration.numel() == 0:
+            raise ValueError("calibration holds no tokens")
         from lowbit.calibrate.run import calibrate
 
         chosen = {name for name, _ in layers}
-        model.lowbit_calibration = calibrate(model, config, calibration, lambda name: name not in chosen, progress)
+        try:
+            model.lowbit_calibration = calibrate(model, config, calibration, lambda name: name not in chosen, progress)
+        except BaseException:
+            for name, module in layers:  # calibration replaces layers as it goes: put the originals back
+                replace_module(model, name, module)
+            raise
         model.lowbit_config = config
         return model
+    if isinstance(config, TernaryConfig):
+        warnings.warn("ternary weights made post-training lose most of what the model knew (SmolLM2-135M: perplexity "
+                      "from 12 to millions): BitNet b1.58 models are trained ternary from the start", stacklevel=2)
+    # Build every replacement first and swap them in only when all succeeded: a layer that cannot be quantized
+    # (an inf weight) leaves the model as it was, not half converted.
+    built = []
     for name, module in tqdm(layers, desc="quantizing", disable=not progress, leave=False):
-        with torch.no_grad():
-            replace_module(model, name, build_layer(module, config))
+        try:
+            with torch.no_grad():
+                built.append((name, build_layer(module, config)))
+        except (ValueError, TypeError, RuntimeError) as e:
+            raise type(e)(f"layer {name}: {e} (the model was left unchanged)") from e
+    for name, layer in built:
+        replace_module(model, name, layer)
     model.lowbit_config = config
     return model

@@ -145,10 +145,16 @@ lowbit.save(lowbit.quantize(tiny_llama(), lowbit.TernaryConfig(), progress=False
     assert proc.returncode == 9, proc.stderr
     assert any(p.name.endswith(".tmp") for p in ck.iterdir())  # the dead save's debris
     assert torch.equal(logits(lowbit.load(ck)), expected)
+    first_files = {s["file"] for s in json.loads((ck / "lowbit.json").read_text())["shards"]}
     model = lowbit.quantize(tiny_llama(), lowbit.Int8Config(), progress=False)
-    lowbit.save(model, ck)
-    manifest = json.loads((ck / "lowbit.json").read_text())
-    assert sorted(p.name for p in ck.iterdir()) == sorted(["lowbit.json"] + [s["file"] for s in manifest["shards"]])
+    for _ in range(2):
+        previous = {s["file"] for s in json.loads((ck / "lowbit.json").read_text())["shards"]}
+        lowbit.save(model, ck)
+        manifest = json.loads((ck / "lowbit.json").read_text())
+        # The dead save's debris is gone; the previous checkpoint's shards stay one save longer (for loads that
+        # read its manifest just before the commit), so the first save's are gone after the second.
+        assert sorted(p.name for p in ck.iterdir()) == sorted({"lowbit.json", *previous, *(s["file"] for s in manifest["shards"])})
+    assert not first_files & {p.name for p in ck.iterdir()}
 
 
 @pytest.fixture
@@ -202,12 +208,22 @@ def test_damaged_or_missing_manifest(saved, tmp_path):
 def test_shape_and_dtype_mismatch(saved):
     with pytest.raises(lowbit.CheckpointError, match="shape mismatch at model.layers.0"):
         lowbit.load(saved, model=tiny_llama(hidden=128))
-    bf16 = tiny_llama().to(torch.bfloat16)
-    with pytest.raises(lowbit.CheckpointError, match="model.embed_tokens.weight: the checkpoint has torch.float32"):
-        lowbit.load(saved, model=bf16)
+    # Float tensors outside lowbit layers come back in the dtype they were saved in, whatever the model held.
+    loaded = lowbit.load(saved, model=tiny_llama().to(torch.bfloat16))
+    assert loaded.model.embed_tokens.weight.dtype == torch.float32
+    # A lowbit layer's own buffers must have the dtype its constructor gives them.
+    from safetensors.torch import load_file, save_file
+
+    shard = next(saved.glob("model-*.safetensors"))
+    tensors = load_file(shard)
+    name = next(n for n, t in tensors.items() if "q_proj.weight_" in n and t.dtype == torch.float32)
+    tensors[name] = tensors[name].to(torch.float16)
+    save_file(tensors, shard)
+    with pytest.raises(lowbit.CheckpointError, match=f"{name}: the checkpoint has torch.float16"):
+        lowbit.load(saved, verify=False)
     mlp = nn.Sequential(nn.Linear(4, 4))
     with pytest.raises(lowbit.CheckpointError, match="does not have"):
-        lowbit.load(saved, model=mlp)
+        lowbit.load(saved, model=mlp, verify=False)
 
 
 def test_save_refuses_foreign_directory_and_meta_model(tmp_path):

@@ -140,3 +140,11 @@ def test_gptq_and_spqr_through_the_cli(tmp_path, tiny_model_dir):
     assert 3.1 < rows["gptq3"]["bits_per_param_linear"] < 3.4 and rows["spqr3"]["bits_per_param_linear"] > 3.5
     code, out = run("quantize", tiny_model_dir, "--method", "gptq", "--bits", 5, "--out", tmp_path / "x")
     assert code == 2 and "--bits" in out
+
+
+def test_bf16_checkpoint_from_the_cli_opens_in_eval(tmp_path, tiny_model_dir):
+    code, out = run("quantize", tiny_model_dir, "--method", "bf16", "--out", tmp_path / "b")
+    assert code == 0, out
+    code, out = run("eval", tmp_path / "b", "--tokens", 64, "--no-speed", "--json", tmp_path / "e.json")
+    assert code == 0, out
+    assert json.loads((tmp_path / "e.json").read_text())["method"] == "bf16"

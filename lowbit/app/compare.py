@@ -34,6 +34,7 @@ def measure(model: nn.Module, tokenizer, text: str, tokens: int = 8192, window: 
            "model_mb": mem["total_bytes"] / 1e6, "parameters": mem["parameters"], "bytes_by_type": mem["bytes_by_type"]}
     t = time.perf_counter()
     row["perplexity"] = perplexity(model, tokenizer, text, tokens, window, stride, progress=progress)
+    row["tokens"] = min(tokens, len(tokenizer(text, verbose=False).input_ids))  # what was scored, not what was asked
     row["perplexity_s"] = time.perf_counter() - t
     if with_speed:
         row.update(speed(model))

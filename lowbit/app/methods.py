@@ -6,7 +6,7 @@ import re
 import torch
 from torch import nn
 
-from lowbit.config import CALIBRATED, GPTQConfig, Int8Config, IntConfig, NF4Config, QuantConfig, SpQRConfig, TernaryConfig
+from lowbit.config import CALIBRATED, QuantConfig, config_from_name
 from lowbit.quantize import quantize
 
 METHODS: dict[str, str] = {
@@ -43,34 +43,42 @@ def needs_calibration(name: str) -> bool:
     return name.startswith(("gptq", "spqr"))
 
 
+# The command's options and the config field each sets, per family of methods.
+_OPTION_FIELDS = {
+    "rtn": {"bits": "bits", "blocksize": "group_size"}, "gptq": {"bits": "bits", "blocksize": "group_size"},
+    "spqr": {"bits": "bits", "blocksize": "group_size"},
+    "int8": {"threshold": "threshold"}, "int8-zp": {"threshold": "threshold"}, "int8-weight": {},
+    "nf4": {"blocksize": "blocksize", "double_quant": "double_quant"},
+    "fp4": {"blocksize": "blocksize", "double_quant": "double_quant"}, "int4": {"blocksize": "blocksize"},
+    "ternary": {}, "fp32": {}, "bf16": {},
+}
+
+
 def method_config(name: str, blocksize: int | None = None, double_quant: bool | None = None,
                   threshold: float | None = None, bits: int | None = None) -> QuantConfig | None:
-    """The quantization config of a method (None for fp32 and bf16), with optional overrides."""
+    """The quantization config of a method (None for fp32 and bf16), with optional overrides; an option that
+    does not apply to the method is a ValueError, not ignored."""
     check_method(name)
+    family = m.group(1) if (m := _WITH_BITS.match(name)) else name
+    given = {k: v for k, v in dict(blocksize=blocksize, double_quant=double_quant, threshold=threshold,
+                                   bits=bits).items() if v is not None}
+    fields = _OPTION_FIELDS[family]
+    unused = [f"--{k.replace('_', '-')}" for k in given if k not in fields]
+    if unused:
+        takes = ", ".join(f"--{k.replace('_', '-')}" for k in fields) or "no options"
+        verb = "does" if len(unused) == 1 else "do"
+        raise ValueError(f"{' and '.join(sorted(unused))} {verb} not apply to {name} (it takes {takes})")
     if name in ("fp32", "bf16"):
         return None
-    m = _WITH_BITS.match(name)
-    if m:
-        b = bits or int(m.group(2) or (3 if m.group(1) == "spqr" else 4))
-        if m.group(1) == "spqr":
-            return SpQRConfig(bits=b, group_size=blocksize or 16)
-        cls = GPTQConfig if m.group(1) == "gptq" else IntConfig
-        return cls(bits=b, group_size=blocksize or 128)
-    if name.startswith("int8"):
-        return Int8Config(threshold=6.0 if threshold is None else threshold, weight_only=name == "int8-weight",
-                          activations="zeropoint" if name == "int8-zp" else "absmax")
-    if name in ("nf4", "fp4", "int4"):
-        dq = (name != "int4") if double_quant is None else double_quant
-        return NF4Config(quant_type=name, blocksize=blocksize or 64, double_quant=dq)
-    return TernaryConfig()
+    return config_from_name(name, **{fields[k]: v for k, v in given.items()})
 
 
 def apply_method(model: nn.Module, name: str, progress: bool = True, calibration: torch.Tensor | None = None,
                  **overrides) -> nn.Module:
     """Quantize (or cast) ``model`` in place by the named method and return it (GPTQ/SpQR use ``calibration``)."""
+    config = method_config(name, **{k: v for k, v in overrides.items() if v is not None})
     if name == "bf16":
         return model.to(torch.bfloat16)
-    config = method_config(name, **{k: v for k, v in overrides.items() if v is not None})
     if config is None:
         return model
     return quantize(model, config, progress=progress, calibration=calibration if isinstance(config, CALIBRATED) else None)

@@ -150,7 +150,12 @@ def quantize_sequential(model: nn.Module, batches: torch.Tensor, quantize_layer:
             for g in pass_groups:
                 H = 2 * hessians[g[0]] / max(counts[g[0]], 1)
                 for name in g:
-                    replace_module(block, name, quantize_layer(f"{prefix}.{b}.{name}", linears[name], H))
+                    full = f"{prefix}.{b}.{name}"
+                    try:
+                        layer = quantize_layer(full, linears[name], H)
+                    except (ValueError, RuntimeError) as e:
+                        raise type(e)(f"layer {full}: {e} (the model was left unchanged)") from e
+                    replace_module(block, name, layer)
                     stats["layers"] += 1
             stats["quantize_s"] += time.perf_counter() - t
         # The next block's inputs are this block's outputs, with its layers already quantized.

@@ -16,6 +16,20 @@ err = Console(stderr=True, width=_WIDE)
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="lowbit: make language models small (8, 4, 3 and 1.58 bits) and measure what it costs.")
 
+
+def _version(value: bool) -> None:
+    if value:
+        import lowbit
+
+        console.print(f"lowbit {lowbit.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="print the version and exit")) -> None:
+    """lowbit: make language models small (8, 4, 3 and 1.58 bits) and measure what it costs."""
+
 MODEL_HELP = "smollm2-135m (bundled), a .gguf file, a transformers folder, or a lowbit checkpoint folder"
 TEXT_HELP = "text file to evaluate on (default: the bundled Python Tutorial)"
 
@@ -51,10 +65,18 @@ def friendly(fn):
 
 def setup() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if not sys.stderr.isatty():  # logs and pipes get no \r-redrawn progress bars (tqdm reads this at each bar)
+        os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     import warnings
 
     warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
+    warnings.filterwarnings("once", message="ternary weights made post-training")
+
+    def one_line(message, category, filename, lineno, file=None, line=None):  # a user warning, not a code location
+        err.print(f"[yellow]warning:[/] {message}", highlight=False)
+
+    warnings.showwarning = one_line
     warnings.filterwarnings("ignore", message=".*is deprecated and will be removed in v6.*", category=FutureWarning)
     try:  # transformers' per-tensor "Loading weights" bar: noise on second-long loads, and it splits error output
         from transformers.utils import logging as hf_logging
@@ -62,6 +84,68 @@ def setup() -> None:
         hf_logging.disable_progress_bar()
     except ImportError:
         pass
+
+
+def check_writable_dir(path: Path, option: str = "--out") -> None:
+    """Before any work: ``path`` can be a folder this command writes files into."""
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{option} {path} exists and is not a folder")
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{option} {path}: {parent} is not writable")
+
+
+def check_writable_file(path: Path, option: str) -> None:
+    """Before any work: ``path`` can be written as a file (its folder exists and is writable)."""
+    if path.is_dir():
+        raise UserError(f"{option} {path} is a folder, not a file")
+    if not path.parent.is_dir():
+        raise UserError(f"{option} {path}: the folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise UserError(f"{option} {path} is not writable")
+
+
+def check_scoring(tokens: int, window: int, stride: Optional[int]) -> None:
+    if tokens < 2 or window < 2 or (stride is not None and not 0 < stride <= window):
+        raise UserError("--tokens and --window must be >= 2, and --stride in 1..window")
+
+
+def default_threads() -> int:
+    """Threads to compute with: the cores this process may use, less those other processes keep busy (1-minute
+    load average). Two threads on a machine with one busy core decode 5-20x slower than one (issue 14)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        busy = os.getloadavg()[0]
+    except OSError:
+        busy = 0.0
+    return max(1, min(cores, round(cores - busy)))
+
+
+THREADS_HELP = "CPU threads (default: the cores not busy with other work, by the 1-minute load average)"
+
+
+def use_threads(threads: Optional[int]) -> int:
+    """Set torch's (and lowbit's kernels') thread count: ``threads`` or ``default_threads()``; returns it."""
+    import torch
+
+    if threads is not None and threads < 1:
+        raise UserError(f"--threads must be >= 1, got {threads}")
+    n = threads or default_threads()
+    torch.set_num_threads(n)
+    return n
+
+
+def ensure_kernels() -> None:
+    """Build the CPU kernels now, with a message, if this is their first use (about a minute): not silently inside
+    the first layer call, and not inside a timed step."""
+    from lowbit.kernels import cpu_ext, fast, kernel_path
+
+    path = kernel_path()
+    if path != "reference" and not cpu_ext.is_built(path):
+        with console.status(f"building lowbit's CPU kernels ({path}; first run only, about a minute)"):
+            fast()
 
 
 def read_text(path: Optional[Path]) -> tuple[str, str]:

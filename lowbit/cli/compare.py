@@ -6,7 +6,8 @@ from typing import Optional
 
 import typer
 
-from lowbit.cli.common import app, friendly, MODEL_HELP, SPEED_PROTOCOL, TEXT_HELP, console, load, parse_methods, describe_protocol, read_text, setup
+from lowbit.cli.common import (THREADS_HELP, app, check_scoring, check_writable_dir, friendly, MODEL_HELP, SPEED_PROTOCOL,
+                               TEXT_HELP, console, load, parse_methods, describe_protocol, read_text, setup, use_threads)
 
 
 def run_compare(model: str, methods: list[str], text: Optional[Path], tokens: int, window: int, stride: Optional[int],
@@ -20,7 +21,7 @@ def run_compare(model: str, methods: list[str], text: Optional[Path], tokens: in
     base, tok = load(model)
     rows = compare(base, tok, methods, body, tokens, window, stride, with_speed=speed)
     out.mkdir(parents=True, exist_ok=True)
-    protocol = describe_protocol(tokens, window, stride, text_name)
+    protocol = describe_protocol(rows[0].get("tokens", tokens) if rows else tokens, window, stride, text_name)
     title = f"{model}: {protocol}"
     console.print(compare_table(rows, title))
     console.print(f"speeds: {SPEED_PROTOCOL}, on {machine()}")
@@ -42,10 +43,15 @@ def compare_cmd(
     stride: Optional[int] = typer.Option(None, help="sliding-window stride (default: non-overlapping windows)"),
     speed: bool = typer.Option(True, "--speed/--no-speed", help="measure prefill and decode tokens/s"),
     out: Path = typer.Option(Path("lowbit-compare"), "--out", "-o", help="folder for compare.json and tradeoff.png"),
+    threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
 ) -> None:
     """Quantize MODEL by each method and compare bits/param, size, perplexity and speed in one table, a plot and JSON.
 
     Example: lowbit compare smollm2-135m --methods fp32,int8,nf4,ternary --tokens 4096
     """
     setup()
-    run_compare(model, parse_methods(methods), text, tokens, window, stride, out, speed)
+    names = parse_methods(methods)
+    check_scoring(tokens, window, stride)
+    check_writable_dir(out)
+    use_threads(threads)
+    run_compare(model, names, text, tokens, window, stride, out, speed)

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Optional
 
 import typer
 
-from lowbit.cli.common import app, friendly, SPEED_PROTOCOL, console, describe_protocol, setup
+from lowbit.cli.common import THREADS_HELP, check_scoring, check_writable_dir, use_threads, app, friendly, SPEED_PROTOCOL, console, describe_protocol, setup
 from lowbit.cli.compare import run_compare
 from lowbit.cli.outliers import run_outliers
 
@@ -17,6 +18,7 @@ def demo(
     out: Path = typer.Option(Path("lowbit-report"), "--out", "-o", help="folder for the report"),
     tokens: int = typer.Option(4096, help="tokens of the bundled text to score per method (8192: the full protocol)"),
     speed: bool = typer.Option(True, "--speed/--no-speed", help="measure prefill and decode tokens/s"),
+    threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
 ) -> None:
     """The main job: compare every method on the bundled SmolLM2-135M, find its outlier features, write a report.
 
@@ -27,6 +29,9 @@ def demo(
     from lowbit.app.methods import DEFAULT_COMPARE
     from lowbit.app.report import write_report
 
+    check_scoring(tokens, 512, None)
+    check_writable_dir(out)
+    use_threads(threads)
     t = time.perf_counter()
     rows = run_compare("smollm2-135m", list(DEFAULT_COMPARE), None, tokens, 512, None, out, speed)
     lm = run_outliers("smollm2-135m", 6.0, None, 2048, out, True)

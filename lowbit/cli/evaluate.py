@@ -7,7 +7,8 @@ from typing import Optional
 
 import typer
 
-from lowbit.cli.common import app, friendly, MODEL_HELP, SPEED_PROTOCOL, TEXT_HELP, UserError, console, load, describe_protocol, read_text, setup
+from lowbit.cli.common import (THREADS_HELP, app, check_scoring, check_writable_file, friendly, MODEL_HELP, SPEED_PROTOCOL,
+                               TEXT_HELP, UserError, console, load, describe_protocol, read_text, setup, use_threads, ensure_kernels)
 
 
 @app.command("eval")
@@ -22,6 +23,7 @@ def eval_(
     speed: bool = typer.Option(True, "--speed/--no-speed", help="measure prefill and decode tokens/s"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the figures to this JSON file"),
     adapter: Optional[Path] = typer.Option(None, help="a PEFT LoRA adapter folder (from lowbit finetune) to apply"),
+    threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
 ) -> None:
     """Perplexity, prefill/decode speed and memory of MODEL (a checkpoint folder or a model to quantize on the fly).
 
@@ -33,10 +35,16 @@ def eval_(
     from lowbit.app.methods import apply_method, check_method, needs_calibration
 
     check_method(method)
-    if tokens < 2 or window < 2 or (stride is not None and not 0 < stride <= window):
-        raise UserError("--tokens and --window must be >= 2, and --stride in 1..window")
+    check_scoring(tokens, window, stride)
+    if json_out is not None:
+        check_writable_file(json_out, "--json")
+    if adapter is not None and not (adapter / "adapter_config.json").is_file():
+        raise UserError(f"{adapter} is not a PEFT adapter folder (no adapter_config.json)")
     body, text_name = read_text(text)
+    use_threads(threads)
+    ensure_kernels()
     m, tok = load(model)
+    label = method if method != "fp32" else _loaded_label(m)
     if method != "fp32":
         calibration = None
         if needs_calibration(method):
@@ -47,8 +55,9 @@ def eval_(
     if adapter is not None:
         m = _with_adapter(m, adapter)
     row = measure(m, tok, body, tokens, window, stride, with_speed=speed)
-    row.update(model=model, method=method, protocol=describe_protocol(tokens, window, stride, text_name), machine=machine())
-    console.print(f"[bold]{model}[/] ({method}): perplexity [bold]{row['perplexity']:.3f}[/]  ({row['protocol']})")
+    row.update(model=model, method=label, protocol=describe_protocol(row["tokens"], window, stride, text_name),
+               machine=machine())
+    console.print(f"[bold]{model}[/] ({label}): perplexity [bold]{row['perplexity']:.3f}[/]  ({row['protocol']})")
     console.print(f"memory {row['model_mb']:.1f} MB, {row['bits_per_param_model']:.2f} bits/param (model), "
                   f"{linear_bits_per_param(m):.3f} bits/param (linear layers)")
     if speed:
@@ -56,6 +65,17 @@ def eval_(
                       f"on {row['machine']}")
     if json_out:
         json_out.write_text(json.dumps(row, indent=1, default=str))
+
+
+def _loaded_label(model) -> str:
+    """What a model loaded as it is holds: "fp32", "bf16", or a checkpoint's quantization ("nf4 checkpoint")."""
+    config = getattr(model, "lowbit_config", None)
+    if config is not None:
+        d = config.to_dict()
+        name = d.get("quant_type") if d["method"] == "4bit" else d["method"]
+        return f"{name} checkpoint"
+    dtype = next(model.parameters()).dtype
+    return {"torch.bfloat16": "bf16", "torch.float16": "fp16"}.get(str(dtype), "fp32")
 
 
 def _with_adapter(model, adapter: Path):

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
-from lowbit.cli.common import MODEL_HELP, UserError, app, console, friendly, setup
+from lowbit.cli.common import THREADS_HELP, MODEL_HELP, UserError, app, check_writable_dir, console, friendly, setup, use_threads
 
 
 @app.command()
@@ -29,24 +30,24 @@ def finetune(
     out: Path = typer.Option(Path("lowbit-finetune"), "--out", "-o", help="folder for the adapter, loss.png, summary.json"),
     seed: int = typer.Option(0, help="seed of the batches and the adapters' initialisation"),
     checkpointing: bool = typer.Option(True, "--checkpointing/--no-checkpointing", help="gradient checkpointing"),
+    threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
 ) -> None:
     """Fine-tune LoRA adapters on MODEL quantized by --method, on the text in --data; resumes from --out.
 
     Example: lowbit finetune smollm2-135m --data notes.txt --steps 200 --out my-adapter
     """
     setup()
-    from lowbit.app.finetune import FinetuneConfig, FinetuneError, run
+    from lowbit.app.finetune import FinetuneConfig, run
 
     if not data.is_file():
         raise UserError(f"data file not found: {data}")
     cfg = FinetuneConfig(method=method, rank=rank, steps=steps, batch=batch, seq=seq, lr=lr, optimizer=optimizer,
                          loftq=loftq, targets=[t.strip() for t in targets.split(",") if t.strip()],
                          eval_tokens=eval_tokens, save_every=save_every, seed=seed, checkpointing=checkpointing)
-    try:
-        cfg.check()
-        s = run(model, data.read_text(encoding="utf-8", errors="replace"), out, cfg)
-    except FinetuneError as e:
-        raise UserError(str(e)) from None
+    cfg.check()
+    check_writable_dir(out)
+    use_threads(threads)
+    s = run(model, data.read_text(encoding="utf-8", errors="replace"), out, cfg)  # FinetuneError: one line, exit 2
     console.print(f"held-out perplexity {s['ppl_before']:.3f} -> [bold]{s['ppl_after']:.3f}[/] after {s['steps']} steps "
                   f"({s['trainable_params'] / 1e6:.2f}M trainable parameters, {s['step_seconds']:.2f} s/step)")
     console.print(f"written: {out / 'adapter'}, {out / 'loss.png'}, {out / 'summary.json'}  "

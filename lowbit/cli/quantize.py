@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from lowbit.cli.common import app, friendly, MODEL_HELP, UserError, console, load, read_text, setup
+from lowbit.cli.common import THREADS_HELP, app, friendly, MODEL_HELP, UserError, console, load, read_text, setup, use_threads, ensure_kernels
 
 
 @app.command()
@@ -23,6 +23,7 @@ def quantize(
     double_quant: Optional[bool] = typer.Option(None, "--double-quant/--no-double-quant", help="quantize the 4-bit absmax too"),
     threshold: Optional[float] = typer.Option(None, help="LLM.int8 outlier threshold (default 6.0; 0 turns it off)"),
     max_shard_size: str = typer.Option("2GB", help="largest safetensors shard"),
+    threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
 ) -> None:
     """Quantize MODEL and save it (with its tokenizer) as a lowbit checkpoint.
 
@@ -30,13 +31,27 @@ def quantize(
     """
     setup()
     import lowbit
-    from lowbit.app.methods import apply_method, check_method, needs_calibration
+    from lowbit.app.methods import apply_method, check_method, method_config, needs_calibration
+    from lowbit.checkpoint import _parse_size, check_target
 
+    # Everything that can be checked is checked before the model loads (GPTQ can take minutes).
     check_method(method)
     if method == "fp32":
         raise UserError("fp32 is the unquantized model: choose a method such as nf4 or int8")
     if bits is not None and bits not in (2, 3, 4, 8):
         raise UserError(f"--bits must be 2, 3, 4 or 8, got {bits}")
+    options = dict(blocksize=blocksize, double_quant=double_quant, threshold=threshold, bits=bits)
+    method_config(method, **options)  # options that do not apply, or out of range
+    try:
+        if _parse_size(max_shard_size) <= 0:
+            raise ValueError
+    except ValueError:
+        raise UserError(f"--max-shard-size must be a size such as 2GB or 500MB, got {max_shard_size!r}") from None
+    check_target(out)
+    if calib_text is not None and not calib_text.is_file():
+        raise UserError(f"--calib-text {calib_text} is not a file")
+    use_threads(threads)
+    ensure_kernels()  # a first-run build is not part of "quantized in N s"
     m, tok = load(model)
     calibration = None
     if needs_calibration(method):
@@ -45,8 +60,7 @@ def quantize(
         body, _ = read_text(calib_text)
         calibration = calibration_batches(tok, body, skip_tokens=0 if calib_text else 8192)
     t = time.perf_counter()
-    apply_method(m, method, calibration=calibration, blocksize=blocksize, double_quant=double_quant, threshold=threshold,
-                 bits=bits)
+    apply_method(m, method, calibration=calibration, **options)
     seconds = time.perf_counter() - t
     lowbit.save(m, out, tokenizer=tok, max_shard_size=max_shard_size)
     r = lowbit.memory_report(m)

@@ -14,11 +14,12 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from lowbit.functional.blockwise import DOUBLE_QUANT_BLOCKSIZE
+from lowbit.manifest import CONFIG_ERRORS, CheckpointError
 from lowbit.nn import Linear4bit, QuantLinear
 
 STATE_PREFIX = "weight.quant_state.bitsandbytes__"
@@ -30,9 +31,16 @@ def _pack_json(d: dict) -> torch.Tensor:
 
 def _unpack_json(t: torch.Tensor) -> dict:
     try:
-        return json.loads(bytes(t.to(torch.uint8).tolist()).decode("utf-8"))
+        meta = json.loads(bytes(t.to(torch.uint8).reshape(-1).tolist()).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"the bitsandbytes quant_state tensor does not hold JSON ({e})") from None
+        raise CheckpointError(f"the bitsandbytes quant_state tensor does not hold JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"the bitsandbytes quant_state must be a JSON object, got {type(meta).__name__}")
+    return meta
+
+
+def _positive_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
 
 def layer_to_bnb(layer: Linear4bit) -> dict[str, torch.Tensor]:
@@ -58,7 +66,7 @@ def layer_to_bnb(layer: Linear4bit) -> dict[str, torch.Tensor]:
 
 def _expect(name: str, t: torch.Tensor, dtype: torch.dtype, numel: int) -> torch.Tensor:
     if t.dtype != dtype or t.numel() != numel:
-        raise ValueError(f"{name}: expected {dtype} with {numel} elements, got {t.dtype} {tuple(t.shape)}")
+        raise CheckpointError(f"{name}: expected {dtype} with {numel} elements, got {t.dtype} {tuple(t.shape)}")
     return t.reshape(-1).clone()
 
 
@@ -67,16 +75,25 @@ def layer_from_bnb(state: dict[str, torch.Tensor], compute_dtype: torch.dtype = 
     """A Linear4bit holding exactly the data of one bitsandbytes layer's state-dict entries (keys relative to it)."""
     keys = [k for k in state if k.startswith(STATE_PREFIX)]
     if len(keys) != 1:
-        raise ValueError(f"{prefix}: expected one {STATE_PREFIX}nf4|fp4 entry, found {len(keys)}")
+        raise CheckpointError(f"{prefix}: expected one {STATE_PREFIX}nf4|fp4 entry, found {len(keys)}")
     meta = _unpack_json(state[keys[0]])
     quant_type, blocksize, shape = meta.get("quant_type"), meta.get("blocksize"), meta.get("shape")
-    if quant_type not in ("nf4", "fp4") or keys[0] != STATE_PREFIX + quant_type:
-        raise ValueError(f"{prefix}: unsupported bitsandbytes quant_type {quant_type!r}")
-    if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(s, int) and s > 0 for s in shape)):
-        raise ValueError(f"{prefix}: quant_state shape must be [out, in], got {shape!r}")
+    if not isinstance(quant_type, str) or quant_type not in ("nf4", "fp4") or keys[0] != STATE_PREFIX + quant_type:
+        raise CheckpointError(f"{prefix}: unsupported bitsandbytes quant_type {quant_type!r}")
+    if not (isinstance(shape, list) and len(shape) == 2 and all(_positive_int(s) for s in shape)):
+        raise CheckpointError(f"{prefix}: quant_state shape must be [out, in], got {shape!r}")
+    if not _positive_int(blocksize) or blocksize % 2:
+        raise CheckpointError(f"{prefix}: quant_state blocksize must be a positive even integer, got {blocksize!r}")
     nested = "weight.nested_absmax" in state
     if nested and meta.get("nested_blocksize") != DOUBLE_QUANT_BLOCKSIZE:
-        raise ValueError(f"{prefix}: nested blocksize {meta.get('nested_blocksize')} (lowbit reads {DOUBLE_QUANT_BLOCKSIZE})")
+        raise CheckpointError(f"{prefix}: nested blocksize {meta.get('nested_blocksize')} (lowbit reads {DOUBLE_QUANT_BLOCKSIZE})")
+    offset = meta.get("nested_offset")
+    if nested and (isinstance(offset, bool) or not isinstance(offset, (int, float)) or offset != offset):
+        raise CheckpointError(f"{prefix}: quant_state nested_offset must be a number, got {offset!r}")
+    needed = ["weight", "weight.quant_map", "weight.absmax"] + (["weight.nested_quant_map"] if nested else [])
+    lacking = [k for k in needed if k not in state]
+    if lacking:
+        raise CheckpointError(f"{prefix}: the bitsandbytes layer lacks {', '.join(prefix + k for k in lacking)}")
     out_f, in_f = shape
     bias = state.get("bias")
     with torch.device("meta"):
@@ -94,8 +111,8 @@ def layer_from_bnb(state: dict[str, torch.Tensor], compute_dtype: torch.dtype = 
     else:
         layer.weight_absmax = _expect(f"{prefix}weight.absmax", state["weight.absmax"], torch.float32, nblocks)
     if bias is not None:
-        if bias.numel() != out_f:
-            raise ValueError(f"{prefix}bias: expected {out_f} elements, got {tuple(bias.shape)}")
+        if bias.numel() != out_f or not bias.is_floating_point():
+            raise CheckpointError(f"{prefix}bias: expected {out_f} elements, got {tuple(bias.shape)}")
         layer.bias = bias.detach().float().reshape(-1).clone()
     return layer
 
@@ -131,24 +148,27 @@ def from_bnb_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor],
         try:
             old = model.get_submodule(prefix)
         except AttributeError:
-            raise ValueError(f"the state dict quantizes {prefix}, which this model does not have") from None
+            raise CheckpointError(f"the state dict quantizes {prefix}, which this model does not have") from None
         layer = layer_from_bnb(own, compute_dtype, prefix + ".")
         in_f = getattr(old, "in_features", None)
         if in_f is not None and (in_f, old.out_features) != (layer.in_features, layer.out_features):
-            raise ValueError(f"shape mismatch at {prefix}: state dict {layer.out_features}x{layer.in_features}, "
+            raise CheckpointError(f"shape mismatch at {prefix}: state dict {layer.out_features}x{layer.in_features}, "
                              f"model {old.out_features}x{in_f}")
         parent, _, child = prefix.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, layer)
     rest = {k: v for k, v in state_dict.items() if k.rpartition(".")[0] not in prefixes and not
             any(k.startswith(p + ".weight.") for p in prefixes)}
-    _, unexpected = model.load_state_dict(rest, strict=False, assign=True)
+    try:
+        _, unexpected = model.load_state_dict(rest, strict=False, assign=True)
+    except RuntimeError as e:  # shapes that do not fit
+        raise CheckpointError(f"the state dict does not fit this model: {str(e).strip().splitlines()[-1].strip()}") from None
     if unexpected:
-        raise ValueError(f"the state dict has tensors this model lacks, e.g. {unexpected[:3]}")
+        raise CheckpointError(f"the state dict has tensors this model lacks, e.g. {unexpected[:3]}")
     if hasattr(model, "tie_weights"):  # tied weights are stored once; the model ties them again
         model.tie_weights()
     missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if missing:
-        raise ValueError(f"the state dict lacks tensors this model needs, e.g. {missing[:3]}")
+        raise CheckpointError(f"the state dict lacks tensors this model needs, e.g. {missing[:3]}")
     return model.eval()
 
 
@@ -185,18 +205,27 @@ def load_bnb_checkpoint(directory: str | os.PathLike, compute_dtype: torch.dtype
     files = sorted(directory.glob("*.safetensors"))
     if not (directory / "config.json").is_file() or not files:
         raise FileNotFoundError(f"{directory} needs config.json and *.safetensors of a bitsandbytes 4-bit model")
-    config = transformers.AutoConfig.from_pretrained(str(directory))
-    qc = getattr(config, "quantization_config", None)
-    qc = qc if isinstance(qc, dict) else (qc.to_dict() if qc is not None else {})
-    if not qc.get("load_in_4bit"):
-        raise ValueError(f"{directory} is not a bitsandbytes 4-bit checkpoint (no load_in_4bit in its config)")
-    del config.quantization_config
-    with init_empty_weights():
-        model = transformers.AutoModelForCausalLM.from_config(config)
+    try:  # config.json is untrusted input too: whatever transformers cannot build from it is one CheckpointError
+        config = transformers.AutoConfig.from_pretrained(str(directory))
+        qc = getattr(config, "quantization_config", None)
+        qc = qc if isinstance(qc, dict) else (qc.to_dict() if hasattr(qc, "to_dict") else {})
+        if not qc.get("load_in_4bit"):
+            raise CheckpointError(f"{directory} is not a bitsandbytes 4-bit checkpoint (no load_in_4bit in its config)")
+        del config.quantization_config
+        with init_empty_weights():
+            model = transformers.AutoModelForCausalLM.from_config(config)
+    except CheckpointError:
+        raise
+    except CONFIG_ERRORS as e:
+        raise CheckpointError(f"{directory}/config.json does not describe a model transformers can build "
+                              f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
     state = {}
     for f in files:
-        with safe_open(str(f), framework="pt") as st:
-            state.update({k: st.get_tensor(k) for k in st.keys()})
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                state.update({k: st.get_tensor(k) for k in st.keys()})
+        except SafetensorError as e:
+            raise CheckpointError(f"{f} cannot be read ({e}): the file is damaged") from None
     return from_bnb_state_dict(model, state, compute_dtype)
 
 

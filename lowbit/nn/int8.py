@@ -80,7 +80,12 @@ class Int8Linear(QuantLinear):
                 y, x_absmax, finite = fused
                 if not finite:
                     check_finite_stats(x_absmax)
+                if not bool(torch.isfinite(y).all()):  # inf in an outlier column is summed in float, not flagged
+                    check_finite_stats(x2.abs().amax(dim=-1), "input")
                 return self._finish(y, dtype).reshape(*shape[:-1], self.out_features)
+        # NaN and +-inf alike are refused (as the fused path does): an outlier column would otherwise carry inf
+        # through in float while NaN fails in quantization, two behaviours for one kind of bad input.
+        check_finite_stats(x2.abs().amax(dim=-1), "input")
         outliers = None
         if self.threshold > 0:
             cols = (x2.abs() >= self.threshold).any(dim=0)

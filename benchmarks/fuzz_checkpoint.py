@@ -1,0 +1,60 @@
+"""Fuzz lowbit.load and the bitsandbytes-checkpoint loader with N mutated checkpoints each (issue 14 item 3).
+
+Every case must load or raise CheckpointError within 2 s; the address space is capped at the start's + 2 GiB, so an
+allocation that the (50-100 kB) files cannot justify fails its case. Prints the counts and the outcome.
+Usage: python benchmarks/fuzz_checkpoint.py [--cases 10000] [--seed 0]
+"""
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cases", type=int, default=10_000, help="cases per reader")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    import torch
+    from hypothesis import HealthCheck, given, seed, settings
+    from hypothesis import strategies as st
+
+    import checkpoint_fuzz as fz
+    from lowbit.eval.speed import machine
+
+    torch.set_num_threads(1)
+    print(f"machine: {machine()}")
+    root = Path(tempfile.mkdtemp(prefix="lowbit-fuzz-"))
+    good = fz.make_checkpoints(root)
+    vm = int(next(line for line in open("/proc/self/status") if line.startswith("VmSize")).split()[1]) * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (vm + (2 << 30), resource.RLIM_INFINITY))
+    for name, mutate, read, base in (("lowbit.load", fz.mutated_lowbit, fz.read_lowbit, good[0]),
+                                     ("load_bnb_checkpoint", fz.mutated_bnb, fz.read_bnb, good[1])):
+        counts = Counter()
+        t = time.perf_counter()
+
+        @seed(args.seed)
+        @settings(max_examples=args.cases, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+        @given(st.data())
+        def case(data):
+            counts["cases"] += 1
+            fz.check_case(read(mutate(data.draw, base, root / "case")), counts)
+
+        try:
+            case()
+            outcome = "every case loaded or raised CheckpointError within 2 s"
+        except Exception as e:  # hypothesis re-raises the (shrunk) failing case
+            outcome = f"FAILED: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        print(f"{name}: {counts['cases']} cases in {time.perf_counter() - t:.0f} s: {counts['loaded']} loaded, "
+              f"{counts['CheckpointError']} CheckpointError, slowest {counts['slowest_ms']} ms; {outcome}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

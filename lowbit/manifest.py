@@ -1,0 +1,157 @@
+"""The checkpoint manifest (lowbit.json) as untrusted input: every field checked before anything is read.
+
+``validate(manifest, directory)`` raises ``CheckpointError`` naming the first field that is missing, of the wrong
+type, out of range, or (for file names) pointing outside the checkpoint folder.
+"""
+from __future__ import annotations
+
+import inspect
+import re
+from pathlib import Path
+
+from lowbit.config import _DTYPES
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be written or read as asked: the message says why."""
+
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _config_errors() -> tuple[type[BaseException], ...]:
+    errors: tuple[type[BaseException], ...] = (ValueError, TypeError, KeyError, AttributeError, IndexError, OSError)
+    try:  # transformers' configs are strict dataclasses of huggingface_hub, which raise its own exception types
+        from huggingface_hub.errors import StrictDataclassError
+
+        errors += (StrictDataclassError,)
+    except ImportError:
+        pass
+    return errors
+
+
+# What transformers may raise while building a model from a config it did not write: for an untrusted config
+# (a checkpoint's), each means "this config describes no model", one CheckpointError.
+CONFIG_ERRORS = _config_errors()
+
+
+def _fail(field: str, why: str) -> CheckpointError:
+    return CheckpointError(f"lowbit.json: {field} {why}: the checkpoint is damaged or was not written by lowbit")
+
+
+def _get(d: dict, key: str, kind, field: str, optional: bool = False):
+    if key not in d:
+        if optional:
+            return None
+        raise _fail(f"{field}.{key}" if field else key, "is missing")
+    v = d[key]
+    if optional and v is None:
+        return None
+    if not _is(v, kind):
+        raise _fail(f"{field}.{key}" if field else key, f"must be {_KIND_NAMES.get(kind, kind.__name__)}, got {type(v).__name__}")
+    return v
+
+
+def _is(v, kind) -> bool:
+    if kind is int:
+        return isinstance(v, int) and not isinstance(v, bool)
+    if kind is float:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    return isinstance(v, kind)
+
+
+_KIND_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "an object",
+               list: "a list"}
+
+
+def safe_file(directory: Path, name, field: str) -> Path:
+    """directory / name for a plain file name that stays inside ``directory`` (symlinks resolved), else an error."""
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise _fail(field, f"must be a plain file name inside the checkpoint folder, got {name!r}")
+    path = directory / name
+    root = directory.resolve()
+    if path.is_symlink() or path.exists():
+        real = path.resolve()
+        if real.parent != root and root not in real.parents:
+            raise CheckpointError(f"lowbit.json: {field} {name!r} points outside the checkpoint folder (to {real}): refused")
+    return path
+
+
+def _layer_spec(name: str, spec, layer_types: dict) -> None:
+    field = f"layers[{name!r}]"
+    if not isinstance(spec, dict):
+        raise _fail(field, f"must be an object, got {type(spec).__name__}")
+    kind = _get(spec, "type", str, field)
+    cls = layer_types.get(kind)
+    if cls is None:
+        raise _fail(f"{field}.type", f"is {kind!r}, not a lowbit layer ({', '.join(layer_types)})")
+    params = {p: v for p, v in inspect.signature(cls.__init__).parameters.items() if p != "self"}
+    unknown = sorted(set(spec) - set(params) - {"type"})
+    if unknown:
+        raise _fail(field, f"has unknown field(s) {unknown}")
+    for p, param in params.items():
+        if p == "compute_dtype":
+            v = _get(spec, p, str, field)
+            if v not in _DTYPES:
+                raise _fail(f"{field}.{p}", f"is {v!r}, not one of {', '.join(_DTYPES)}")
+            continue
+        default = param.default
+        kind = {bool: bool, int: int, float: float, str: str}.get(type(default), int)  # in/out features: int
+        v = _get(spec, p, kind, field)
+        if kind is int and v < (1 if p in ("in_features", "out_features") else 0):
+            raise _fail(f"{field}.{p}", f"must be {'positive' if p.endswith('features') else 'non-negative'}, got {v}")
+
+
+def validate(manifest, directory: Path, layer_types: dict) -> dict:
+    """``manifest`` if it is a well-formed lowbit manifest for a checkpoint in ``directory``, else CheckpointError."""
+    if not isinstance(manifest, dict):
+        raise _fail("the manifest", f"must be a JSON object, got {type(manifest).__name__}")
+    for key, kind in (("lowbit_version", str), ("architecture", str)):
+        _get(manifest, key, kind, "", optional=True)
+    quant = _get(manifest, "quantization", dict, "", optional=True)
+    if quant is not None:
+        from lowbit.config import config_from_dict
+
+        try:
+            config_from_dict(quant)
+        except (ValueError, TypeError) as e:
+            raise _fail("quantization", f"is not a valid config ({e})") from None
+    cfg = _get(manifest, "model_config", dict, "", optional=True)
+    if cfg is not None:
+        _get(cfg, "model_type", str, "model_config")
+    layers = _get(manifest, "layers", dict, "")
+    for name, spec in layers.items():
+        _layer_spec(name, spec, layer_types)
+    tied = _get(manifest, "tied", dict, "", optional=True) or {}
+    for alias, target in tied.items():
+        if not isinstance(target, str):
+            raise _fail(f"tied[{alias!r}]", f"must name a tensor (a string), got {type(target).__name__}")
+    for name, dtype in (_get(manifest, "buffer_dtypes", dict, "", optional=True) or {}).items():
+        if dtype not in (*_DTYPES, "float64"):
+            raise _fail(f"buffer_dtypes[{name!r}]", f"is {dtype!r}, not a float dtype name")
+    shards = _get(manifest, "shards", list, "")
+    seen_files, seen_tensors = set(), set()
+    for i, shard in enumerate(shards):
+        field = f"shards[{i}]"
+        if not isinstance(shard, dict):
+            raise _fail(field, f"must be an object, got {type(shard).__name__}")
+        file = _get(shard, "file", str, field)
+        safe_file(directory, file, f"{field}.file")
+        if file in seen_files:
+            raise _fail(f"{field}.file", f"repeats {file!r}")
+        seen_files.add(file)
+        if not _SHA256.match(_get(shard, "sha256", str, field)):
+            raise _fail(f"{field}.sha256", "must be 64 lowercase hex digits")
+        if _get(shard, "bytes", int, field) < 8:
+            raise _fail(f"{field}.bytes", "must be at least 8 (a safetensors header length)")
+        names = _get(shard, "tensors", list, field)
+        for t in names:
+            if not isinstance(t, str):
+                raise _fail(f"{field}.tensors", f"must list tensor names (strings), got {type(t).__name__}")
+            if t in seen_tensors:
+                raise _fail(f"{field}.tensors", f"repeats {t!r}")
+            seen_tensors.add(t)
+    tok = _get(manifest, "tokenizer", str, "", optional=True)
+    if tok is not None:
+        safe_file(directory, tok, "tokenizer")
+    return manifest

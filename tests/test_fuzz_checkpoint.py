@@ -1,0 +1,46 @@
+"""The checkpoint readers under fuzzing (issue 14 item 3): a few hundred mutated checkpoints per reader in the
+suite; benchmarks/fuzz_checkpoint.py runs 10,000 and more. Each must load or raise CheckpointError within 2 s."""
+from collections import Counter
+
+import pytest
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+
+import checkpoint_fuzz as fz
+
+# No shrinking: a failing case is reported as drawn (shrinking one took over five minutes).
+SETTINGS = settings(max_examples=200, deadline=None, database=None, derandomize=True,
+                    phases=[Phase.explicit, Phase.generate],
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory):
+    return fz.make_checkpoints(tmp_path_factory.mktemp("fuzz"))
+
+
+@pytest.fixture(scope="module")
+def outcomes():
+    return Counter()
+
+
+def test_fuzzed_lowbit_checkpoints_load_or_raise_checkpoint_error(good, tmp_path, outcomes):
+    @SETTINGS
+    @given(st.data())
+    def case(data):
+        fz.check_case(fz.read_lowbit(fz.mutated_lowbit(data.draw, good[0], tmp_path / "case")), outcomes)
+
+    case()
+    assert outcomes["CheckpointError"] > 100  # the mutations do reach the checks
+
+
+def test_fuzzed_bitsandbytes_checkpoints_load_or_raise_checkpoint_error(good, tmp_path):
+    counts = Counter()
+
+    @SETTINGS
+    @given(st.data())
+    def case(data):
+        fz.check_case(fz.read_bnb(fz.mutated_bnb(data.draw, good[1], tmp_path / "case")), counts)
+
+    case()
+    assert counts["CheckpointError"] > 100
