@@ -128,6 +128,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(2)
     if args.one:  # child process: one run, its JSON on the last line of stdout
+        from lowbit.app.allocator import return_freed_tensors
+
+        return_freed_tensors()  # as the lowbit command does; every run alike
         s = one_bnb(args) if args.one == "bnb-nf4" else one_lowbit(args.one, args)
         s.setdefault("peak_rss_mb", peak_rss_mb())
         print(json.dumps(s))

@@ -20,7 +20,8 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 def _config_errors() -> tuple[type[BaseException], ...]:
-    errors: tuple[type[BaseException], ...] = (ValueError, TypeError, KeyError, AttributeError, IndexError, OSError)
+    errors: tuple[type[BaseException], ...] = (ValueError, TypeError, KeyError, AttributeError, IndexError, OSError,
+                                               RuntimeError, OverflowError)  # RuntimeError: torch, on negative sizes
     try:  # transformers' configs are strict dataclasses of huggingface_hub, which raise its own exception types
         from huggingface_hub.errors import StrictDataclassError
 

@@ -44,3 +44,25 @@ def test_fuzzed_bitsandbytes_checkpoints_load_or_raise_checkpoint_error(good, tm
 
     case()
     assert counts["CheckpointError"] > 100
+
+
+def test_a_bitsandbytes_quant_state_claiming_a_huge_shape(good, tmp_path):
+    # Found by the fuzzer: the JSON shape was used to build the layer before it was checked against the data.
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    import lowbit
+
+    shutil.copytree(good[1], tmp_path / "ck")
+    path = tmp_path / "ck" / "model.safetensors"
+    tensors = load_file(path)
+    key = next(k for k in tensors if fz.STATE_PREFIX in k)
+    meta = json.loads(bytes(tensors[key].tolist()).decode())
+    meta["shape"] = [2**62, 2**62]
+    tensors[key] = torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
+    save_file(tensors, path)
+    with pytest.raises(lowbit.CheckpointError, match="expected torch.uint8 with"):
+        fz.read_bnb(tmp_path / "ck")()

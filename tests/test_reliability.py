@@ -178,3 +178,19 @@ def test_default_threads_leave_busy_cores_alone(monkeypatch):
     assert common.default_threads() == 1
     monkeypatch.setattr(os, "getloadavg", lambda: (10.0 * cores, 0.0, 0.0))
     assert common.default_threads() == 1
+
+
+def test_quantize_lets_go_of_the_storage_full_precision_weights_came_in():
+    # transformers memory-maps checkpoints: every tensor is a view into one mapping of the file, kept whole (and
+    # resident) while any of them lives. Here the views come from one big tensor standing for that mapping.
+    model = tiny_llama(tied=True)
+    params = list(dict.fromkeys(model.parameters()))
+    blob = torch.cat([p.detach().reshape(-1) for p in params])
+    offset = 0
+    for p in params:
+        p.data = blob[offset:offset + p.numel()].view_as(p)
+        offset += p.numel()
+    lowbit.quantize(model, NF4Config(), progress=False)
+    for name, p in model.named_parameters():
+        assert p.untyped_storage().nbytes() == p.numel() * p.element_size(), name
+    assert model.lm_head.weight is model.model.embed_tokens.weight

@@ -96,10 +96,12 @@ def layer_from_bnb(state: dict[str, torch.Tensor], compute_dtype: torch.dtype = 
         raise CheckpointError(f"{prefix}: the bitsandbytes layer lacks {', '.join(prefix + k for k in lacking)}")
     out_f, in_f = shape
     bias = state.get("bias")
+    n, nblocks = in_f * out_f, -(-in_f * out_f // blocksize)
+    # The shape in the JSON must agree with the data before anything is built from it.
+    packed = _expect(f"{prefix}weight", state["weight"], torch.uint8, -(-n // 2))
     with torch.device("meta"):
         layer = Linear4bit(in_f, out_f, bias is not None, quant_type, blocksize, nested, compute_dtype)
-    n, nblocks = in_f * out_f, -(-in_f * out_f // blocksize)
-    layer.weight_packed = _expect(f"{prefix}weight", state["weight"], torch.uint8, -(-n // 2))
+    layer.weight_packed = packed
     layer.weight_code = _expect(f"{prefix}weight.quant_map", state["weight.quant_map"], torch.float32, 16)
     if nested:
         layer.weight_nested_codes = _expect(f"{prefix}weight.absmax", state["weight.absmax"], torch.uint8, nblocks)
