@@ -124,13 +124,17 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--eval-tokens", type=int, default=8192)
     ap.add_argument("--workdir", default=str(Path(__file__).parent / "results" / "finetune-runs"))
+    ap.add_argument("--mmap-threshold", type=int, default=0,
+                    help="bytes: serve allocations this large by mmap, fixed (glibc; as MALLOC_MMAP_THRESHOLD_=N): less "
+                         "peak RSS, slower steps (docs/finetune.md)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(2)
     if args.one:  # child process: one run, its JSON on the last line of stdout
-        from lowbit.app.allocator import return_freed_tensors
+        if args.mmap_threshold:  # every run alike
+            from lowbit.app.allocator import return_freed_tensors
 
-        return_freed_tensors()  # as the lowbit command does; every run alike
+            return_freed_tensors(args.mmap_threshold)
         s = one_bnb(args) if args.one == "bnb-nf4" else one_lowbit(args.one, args)
         s.setdefault("peak_rss_mb", peak_rss_mb())
         print(json.dumps(s))

@@ -13,7 +13,9 @@ def return_freed_tensors(threshold: int = 1 << 20) -> bool:
 
     glibc raises its mmap threshold (up to 32 MiB) each time a large block is freed; from then on tensors come
     from the heap, which keeps what they free. Fine-tuning SmolLM2-135M (4 x 256 tokens) grew to 2.9 GB peak RSS
-    over 3 steps that way and to 1.6 GB with this (2026-12-02). Not done by the library: it is the process's call.
+    over 3 steps that way and to 1.6 GB with this, but each step took about 1.4x as long (every large tensor is
+    a fresh mapping to fault in; 2026-12-02). A trade for the process to choose, not a default: users set
+    MALLOC_MMAP_THRESHOLD_=1048576 in the environment, benchmarks pass --mmap-threshold.
     """
     if not sys.platform.startswith("linux"):
         return False

@@ -64,9 +64,6 @@ def friendly(fn):
 
 
 def setup() -> None:
-    from lowbit.app.allocator import return_freed_tensors
-
-    return_freed_tensors()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if not sys.stderr.isatty():  # logs and pipes get no \r-redrawn progress bars (tqdm reads this at each bar)
         os.environ.setdefault("TQDM_DISABLE", "1")
