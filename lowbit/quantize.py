@@ -112,7 +112,7 @@ def quantize(model: nn.Module, config: QuantConfig | str, progress: bool = True,
     # Build every replacement first and swap them in only when all succeeded: a layer that cannot be quantized
     # (an inf weight) leaves the model as it was, not half converted.
     built = []
-    for name, module in tqdm(layers, desc="quantizing", disable=not progress, leave=False):
+    for name, module in tqdm(layers, desc="quantizing", disable=None if progress else True, leave=False):
         try:
             with torch.no_grad():
                 built.append((name, build_layer(module, config)))

@@ -194,3 +194,9 @@ def test_quantize_lets_go_of_the_storage_full_precision_weights_came_in():
     for name, p in model.named_parameters():
         assert p.untyped_storage().nbytes() == p.numel() * p.element_size(), name
     assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_library_progress_bars_draw_only_on_a_terminal(capsys):
+    # tqdm's disable=None: a bar where stderr is a terminal, none in a log or a pipe (pytest's capture is neither).
+    lowbit.quantize(tiny_llama(), NF4Config())  # progress=True, the default
+    assert "quantizing" not in capsys.readouterr().err

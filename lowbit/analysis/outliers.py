@@ -148,7 +148,7 @@ def find_outliers(model: nn.Module, inputs: Iterable[torch.Tensor | dict], thres
         state["any"] = hit if state["any"] is None else state["any"] | hit
 
     with _hooks([m for _, m in linears], hook):
-        for batch in tqdm(inputs, desc="outliers", disable=not progress, leave=False):
+        for batch in tqdm(inputs, desc="outliers", disable=None if progress else True, leave=False):
             model(**batch) if isinstance(batch, dict) else model(batch)
             if state["any"] is not None:
                 totals["any"] += state["any"].sum(0)

@@ -55,7 +55,7 @@ def compare(model: nn.Module, tokenizer, methods: list[str], text: str, tokens: 
 
         calibration = calibration_batches(tokenizer, text, skip_tokens=max(tokens, 8192))
     rows = []
-    for name in tqdm(methods, desc="methods", disable=not progress):
+    for name in tqdm(methods, desc="methods", disable=None if progress else True):
         t = time.perf_counter()
         m = apply_method(copy.deepcopy(model), name, progress=progress, calibration=calibration)
         quantize_s = time.perf_counter() - t

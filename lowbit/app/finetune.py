@@ -224,7 +224,7 @@ def train(spec: str, text: str, out: Path, cfg: FinetuneConfig, progress: bool =
         extra = {"config": asdict(cfg), "ppl_before": heldout_perplexity(model, held, cfg.seq, cfg.eval_tokens),
                  "train_seconds": 0.0}
     model.train()
-    bar = tqdm(total=cfg.steps, initial=step, desc="fine-tuning", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=step, desc="fine-tuning", disable=None if progress else True, dynamic_ncols=True)
     t0 = time.perf_counter()
     step_times = []  # this process's steps only (a resumed run does not know the earlier ones)
     while step < cfg.steps:

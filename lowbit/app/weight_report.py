@@ -64,7 +64,7 @@ def weight_report(weights: dict[str, torch.Tensor], formats: tuple[str, ...] = F
     for fmt in formats:
         fn = _roundtrip(fmt)
         err_sq, max_err, bits = 0.0, 0.0, 0.0
-        for w in tqdm(weights.values(), desc=f"{fmt:>9}", disable=not progress, leave=False):
+        for w in tqdm(weights.values(), desc=f"{fmt:>9}", disable=None if progress else True, leave=False):
             d = (fn(w) - w.float())
             err_sq += float(d.pow(2).sum())
             max_err = max(max_err, float(d.abs().max()))

@@ -110,7 +110,7 @@ def quantize_sequential(model: nn.Module, batches: torch.Tensor, quantize_layer:
     inputs = _block_inputs(model, blocks[0], batches, chunk)
     stats = {"layers": 0, "blocks": len(blocks), "samples": len(batches), "forward_s": 0.0, "quantize_s": 0.0}
     groups_of: dict[tuple[str, ...], list[list[str]]] = {}  # blocks alike share their grouping (one extra forward)
-    for b, block in enumerate(tqdm(blocks, desc=desc, disable=not progress)):
+    for b, block in enumerate(tqdm(blocks, desc=desc, disable=None if progress else True)):
         linears = {n: m for n, m in block.named_modules() if is_linear_like(m) and not skip(f"{prefix}.{b}.{n}")}
         key = tuple(linears)
         if linears and key not in groups_of:

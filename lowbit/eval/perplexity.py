@@ -23,7 +23,7 @@ def perplexity(model, tokenizer, text: str, tokens: int = 8192, window: int = 51
         raise ValueError(f"stride must be in 1..window ({window}), got {stride}")
     nll, count, scored_to = 0.0, 0, 0
     starts = list(range(0, ids.numel() - 1, stride))
-    for start in tqdm(starts, desc="perplexity", disable=not progress, leave=False):
+    for start in tqdm(starts, desc="perplexity", disable=None if progress else True, leave=False):
         end = min(start + window, ids.numel())
         chunk = ids[start:end].unsqueeze(0)
         logits = model(chunk).logits[0, :-1].float()

@@ -43,6 +43,6 @@ def loftq(model: nn.Module, config: NF4Config, lora_config, iters: int = 1, prog
     quantize(model, config, progress=False)
     peft_model = peft.get_peft_model(model, lora_config)
     layers = [(n, m) for n, m in peft_model.get_base_model().named_modules() if isinstance(m, LoraQuantLinear)]
-    for name, layer in tqdm(layers, desc="LoftQ", disable=not progress):
+    for name, layer in tqdm(layers, desc="LoftQ", disable=None if progress else True):
         loftq_init(layer, originals[name], iters)
     return peft_model
