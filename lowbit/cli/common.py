@@ -112,18 +112,43 @@ def check_scoring(tokens: int, window: int, stride: Optional[int]) -> None:
         raise UserError("--tokens and --window must be >= 2, and --stride in 1..window")
 
 
-def default_threads() -> int:
-    """Threads to compute with: the cores this process may use, less those other processes keep busy (1-minute
-    load average). Two threads on a machine with one busy core decode 5-20x slower than one (issue 14)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+def _cpu_times() -> tuple[int, int] | None:
+    """(idle, total) jiffies of all CPUs from /proc/stat, or None where there is none."""
     try:
-        busy = os.getloadavg()[0]
-    except OSError:
-        busy = 0.0
-    return max(1, min(cores, round(cores - busy)))
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return fields[3] + fields[4], sum(fields[:8])  # idle + iowait; user..steal
 
 
-THREADS_HELP = "CPU threads (default: the cores not busy with other work, by the 1-minute load average)"
+def idle_cores(sample_s: float = 0.25) -> float | None:
+    """How many cores sat idle over the next ``sample_s`` seconds (this process sleeps meanwhile), or None."""
+    import time
+
+    a = _cpu_times()
+    time.sleep(sample_s)
+    b = _cpu_times()
+    if a is None or b is None or b[1] <= a[1]:
+        return None
+    return (b[0] - a[0]) / (b[1] - a[1]) * (os.cpu_count() or 1)
+
+
+def default_threads() -> int:
+    """Threads to compute with: the cores this process may use that are idle now (a 0.25 s sample of
+    /proc/stat; elsewhere, less the 1-minute load average). With one of 2 cores busy, 2 threads decode 3-4x slower
+    than 1 (docs/benchmarks.md); on an idle machine 2 are 1.3-1.6x faster."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    idle = idle_cores()
+    if idle is None:
+        try:
+            idle = cores - os.getloadavg()[0]
+        except OSError:
+            idle = cores
+    return max(1, min(cores, round(idle)))
+
+
+THREADS_HELP = "CPU threads (default: the cores idle when the command starts)"
 
 
 def use_threads(threads: Optional[int]) -> int:
