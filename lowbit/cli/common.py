@@ -136,7 +136,7 @@ def idle_cores(sample_s: float = 0.25) -> float | None:
 
 def default_threads() -> int:
     """Threads to compute with: the cores this process may use that are idle now (a 0.25 s sample of
-    /proc/stat; elsewhere, less the 1-minute load average). With one of 2 cores busy, 2 threads decode 3-4x slower
+    /proc/stat; elsewhere, less the 1-minute load average). With one of 2 cores busy, 2 threads decode 2.4-3.2x slower
     than 1 (docs/benchmarks.md); on an idle machine 2 are 1.3-1.6x faster."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     idle = idle_cores()
