@@ -68,12 +68,18 @@ def _unsaved_buffer_dtypes(model: nn.Module) -> dict[str, str]:
             if name not in saved and b.is_floating_point()}
 
 
-def _sha256(path: Path) -> str:
+def _sha256_of(f) -> tuple[str, int]:
+    """(hex SHA-256, bytes) of an open binary file, read from its start."""
     h = hashlib.sha256()
+    f.seek(0)
+    for chunk in iter(lambda: f.read(1 << 24), b""):
+        h.update(chunk)
+    return h.hexdigest(), f.tell()
+
+
+def _sha256(path: Path) -> str:
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return _sha256_of(f)[0]
 
 
 def _fsync(path: Path) -> None:
@@ -114,12 +120,19 @@ def check_target(directory: str | os.PathLike) -> Path:
         raise CheckpointError(f"{directory} exists and is not a directory")
     if directory.is_dir() and any(directory.iterdir()) and not (directory / MANIFEST).is_file():
         raise CheckpointError(f"{directory} is not empty and holds no lowbit checkpoint; refusing to write into it")
-    parent = directory
-    while not parent.exists():  # the folder save would create: its nearest existing ancestor must take it
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+    parent = blocking_ancestor(directory)
+    if parent is not None:
         raise CheckpointError(f"cannot write to {directory}: {parent} is not a writable folder")
     return directory
+
+
+def blocking_ancestor(path: Path) -> Path | None:
+    """The nearest existing folder at or above ``path`` if it cannot take new files (where ``path`` would be
+    created), else None."""
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    return None if parent.is_dir() and os.access(parent, os.W_OK | os.X_OK) else parent
 
 
 def _previous_files(directory: Path) -> set[str]:
@@ -308,11 +321,7 @@ def _fd_path(f, path: Path) -> str:
 
 def _verify(files: list, shards: list[dict]) -> None:
     for f, s in zip(files, shards):
-        h = hashlib.sha256()
-        f.seek(0)
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-        if f.tell() != s["bytes"] or h.hexdigest() != s["sha256"]:
+        if _sha256_of(f) != (s["sha256"], s["bytes"]):
             raise CheckpointError(f"shard {s['file']} does not match its checksum: it was truncated or modified after saving")
 
 

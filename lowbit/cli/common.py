@@ -88,12 +88,12 @@ def setup() -> None:
 
 def check_writable_dir(path: Path, option: str = "--out") -> None:
     """Before any work: ``path`` can be a folder this command writes files into."""
+    from lowbit.checkpoint import blocking_ancestor
+
     if path.exists() and not path.is_dir():
         raise UserError(f"{option} {path} exists and is not a folder")
-    parent = path
-    while not parent.exists():
-        parent = parent.parent
-    if not os.access(parent, os.W_OK | os.X_OK):
+    parent = blocking_ancestor(path)
+    if parent is not None:
         raise UserError(f"{option} {path}: {parent} is not writable")
 
 
