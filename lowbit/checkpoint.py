@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
 from fnmatch import fnmatch
@@ -235,7 +236,28 @@ def read_manifest(directory: str | os.PathLike) -> dict:
     return validate(manifest, Path(directory), LAYER_TYPES)
 
 
-def _skeleton(manifest: dict) -> nn.Module:
+_LAYER_COUNT = re.compile(r"^(num_hidden_layers|n_layers?|num_layers|(num_)?(en|de)coder_layers)$")
+_NOT_A_SIZE = re.compile(r"theta|_id$|seed")  # large integers that size nothing
+
+
+def _check_config_scale(cfg: dict, n_tensors: int, file_bytes: int) -> None:
+    """Refuse a model_config that would take longer to build, or more memory, than its files could justify.
+
+    Parameters go to the meta device, but a config can still ask for 20,000 layers (minutes of module building,
+    each layer needing tensors the manifest does not list) or a size that sets a buffer computed at build
+    (rotary frequencies, masks) larger than the files."""
+    for key, value in cfg.items():
+        if isinstance(value, bool) or not isinstance(value, int):
+            continue
+        if _LAYER_COUNT.match(key) and value > n_tensors:
+            raise CheckpointError(f"lowbit.json: model_config.{key} = {value} layers, but the checkpoint holds only "
+                                  f"{n_tensors} tensors")
+        if value > max(file_bytes, 1 << 20) and not _NOT_A_SIZE.search(key):
+            raise CheckpointError(f"lowbit.json: model_config.{key} = {value} is larger than the checkpoint's files "
+                                  f"({file_bytes} bytes) could hold")
+
+
+def _skeleton(manifest: dict, file_bytes: int) -> nn.Module:
     """The base model built from its saved config with every parameter on the meta device."""
     if manifest.get("model_config") is None:
         raise CheckpointError("this checkpoint holds no transformers config: pass the model to fill, load(dir, model=...)")
@@ -243,6 +265,7 @@ def _skeleton(manifest: dict) -> nn.Module:
     from accelerate import init_empty_weights
 
     cfg = dict(manifest["model_config"])
+    _check_config_scale(cfg, sum(len(s["tensors"]) for s in manifest["shards"]), file_bytes)
     cls = getattr(transformers, manifest.get("architecture") or "", None)
     try:
         config = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
@@ -378,7 +401,7 @@ def _load_once(directory: Path, model: nn.Module | None, verify: bool) -> nn.Mod
 def _fill(directory: Path, manifest: dict, files: list, model: nn.Module | None, verify: bool) -> nn.Module:
     if verify:
         _verify(files, manifest["shards"])
-    model = _skeleton(manifest) if model is None else model
+    model = _skeleton(manifest, sum(os.fstat(f.fileno()).st_size for f in files)) if model is None else model
     _swap_layers(model, manifest["layers"])
     expected = model.state_dict(keep_vars=True)
     tied = manifest.get("tied") or {}

@@ -93,6 +93,9 @@ MALFORMED = {
     "tensor list changed": (lambda m: m["shards"][0]["tensors"].pop(), "other tensors than lowbit.json lists"),
     "model_type unknown": (lambda m: m["model_config"].update(model_type="no-such-arch"), "model_config"),
     "negative vocabulary": (lambda m: m["model_config"].update(vocab_size=-5), "model_config"),  # found by fuzzing
+    # Sizes the meta-device build still pays for: minutes of module building, a rotary buffer of 2 GB.
+    "20,000 layers": (lambda m: m["model_config"].update(num_hidden_layers=20_000), "num_hidden_layers = 20000 layers"),
+    "huge head_dim": (lambda m: m["model_config"].update(head_dim=10**9), "head_dim = 1000000000 is larger than"),
     "manifest a list": (lambda m: (m.clear(), m.update(format="lowbit", format_version=1, layers=5)), "layers"),
 }
 

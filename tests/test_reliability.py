@@ -179,6 +179,30 @@ def test_default_threads_leave_busy_cores_alone(monkeypatch):
         assert 0 <= common.idle_cores(0.05) <= os.cpu_count() + 0.01
 
 
+def test_forced_threads_beyond_the_idle_cores_stop_openmp_spinning(monkeypatch):
+    from lowbit import cli
+    from lowbit.cli import common
+
+    assert common.forced_threads(["eval", "--threads", "2"]) == 2 and common.forced_threads(["x", "--threads=3"]) == 3
+    assert common.forced_threads(["eval"]) is None and common.forced_threads(["eval", "--threads"]) is None
+    need = common.passive_wait_needed
+    assert need(["eval", "--threads", "2"], {}, lambda: 1.0)  # one of two cores busy
+    assert not need(["eval", "--threads", "2"], {}, lambda: 1.9)  # both idle: spinning pays
+    assert not need(["eval", "--threads", "2"], {"OMP_WAIT_POLICY": "ACTIVE"}, lambda: 0.0)  # the user's choice
+    assert not need(["eval"], {}, lambda: 0.0)  # the default count already leaves busy cores alone
+    assert not need(["eval", "--threads", "1"], {}, lambda: 0.0)  # one thread never waits for another
+    # The command starts itself again with the policy set (OpenMP reads it once, when torch loads).
+    calls = []
+    monkeypatch.setattr(common, "idle_cores", lambda: 0.9)
+    monkeypatch.setattr(cli.sys, "argv", ["lowbit", "eval", "--threads", "2"])
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setattr(cli.os, "execv", lambda exe, argv: calls.append(argv) or (_ for _ in ()).throw(SystemExit(0)))
+    with pytest.raises(SystemExit):
+        cli.main()
+    assert calls == [[sys.executable, "-m", "lowbit", "eval", "--threads", "2"]]
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+
+
 def test_quantize_lets_go_of_the_storage_full_precision_weights_came_in():
     # transformers memory-maps checkpoints: every tensor is a view into one mapping of the file, kept whole (and
     # resident) while any of them lives. Here the views come from one big tensor standing for that mapping.

@@ -5,7 +5,7 @@ import functools
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import typer
 from rich.console import Console
@@ -149,6 +149,27 @@ def default_threads() -> int:
 
 
 THREADS_HELP = "CPU threads (default: the cores idle when the command starts)"
+
+
+def forced_threads(argv: list[str]) -> int | None:
+    """The count given with ``--threads N`` / ``--threads=N`` in a command line, else None."""
+    for i, a in enumerate(argv):
+        value = argv[i + 1] if a == "--threads" and i + 1 < len(argv) else a.partition("=")[2] if a.startswith("--threads=") else None
+        if value is not None:
+            return int(value) if value.isdigit() else None
+    return None
+
+
+def passive_wait_needed(argv: list[str], env, idle: Callable[[], float | None] | None = None) -> bool:
+    """Whether OpenMP should run with OMP_WAIT_POLICY=PASSIVE: the command line asks for more threads than there are
+    idle cores and the user has not chosen a policy. Under the default (threads spin a while between parallel regions)
+    2 threads with one of 2 cores busy decode 3.0 / 4.5 tok/s (fp32 / nf4), passive 7.3 / 10.4; on an idle machine
+    passive costs 15% in fp32 decode (11.5 vs 9.8), so it is not the default (docs/benchmarks.md)."""
+    n = forced_threads(argv)
+    if n is None or n < 2 or "OMP_WAIT_POLICY" in env:
+        return False
+    free = (idle or idle_cores)()
+    return free is not None and n > free + 0.5
 
 
 def use_threads(threads: Optional[int]) -> int:

@@ -1,6 +1,8 @@
 """lowbit doctor: this CPU, the features that choose lowbit's paths, and the paths that run."""
 from __future__ import annotations
 
+import os
+
 import typer
 
 from lowbit.cli.common import app, friendly, console, setup
@@ -25,7 +27,7 @@ def doctor(
     from lowbit.kernels import cpu, cpu_ext
 
     console.print(f"lowbit {__version__}, torch {torch.__version__}, Python {platform.python_version()}, "
-                  f"{torch.get_num_threads()} threads")
+                  f"{torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(default: spin)')}")
     console.print(f"CPU: {cpu.cpu_model()} ({platform.machine()})")
     decides = {"avx512f": "kernel build avx512*", "avx512bw": "kernel build avx512*",
                "avx512_vnni": "kernel build avx512_vnni (int8/ternary dot products)",
