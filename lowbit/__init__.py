@@ -5,6 +5,9 @@ from lowbit.checkpoint import CheckpointError, load, load_tokenizer, save  # noq
 from lowbit.config import GPTQConfig, Int8Config, IntConfig, NF4Config, SpQRConfig, TernaryConfig, config_from_dict, config_from_json  # noqa: E402
 from lowbit.eval.memory import memory_report  # noqa: E402
 from lowbit.quantize import quantize  # noqa: E402
+from lowbit.interop.hf_hook import register_with_transformers  # noqa: E402
+
+register_with_transformers()  # AutoModelForCausalLM.from_pretrained(dir) opens lowbit checkpoints from here on
 
 
 

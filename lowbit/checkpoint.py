@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import uuid
 from fnmatch import fnmatch
@@ -24,7 +23,7 @@ from torch import nn
 
 import lowbit
 from lowbit.config import _DTYPES, config_from_dict
-from lowbit.manifest import CONFIG_ERRORS, CheckpointError, safe_file, validate
+from lowbit.manifest import CONFIG_ERRORS, CheckpointError, check_config_scale, safe_file, validate
 from lowbit.nn import BitLinear, Int8Linear, IntLinear, Linear4bit, QuantLinear, SpQRLinear
 from lowbit.nn.base import is_linear_like, linear_weight
 
@@ -163,6 +162,7 @@ def save(model: nn.Module, directory: str | os.PathLike, tokenizer=None, max_sha
     plan = _plan_shards(tensors, limit)
     created = not directory.exists()
     made: list[Path] = []
+    replaced: list[tuple[Path, bytes | None]] = []  # files at fixed names (config.json, tokenizer) and their old bytes
     try:
         directory.mkdir(parents=True, exist_ok=True)
         previous = _previous_files(directory)
@@ -176,18 +176,19 @@ def save(model: nn.Module, directory: str | os.PathLike, tokenizer=None, max_sha
             _fsync(tmp)
             os.replace(tmp, final)
             shards.append({"file": final.name, "sha256": _sha256(final), "bytes": final.stat().st_size, "tensors": names})
-        tok_dir = None
-        if tokenizer is not None:
+        tok_file = None
+        if tokenizer is not None:  # at the top of the folder, where AutoTokenizer.from_pretrained(dir) looks
             tok_dir = directory / f"tokenizer-{save_id}"
             made.append(tok_dir)
-            tokenizer.save_pretrained(str(tok_dir))
+            tok_file = _save_tokenizer(tokenizer, tok_dir, directory, replaced)
+        _write_hf_files(model, shards, directory, made, replaced)
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "lowbit_version": lowbit.__version__,
             "quantization": qconfig.to_dict() if qconfig is not None else None,
             "architecture": type(model).__name__,
-            "model_config": json.loads(config.to_json_string()) if hasattr(config, "to_json_string") else None,
+            "model_config": _model_config(config),
             "layers": layers, "tied": tied, "shards": shards, "buffer_dtypes": _unsaved_buffer_dtypes(model),
-            "tokenizer": tok_dir.name if tok_dir else None,
+            "tokenizer": tok_file,
         }
         tmp = directory / f"{MANIFEST}.{save_id}.tmp"
         made.append(tmp)
@@ -195,6 +196,11 @@ def save(model: nn.Module, directory: str | os.PathLike, tokenizer=None, max_sha
         _fsync(tmp)
         os.replace(tmp, directory / MANIFEST)  # the commit
     except BaseException as e:
+        for path, old in reversed(replaced):  # the previous checkpoint's config.json, index, tokenizer
+            try:
+                path.unlink(missing_ok=True) if old is None else path.write_bytes(old)
+            except OSError:
+                pass
         for p in made:
             if p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
@@ -213,6 +219,57 @@ def save(model: nn.Module, directory: str | os.PathLike, tokenizer=None, max_sha
         if p.name not in keep and any(fnmatch(p.name, pat) for pat in _OURS):
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     return directory
+
+
+def _model_config(config) -> dict | None:
+    if not hasattr(config, "to_json_string"):
+        return None
+    d = json.loads(config.to_json_string())
+    d.pop("quantization_config", None)  # a model loaded through transformers' lowbit quantizer: the layers say it
+    return d
+
+
+def _keep_old(path: Path, replaced: list) -> None:
+    """Remember ``path``'s content before it is replaced, so that a failed save can put it back."""
+    replaced.append((path, path.read_bytes() if path.is_file() else None))
+
+
+def _replace_from_tmp(path: Path, text: str, made: list[Path], replaced: list) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    made.append(tmp)
+    tmp.write_text(text)
+    _fsync(tmp)
+    _keep_old(path, replaced)
+    os.replace(tmp, path)
+
+
+def _save_tokenizer(tokenizer, tmp_dir: Path, directory: Path, replaced: list) -> str:
+    """Save the tokenizer into ``tmp_dir``, then move its files to the top of ``directory``; the name of its config."""
+    tokenizer.save_pretrained(str(tmp_dir))
+    names = sorted(p.name for p in tmp_dir.iterdir())
+    for name in names:
+        _keep_old(directory / name, replaced)
+        os.replace(tmp_dir / name, directory / name)
+    tmp_dir.rmdir()
+    return "tokenizer_config.json" if "tokenizer_config.json" in names else names[0]
+
+
+def _write_hf_files(model: nn.Module, shards: list[dict], directory: Path, made: list[Path], replaced: list) -> None:
+    """config.json (with lowbit's quantization_config), the safetensors index and generation_config.json, so that
+    transformers' from_pretrained(dir) opens the checkpoint too. Written before the manifest's commit: the index
+    names this save's shards, which are complete by then."""
+    from lowbit.interop.hf import hf_files
+
+    config = hf_files(model)
+    if config is None:
+        return
+    _replace_from_tmp(directory / "config.json", json.dumps(config, indent=1, sort_keys=True), made, replaced)
+    index = {"metadata": {"total_size": sum(s["bytes"] for s in shards), "writer": f"lowbit {lowbit.__version__}"},
+             "weight_map": {t: s["file"] for s in shards for t in s["tensors"]}}
+    _replace_from_tmp(directory / "model.safetensors.index.json", json.dumps(index, indent=1), made, replaced)
+    gen = getattr(model, "generation_config", None)
+    if gen is not None and hasattr(gen, "to_json_string"):
+        _replace_from_tmp(directory / "generation_config.json", gen.to_json_string(), made, replaced)
 
 
 def read_manifest(directory: str | os.PathLike) -> dict:
@@ -236,27 +293,6 @@ def read_manifest(directory: str | os.PathLike) -> dict:
     return validate(manifest, Path(directory), LAYER_TYPES)
 
 
-_LAYER_COUNT = re.compile(r"^(num_hidden_layers|n_layers?|num_layers|(num_)?(en|de)coder_layers)$")
-_NOT_A_SIZE = re.compile(r"theta|_id$|seed")  # large integers that size nothing
-
-
-def _check_config_scale(cfg: dict, n_tensors: int, file_bytes: int) -> None:
-    """Refuse a model_config that would take longer to build, or more memory, than its files could justify.
-
-    Parameters go to the meta device, but a config can still ask for 20,000 layers (minutes of module building,
-    each layer needing tensors the manifest does not list) or a size that sets a buffer computed at build
-    (rotary frequencies, masks) larger than the files."""
-    for key, value in cfg.items():
-        if isinstance(value, bool) or not isinstance(value, int):
-            continue
-        if _LAYER_COUNT.match(key) and value > n_tensors:
-            raise CheckpointError(f"lowbit.json: model_config.{key} = {value} layers, but the checkpoint holds only "
-                                  f"{n_tensors} tensors")
-        if value > max(file_bytes, 1 << 20) and not _NOT_A_SIZE.search(key):
-            raise CheckpointError(f"lowbit.json: model_config.{key} = {value} is larger than the checkpoint's files "
-                                  f"({file_bytes} bytes) could hold")
-
-
 def _skeleton(manifest: dict, file_bytes: int) -> nn.Module:
     """The base model built from its saved config with every parameter on the meta device."""
     if manifest.get("model_config") is None:
@@ -265,7 +301,7 @@ def _skeleton(manifest: dict, file_bytes: int) -> nn.Module:
     from accelerate import init_empty_weights
 
     cfg = dict(manifest["model_config"])
-    _check_config_scale(cfg, sum(len(s["tensors"]) for s in manifest["shards"]), file_bytes)
+    check_config_scale(cfg, sum(len(s["tensors"]) for s in manifest["shards"]), file_bytes)
     cls = getattr(transformers, manifest.get("architecture") or "", None)
     try:
         config = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
@@ -373,9 +409,17 @@ def _manifest_stamp(directory: Path):
 def load(directory: str | os.PathLike, model: nn.Module | None = None, verify: bool = True) -> nn.Module:
     """Rebuild a saved model without materializing full-precision weights; ``model`` for non-transformers ones.
 
+    ``directory`` is a ``lowbit.save`` checkpoint or a transformers folder saved from a lowbit model
+    (``save_pretrained``), which transformers' lowbit quantizer opens.
+
     A save into the same folder at the same time is safe: if its commit lands while this load reads, the load
     starts again on the new checkpoint (it never mixes the two)."""
     directory = Path(directory)
+    if model is None and not (directory / MANIFEST).exists():
+        from lowbit.interop.hf import is_hf_lowbit_folder, load_hf_folder
+
+        if is_hf_lowbit_folder(directory):  # save_pretrained output of a lowbit model: transformers reads it
+            return load_hf_folder(directory)
     for attempt in range(5):
         stamp = _manifest_stamp(directory)
         try:
@@ -453,4 +497,6 @@ def load_tokenizer(directory: str | os.PathLike):
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(safe_file(Path(directory), manifest["tokenizer"], "tokenizer")))
+    path = safe_file(Path(directory), manifest["tokenizer"], "tokenizer")
+    # Checkpoints before 2026-12-02 kept the tokenizer in a folder of its own; now its files sit at the top.
+    return AutoTokenizer.from_pretrained(str(path if path.is_dir() else Path(directory)))

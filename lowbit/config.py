@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -37,6 +38,7 @@ def check_compute_dtype(dtype) -> None:
 
 @dataclass
 class _Config:
+    quant_method: ClassVar[str] = "lowbit"  # what transformers' from_pretrained(quantization_config=...) dispatches on
     skip: tuple[str, ...] = DEFAULT_SKIP  # fnmatch patterns of module names left as they are
     modules: tuple[str, ...] | None = None  # fnmatch patterns of modules to quantize; None: every linear layer
 

@@ -21,7 +21,7 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 def _config_errors() -> tuple[type[BaseException], ...]:
     errors: tuple[type[BaseException], ...] = (ValueError, TypeError, KeyError, AttributeError, IndexError, OSError,
-                                               RuntimeError, OverflowError)  # RuntimeError: torch, on negative sizes
+                                               RuntimeError, ArithmeticError)  # RuntimeError: torch, on negative sizes
     try:  # transformers' configs are strict dataclasses of huggingface_hub, which raise its own exception types
         from huggingface_hub.errors import StrictDataclassError
 
@@ -97,6 +97,8 @@ def _layer_spec(name: str, spec, layer_types: dict) -> None:
                 raise _fail(f"{field}.{p}", f"is {v!r}, not one of {', '.join(_DTYPES)}")
             continue
         default = param.default
+        if p not in spec and default is not inspect.Parameter.empty:
+            continue  # an argument added later, with its default: checkpoints written before it still load
         kind = {bool: bool, int: int, float: float, str: str}.get(type(default), int)  # in/out features: int
         v = _get(spec, p, kind, field)
         if kind is int and v < (1 if p in ("in_features", "out_features") else 0):
@@ -156,3 +158,24 @@ def validate(manifest, directory: Path, layer_types: dict) -> dict:
     if tok is not None:
         safe_file(directory, tok, "tokenizer")
     return manifest
+
+
+_LAYER_COUNT = re.compile(r"^(num_hidden_layers|n_layers?|num_layers|(num_)?(en|de)coder_layers)$")
+_NOT_A_SIZE = re.compile(r"theta|_id$|seed")  # large integers that size nothing
+
+
+def check_config_scale(cfg: dict, n_tensors: int, file_bytes: int, where: str = "lowbit.json") -> None:
+    """Refuse a model_config that would take longer to build, or more memory, than its files could justify.
+
+    Parameters go to the meta device, but a config can still ask for 20,000 layers (minutes of module building,
+    each layer needing tensors the manifest does not list) or a size that sets a buffer computed at build
+    (rotary frequencies, masks) larger than the files."""
+    for key, value in cfg.items():
+        if isinstance(value, bool) or not isinstance(value, int):
+            continue
+        if _LAYER_COUNT.match(key) and value > n_tensors:
+            raise CheckpointError(f"{where}: model_config.{key} = {value} layers, but the checkpoint holds only "
+                                  f"{n_tensors} tensors")
+        if value > max(file_bytes, 1 << 20) and not _NOT_A_SIZE.search(key):
+            raise CheckpointError(f"{where}: model_config.{key} = {value} is larger than the checkpoint's files "
+                                  f"({file_bytes} bytes) could hold")

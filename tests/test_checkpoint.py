@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import lowbit
+from transformers import AutoModelForCausalLM
 from lowbit import checkpoint
 from lowbit.nn import BitLinear, Int8Linear, Linear4bit
 
@@ -119,6 +120,9 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert torch.equal(logits(lowbit.load(ck)), logits(first))
 
 
+HF_FILES = ("config.json", "model.safetensors.index.json", "generation_config.json")  # what transformers reads
+
+
 def test_killed_save_leaves_previous_checkpoint_and_next_save_cleans_up(tmp_path):
     ck = tmp_path / "ck"
     lowbit.save(lowbit.quantize(tiny_llama(), lowbit.NF4Config(), progress=False), ck)
@@ -145,6 +149,7 @@ lowbit.save(lowbit.quantize(tiny_llama(), lowbit.TernaryConfig(), progress=False
     assert proc.returncode == 9, proc.stderr
     assert any(p.name.endswith(".tmp") for p in ck.iterdir())  # the dead save's debris
     assert torch.equal(logits(lowbit.load(ck)), expected)
+    assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(ck)), expected)  # transformers' files are whole too
     first_files = {s["file"] for s in json.loads((ck / "lowbit.json").read_text())["shards"]}
     model = lowbit.quantize(tiny_llama(), lowbit.Int8Config(), progress=False)
     for _ in range(2):
@@ -153,7 +158,8 @@ lowbit.save(lowbit.quantize(tiny_llama(), lowbit.TernaryConfig(), progress=False
         manifest = json.loads((ck / "lowbit.json").read_text())
         # The dead save's debris is gone; the previous checkpoint's shards stay one save longer (for loads that
         # read its manifest just before the commit), so the first save's are gone after the second.
-        assert sorted(p.name for p in ck.iterdir()) == sorted({"lowbit.json", *previous, *(s["file"] for s in manifest["shards"])})
+        assert sorted(p.name for p in ck.iterdir()) == sorted({"lowbit.json", *HF_FILES, *previous,
+                                                                *(s["file"] for s in manifest["shards"])})
     assert not first_files & {p.name for p in ck.iterdir()}
 
 

@@ -20,7 +20,7 @@ pytest.importorskip("peft")
 pytestmark = pytest.mark.slow
 runner = CliRunner()
 SMALL = ["--steps", "6", "--seq", "32", "--batch", "2", "--eval-tokens", "128", "--save-every", "2", "--rank", "4",
-         "--targets", "q_proj,v_proj"]
+         "--targets", "q_proj,v_proj", "--threads", "1"]  # pinned: sums over 1 or 2 threads round differently
 
 
 def run(*args):
@@ -77,8 +77,10 @@ def test_killed_run_resumes_bit_identically(tmp_path, text, finished):
     proc.wait()
     step = json.loads(progress.read_text())["step"]
     assert 2 <= step < 6 or (out / "summary.json").exists()
-    code, output = run("finetune", "smollm2-135m", "--data", text, "--out", out, *SMALL)
+    # Resumed with another thread count, the run goes on with the one it started with, and says so.
+    code, output = run("finetune", "smollm2-135m", "--data", text, "--out", out, *SMALL[:-1], "2")
     assert code == 0, output
+    assert step == 6 or "resuming with 1 threads" in " ".join(output.split()), output
     a, b = adapter(out), adapter(finished)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((out / "summary.json").read_text())["losses"] == json.loads((finished / "summary.json").read_text())["losses"]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import time
+from typing import Callable
 
 import torch
 from torch import nn
@@ -11,7 +12,7 @@ from tqdm import tqdm
 from lowbit.eval.memory import memory_report
 from lowbit.eval.perplexity import perplexity
 from lowbit.eval.speed import speed
-from lowbit.app.methods import apply_method, check_method, describe, needs_calibration
+from lowbit.app.methods import LOADED, apply_method, check_method, describe, needs_calibration
 from lowbit.nn import QuantLinear
 from lowbit.quantize import eligible_layers
 from lowbit.config import NF4Config
@@ -43,10 +44,11 @@ def measure(model: nn.Module, tokenizer, text: str, tokens: int = 8192, window: 
 
 def compare(model: nn.Module, tokenizer, methods: list[str], text: str, tokens: int = 8192, window: int = 512,
             stride: int | None = None, with_speed: bool = True, progress: bool = True,
-            calibration: torch.Tensor | None = None) -> list[dict]:
+            calibration: torch.Tensor | None = None, native: Callable[[], nn.Module] | None = None) -> list[dict]:
     """One row per method, each on a fresh copy of ``model`` (left as it is); ppl change is against fp32 if present.
 
     GPTQ and SpQR calibrate on ``calibration`` (default: 32 x 512 tokens of ``text`` past the scored ones).
+    ``native`` loads the model in its GGUF file's own quantized weights, for the method of that name.
     """
     for m in methods:
         check_method(m)
@@ -57,7 +59,12 @@ def compare(model: nn.Module, tokenizer, methods: list[str], text: str, tokens: 
     rows = []
     for name in tqdm(methods, desc="methods", disable=None if progress else True):
         t = time.perf_counter()
-        m = apply_method(copy.deepcopy(model), name, progress=progress, calibration=calibration)
+        if name in LOADED:
+            if native is None:
+                raise ValueError(f"{name} needs the model's GGUF file: give smollm2-135m or a .gguf file")
+            m = native()
+        else:
+            m = apply_method(copy.deepcopy(model), name, progress=progress, calibration=calibration)
         quantize_s = time.perf_counter() - t
         row = {"method": name, "description": describe(name), "quantize_s": quantize_s,
                **measure(m, tokenizer, text, tokens, window, stride, with_speed, progress)}

@@ -7,6 +7,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -222,7 +223,12 @@ def train(spec: str, text: str, out: Path, cfg: FinetuneConfig, progress: bool =
         raise FinetuneError(f"{out}/checkpoint was written with other settings ({extra.get('config')}): use another --out")
     if step == 0:
         extra = {"config": asdict(cfg), "ppl_before": heldout_perplexity(model, held, cfg.seq, cfg.eval_tokens),
-                 "train_seconds": 0.0}
+                 "train_seconds": 0.0, "threads": torch.get_num_threads()}
+    elif extra.get("threads") and extra["threads"] != torch.get_num_threads():
+        # Float sums split over another number of threads round differently: the run would not resume bit-identically.
+        warnings.warn(f"resuming with {extra['threads']} threads, as this run started (not {torch.get_num_threads()}): "
+                      "results depend on the thread count", stacklevel=2)
+        torch.set_num_threads(extra["threads"])
     model.train()
     bar = tqdm(total=cfg.steps, initial=step, desc="fine-tuning", disable=None if progress else True, dynamic_ncols=True)
     t0 = time.perf_counter()

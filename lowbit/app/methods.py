@@ -22,7 +22,9 @@ METHODS: dict[str, str] = {
     "rtn": "round-to-nearest uniform intN, fp16 scale + zero per group of 128 (rtn3, rtn4: 3 or 4 bits)",
     "gptq": "GPTQ: intN groups of 128, errors compensated with calibration data (gptq3, gptq4)",
     "spqr": "SpQR: intN groups of 16 with 3-bit statistics + sparse fp16 outliers (spqr3, spqr4)",
+    "native": "a GGUF file's own Q4_0 / Q4_1 / Q8_0 weights, loaded as they are (smollm2-135m: Q4_1, groups of 32)",
 }
+LOADED = ("native",)  # methods that are a way of loading the model, not something done to a loaded one
 _WITH_BITS = re.compile(r"^(rtn|gptq|spqr)([2348])?$")
 DEFAULT_COMPARE = ("fp32", "bf16", "int8", "int8-zp", "int8-weight", "nf4", "fp4", "int4", "ternary")
 
@@ -50,7 +52,7 @@ _OPTION_FIELDS = {
     "int8": {"threshold": "threshold"}, "int8-zp": {"threshold": "threshold"}, "int8-weight": {},
     "nf4": {"blocksize": "blocksize", "double_quant": "double_quant"},
     "fp4": {"blocksize": "blocksize", "double_quant": "double_quant"}, "int4": {"blocksize": "blocksize"},
-    "ternary": {}, "fp32": {}, "bf16": {},
+    "ternary": {}, "fp32": {}, "bf16": {}, "native": {},
 }
 
 
@@ -68,7 +70,7 @@ def method_config(name: str, blocksize: int | None = None, double_quant: bool | 
         takes = ", ".join(f"--{k.replace('_', '-')}" for k in fields) or "no options"
         verb = "does" if len(unused) == 1 else "do"
         raise ValueError(f"{' and '.join(sorted(unused))} {verb} not apply to {name} (it takes {takes})")
-    if name in ("fp32", "bf16"):
+    if name in ("fp32", "bf16", *LOADED):
         return None
     return config_from_name(name, **{fields[k]: v for k, v in given.items()})
 
@@ -77,6 +79,9 @@ def apply_method(model: nn.Module, name: str, progress: bool = True, calibration
                  **overrides) -> nn.Module:
     """Quantize (or cast) ``model`` in place by the named method and return it (GPTQ/SpQR use ``calibration``)."""
     config = method_config(name, **{k: v for k, v in overrides.items() if v is not None})
+    if name in LOADED:
+        raise ValueError(f"{name} is a way of loading a GGUF model (lowbit.app.models.load_native), not a method to "
+                         "apply to a loaded one")
     if name == "bf16":
         return model.to(torch.bfloat16)
     if config is None:

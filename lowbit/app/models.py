@@ -102,6 +102,24 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32):
     raise ValueError(f"{spec} is a folder with neither lowbit.json nor config.json: not a model")
 
 
+def gguf_of(spec: str) -> Path:
+    """The GGUF file behind ``spec``: the bundled model's, or ``spec`` itself if it is a .gguf file."""
+    if spec.lower() == DEFAULT_MODEL:
+        return default_gguf()
+    path = Path(spec)
+    if path.is_file() and path.suffix == ".gguf":
+        return path
+    raise ValueError(f"--method native reads a GGUF file's own quantized weights; {spec} is not a GGUF model "
+                     f"(give {DEFAULT_MODEL} or a .gguf file)")
+
+
+def load_native(spec: str, progress: bool = True):
+    """(model, tokenizer) in the GGUF file's own Q4_0 / Q4_1 / Q8_0 weights (lowbit.interop.gguf.load_gguf)."""
+    from lowbit.interop.gguf import load_gguf
+
+    return load_gguf(gguf_of(spec), progress=progress)
+
+
 ENCODER_ALIASES = ("all-minilm-l6-v2", "minilm")
 
 

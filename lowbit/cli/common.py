@@ -213,12 +213,15 @@ def parse_methods(spec: str) -> list[str]:
     return [check_method(m) for m in names]
 
 
-def load(spec: str, encoders: bool = False):
-    """(model, tokenizer) by lowbit.app.models.load_model (load_any with ``encoders``); load failures as one line."""
-    from lowbit.app.models import load_any, load_model
+def load(spec: str, encoders: bool = False, native: bool = False):
+    """(model, tokenizer) by lowbit.app.models.load_model (load_any with ``encoders``, load_native with ``native``);
+    load failures as one line."""
+    from lowbit.app.models import load_any, load_model, load_native
 
-    with console.status(f"loading {spec}"):
+    with console.status(f"loading {spec}" + (" in its GGUF file's own weights" if native else "")):
         try:
+            if native:
+                return load_native(spec, progress=False)
             return (load_any if encoders else load_model)(spec)
         except FileNotFoundError:
             raise

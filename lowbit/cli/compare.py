@@ -19,7 +19,8 @@ def run_compare(model: str, methods: list[str], text: Optional[Path], tokens: in
 
     body, text_name = read_text(text)
     base, tok = load(model)
-    rows = compare(base, tok, methods, body, tokens, window, stride, with_speed=speed)
+    native = (lambda: load(model, native=True)[0]) if "native" in methods else None
+    rows = compare(base, tok, methods, body, tokens, window, stride, with_speed=speed, native=native)
     out.mkdir(parents=True, exist_ok=True)
     protocol = describe_protocol(rows[0].get("tokens", tokens) if rows else tokens, window, stride, text_name)
     title = f"{model}: {protocol}"

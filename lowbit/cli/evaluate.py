@@ -28,11 +28,12 @@ def eval_(
     """Perplexity, prefill/decode speed and memory of MODEL (a checkpoint folder or a model to quantize on the fly).
 
     Example: lowbit eval smollm2-nf4 --tokens 4096     (or: lowbit eval smollm2-135m --method int8)
+             lowbit eval smollm2-135m --method native   (the bundled GGUF's own Q4_1 weights)
     """
     setup()
     from lowbit.app.compare import linear_bits_per_param, measure
     from lowbit.eval.speed import machine
-    from lowbit.app.methods import apply_method, check_method, needs_calibration
+    from lowbit.app.methods import LOADED, apply_method, check_method, needs_calibration
 
     check_method(method)
     check_scoring(tokens, window, stride)
@@ -43,9 +44,10 @@ def eval_(
     body, text_name = read_text(text)
     use_threads(threads)
     ensure_kernels()
-    m, tok = load(model)
+    native = method in LOADED
+    m, tok = load(model, native=native)
     label = method if method != "fp32" else _loaded_label(m)
-    if method != "fp32":
+    if method != "fp32" and not native:
         calibration = None
         if needs_calibration(method):
             from lowbit.calibrate import calibration_batches

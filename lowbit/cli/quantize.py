@@ -31,7 +31,7 @@ def quantize(
     """
     setup()
     import lowbit
-    from lowbit.app.methods import apply_method, check_method, method_config, needs_calibration
+    from lowbit.app.methods import LOADED, apply_method, check_method, method_config, needs_calibration
     from lowbit.checkpoint import _parse_size, check_target
 
     # Everything that can be checked is checked before the model loads (GPTQ can take minutes).
@@ -52,15 +52,22 @@ def quantize(
         raise UserError(f"--calib-text {calib_text} is not a file")
     use_threads(threads)
     ensure_kernels()  # a first-run build is not part of "quantized in N s"
-    m, tok = load(model)
+    native = method in LOADED
+    if native:
+        from lowbit.app.models import gguf_of
+
+        gguf_of(model)  # a model that is no GGUF: said now, before anything loads
+    t = time.perf_counter()
+    m, tok = load(model, native=native)
     calibration = None
     if needs_calibration(method):
         from lowbit.calibrate import calibration_batches
 
         body, _ = read_text(calib_text)
         calibration = calibration_batches(tok, body, skip_tokens=0 if calib_text else 8192)
-    t = time.perf_counter()
-    apply_method(m, method, calibration=calibration, **options)
+    if not native:  # native: the load is the quantization (the file's own codes)
+        t = time.perf_counter()
+        apply_method(m, method, calibration=calibration, **options)
     seconds = time.perf_counter() - t
     lowbit.save(m, out, tokenizer=tok, max_shard_size=max_shard_size)
     r = lowbit.memory_report(m)

@@ -32,21 +32,30 @@ def unpack_codes(packed: torch.Tensor, n: int, bits: int) -> torch.Tensor:
     return _PACKERS[bits][1](packed, n)
 
 
+_ZERO_DTYPES = {"uint8": torch.uint8, "float32": torch.float32}
+
+
 class IntLinear(DequantLinear):
-    """y = x @ ((codes - zero) * scale)^T, codes of ``bits`` bits, scale (fp16) and zero (uint8) per group."""
+    """y = x @ ((codes - zero) * scale)^T, codes of ``bits`` bits, scale (fp16) and zero per group.
+
+    The zero is an integer code (uint8: round-to-nearest, GPTQ, GGUF Q4_0 / Q8_0) or, with ``zero_dtype="float32"``,
+    any number: GGUF's Q4_1 stores w = q * d + m, which is (q - (-m / d)) * d.
+    """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, bits: int = 4, group_size: int = 128,
-                 compute_dtype: torch.dtype = torch.float32) -> None:
+                 compute_dtype: torch.dtype = torch.float32, zero_dtype: str = "uint8") -> None:
         super().__init__(in_features, out_features, bias, compute_dtype)
         if bits not in _PACKERS:
             raise ValueError(f"bits must be one of {sorted(_PACKERS)}, got {bits!r}")
         if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
             raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
-        self.bits, self.group_size = bits, group_size
+        if zero_dtype not in _ZERO_DTYPES:
+            raise ValueError(f"zero_dtype must be one of {', '.join(_ZERO_DTYPES)}, got {zero_dtype!r}")
+        self.bits, self.group_size, self.zero_dtype = bits, group_size, zero_dtype
         groups = -(-in_features // group_size)
         self.register_buffer("weight_packed", torch.zeros(packed_bytes(in_features * out_features, bits), dtype=torch.uint8))
         self.register_buffer("weight_scale", torch.ones(out_features, groups, dtype=torch.float16))
-        self.register_buffer("weight_zero", torch.zeros(out_features, groups, dtype=torch.uint8))
+        self.register_buffer("weight_zero", torch.zeros(out_features, groups, dtype=_ZERO_DTYPES[zero_dtype]))
 
     @classmethod
     def from_linear(cls, module: nn.Module, bits: int = 4, group_size: int = 128,
@@ -64,18 +73,19 @@ class IntLinear(DequantLinear):
 
     @classmethod
     def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bias: torch.Tensor | None,
-                   bits: int, group_size: int, compute_dtype: torch.dtype = torch.float32) -> "IntLinear":
+                   bits: int, group_size: int, compute_dtype: torch.dtype = torch.float32,
+                   zero_dtype: str = "uint8") -> "IntLinear":
         """A layer holding the given integer codes [out, in] and per-group scale / zero."""
         out_f, in_f = codes.shape
-        layer = cls(in_f, out_f, bias is not None, bits, group_size, compute_dtype)
+        layer = cls(in_f, out_f, bias is not None, bits, group_size, compute_dtype, zero_dtype)
         layer.weight_packed = pack_codes(codes, bits)
         layer.weight_scale = scale.to(torch.float16)
-        layer.weight_zero = zero.to(torch.uint8)
+        layer.weight_zero = zero.to(_ZERO_DTYPES[zero_dtype])
         layer.copy_bias(bias)
         return layer
 
     def init_kwargs(self) -> dict:
-        return {**super().init_kwargs(), "bits": self.bits, "group_size": self.group_size}
+        return {**super().init_kwargs(), "bits": self.bits, "group_size": self.group_size, "zero_dtype": self.zero_dtype}
 
     def codes(self) -> torch.Tensor:
         """The [out, in] integer codes."""
@@ -86,7 +96,7 @@ class IntLinear(DequantLinear):
         if self.bits not in CODE_LUTS:
             return None
         return LutWeight(self.weight_packed, self.out_features, self.in_features, self.bits, CODE_LUTS[self.bits],
-                         self.group_size, self.weight_scale, self.weight_zero)
+                         self.group_size, self.weight_scale, self.weight_zero)  # zero: uint8 or float32, both taken
 
     def dequantize(self, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
         q = Affine(self.codes(), self.weight_scale.float(), self.weight_zero.float(), self.bits, self.group_size)
@@ -94,4 +104,5 @@ class IntLinear(DequantLinear):
         return w if out is None else out.copy_(w)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, int{self.bits}, group_size={self.group_size}"
+        zero = "" if self.zero_dtype == "uint8" else ", float zero"
+        return f"{super().extra_repr()}, int{self.bits}, group_size={self.group_size}{zero}"
