@@ -85,3 +85,41 @@ def test_describe_names_the_cpu_and_its_deciding_features():
     assert cpu.cpu_model() in line
     for feature in cpu.DECIDING:
         assert (feature in line.split()) == (feature in cpu.cpu_flags())
+
+
+def test_kernels_come_from_the_install_and_using_lowbit_never_compiles(tmp_path):
+    # An empty cache: a layer call runs the installed build, and nothing is compiled into the cache.
+    import os
+    import subprocess
+    import sys
+
+    script = """
+import torch, lowbit
+from lowbit.kernels import fast
+layer = lowbit.nn.Linear4bit.from_linear(torch.nn.Linear(256, 128))
+with torch.no_grad():
+    layer(torch.randn(1, 256))
+print(fast().__name__)
+"""
+    env = {**os.environ, "LOWBIT_CACHE": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [f"lowbit.kernels._cpu_{cpu_ext.best_variant()}"]
+    assert not (tmp_path / "ext").exists()
+    for variant in cpu_ext.variants():
+        if cpu_ext.supported(variant):
+            assert cpu_ext.status(variant) == "installed", variant
+
+
+def test_without_an_installed_build_one_warning_and_the_reference_path(monkeypatch, tmp_path):
+    monkeypatch.setattr(cpu_ext, "installed", lambda variant: (None, "not installed (no compiler)"))
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path))
+    with pytest.warns(RuntimeWarning, match="no compiled scalar kernels.*reference path"):
+        assert cpu_ext.load.__wrapped__("scalar") is None
+    assert not (tmp_path / "ext").exists()  # nothing compiled behind the user's back
+
+
+def test_a_build_from_other_sources_is_not_used(monkeypatch):
+    monkeypatch.setattr(cpu_ext, "digest", lambda variant: "000000000000")
+    module, why = cpu_ext.installed("scalar")
+    assert module is None and "other sources" in why

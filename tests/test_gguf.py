@@ -120,9 +120,10 @@ def test_tq2_0_takes_ternary_models_and_refuses_others(tmp_path, tok):
     big = dict(hidden=256, intermediate=512)  # TQ2_0 blocks are 256 weights
     with pytest.raises(GGUFError, match="not ternary.*--force-ternary"):
         export_gguf(_tiny(**big), tok, tmp_path / "no.gguf", "tq2_0", progress=False)
-    with pytest.raises(GGUFError, match="multiple of 256"):
-        export_gguf(_tiny(), tok, tmp_path / "no.gguf", "tq2_0", force_ternary=True, progress=False)
     assert not list(tmp_path.iterdir())  # nothing left behind
+    # Rows of 64 weights: TQ2_0's blocks of 256 do not tile them, so they go out in Q8_0, as llama.cpp does.
+    r = export_gguf(_tiny(), tok, tmp_path / "small.gguf", "tq2_0", force_ternary=True, progress=False)
+    assert len(r["fallback"]) == 14 and {t.tensor_type.name for t in read(tmp_path / "small.gguf").tensors} >= {"Q8_0"}
     model = lowbit.quantize(_tiny(**big), lowbit.TernaryConfig(), progress=False)
     export_gguf(model, tok, tmp_path / "t.gguf", "tq2_0", progress=False)
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="t.gguf", dtype=torch.float32)
@@ -130,6 +131,13 @@ def test_tq2_0_takes_ternary_models_and_refuses_others(tmp_path, tok):
         if isinstance(m, lowbit.nn.BitLinear):
             w = theirs.get_submodule(name).weight
             assert torch.allclose(w, m.dequantize(), rtol=1e-3, atol=0), name  # scale through fp16
+    # Read back natively: BitLinear layers holding the same trits, the scale through fp16.
+    back, _ = load_gguf(tmp_path / "t.gguf", progress=False)
+    for name, m in model.named_modules():
+        if isinstance(m, lowbit.nn.BitLinear):
+            b = back.get_submodule(name)
+            assert isinstance(b, lowbit.nn.BitLinear) and torch.equal(b.trits(), m.trits()), name
+            assert abs(b.weight_gamma.item() / m.weight_gamma.item() - 1) < 1e-3
     export_gguf(_tiny(**big), tok, tmp_path / "forced.gguf", "tq2_0", force_ternary=True, progress=False)
 
 

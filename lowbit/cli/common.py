@@ -184,14 +184,11 @@ def use_threads(threads: Optional[int]) -> int:
 
 
 def ensure_kernels() -> None:
-    """Build the CPU kernels now, with a message, if this is their first use (about a minute): not silently inside
-    the first layer call, and not inside a timed step."""
-    from lowbit.kernels import cpu_ext, fast, kernel_path
+    """Load the CPU kernels now (installed by pip install; using lowbit never compiles them): a missing build is one
+    warning line here, before any work, not inside the first layer call."""
+    from lowbit.kernels import fast
 
-    path = kernel_path()
-    if path != "reference" and not cpu_ext.is_built(path):
-        with console.status(f"building lowbit's CPU kernels ({path}; first run only, about a minute)"):
-            fast()
+    fast()
 
 
 def read_text(path: Optional[Path]) -> tuple[str, str]:

@@ -11,7 +11,8 @@ from lowbit.cli.common import app, friendly, console, setup
 @app.command()
 @friendly
 def doctor(
-    build: bool = typer.Option(False, "--build", help="also build (about a minute each) and check every kernel build this CPU runs"),
+    build: bool = typer.Option(False, "--build", help="compile into the cache (about a minute each) every kernel build "
+                               "this CPU runs that pip install did not"),
 ) -> None:
     """Show this machine's CPU, the features that choose lowbit's paths, and the paths that will run.
 
@@ -38,14 +39,12 @@ def doctor(
     for f in cpu.DECIDING:
         table.add_row(f, "yes" if f in cpu.cpu_flags() else "no", decides.get(f, ""))
     console.print(table)
-    builds = Table("kernel build", "this CPU runs it", "built", "selected")
+    builds = Table("kernel build", "this CPU runs it", "build", "selected")
     for v in cpu_ext.variants():
         ok = cpu_ext.supported(v)
-        built = cpu_ext.is_built(v)
-        if build and ok:
-            module = cpu_ext.load(v)
-            built = module is not None and module.compiled_isa() == v
-        builds.add_row(v, "yes" if ok else "no", "yes" if built else "no", "<-" if kernels.kernel_path() == v else "")
+        if build and ok and not cpu_ext.is_built(v):
+            cpu_ext.load(v, build=True)
+        builds.add_row(v, "yes" if ok else "no", cpu_ext.status(v), "<-" if kernels.kernel_path() == v else "")
     console.print(builds)
     console.print(f"paths now: {kernels.describe()} "
                   "(force with LOWBIT_KERNELS=avx512_vnni|avx512|scalar|reference, LOWBIT_GEMM=bf16|fp32)")

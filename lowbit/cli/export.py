@@ -74,6 +74,10 @@ def export(
         console.print(f"[green]written[/] {out}: {type}, {r['bytes'] / 1e6:.1f} MB, {r['tensors']} tensors "
                       f"({r['from_codes']} linear weights from their own lowbit codes bit for bit, {r['quantized']} "
                       f"quantized by gguf, {r['float']} float)")
+        if r.get("fallback"):
+            console.print(f"[yellow]note:[/] {len(r['fallback'])} weight(s) have rows that {type} blocks do not tile "
+                          f"and went out as {r['fallback'][0].rsplit('(', 1)[1][:-1]} (as llama.cpp's quantizer does), "
+                          f"e.g. {r['fallback'][0]}")
         console.print(f"run it: llama-cli -m {out} -p 'The capital of France is'   (or llama_cpp.Llama(model_path=...))")
     else:
         from lowbit.interop.compressed_tensors import export_compressed_tensors

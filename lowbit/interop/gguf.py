@@ -21,6 +21,7 @@ from torch import nn
 from lowbit.nn import IntLinear
 
 NATIVE = ("Q4_0", "Q4_1", "Q8_0")  # GGUF tensor types loaded into IntLinear as they are
+TERNARY = ("TQ1_0", "TQ2_0")  # loaded into BitLinear where the tensor is trits times one scale (BitNet b1.58's form)
 _GROUP = 32
 _KEEP_META = 16  # GGUF files whose config and tokenizer the cache keeps
 
@@ -142,7 +143,8 @@ def load_gguf(path: str | Path, native: bool = True, dtype: torch.dtype = torch.
         if native and kind in NATIVE and hf.endswith(".weight") and _linear(module) and int(t.shape[0]) % _GROUP == 0:
             quantized.append((t, hf))
             continue
-        if kind not in ("F32", "F16", "BF16"):
+        ternary = native and kind in TERNARY and hf.endswith(".weight") and _linear(module)
+        if kind not in ("F32", "F16", "BF16") and not ternary:
             dequantized[t.name] = kind
         try:
             w = dequantize(t.data, GGMLQuantizationType(t.tensor_type)) if kind != "F32" else np.asarray(t.data)
@@ -150,7 +152,15 @@ def load_gguf(path: str | Path, native: bool = True, dtype: torch.dtype = torch.
             raise GGUFError(f"{path}: tensor {t.name} is of type {kind}, which the gguf package cannot read "
                             f"({_first_line(e)})") from None
         w = np.asarray(processor.process(np.asarray(w, dtype=np.float32), t.name).weights)
-        _assign(model, hf, torch.from_numpy(np.array(w)).reshape(state[hf].shape).to(dtype))
+        w = torch.from_numpy(np.array(w)).reshape(state[hf].shape)
+        if ternary:
+            layer = _bitlinear(module, w, dtype)
+            if layer is not None:
+                parent, _, child = owners[hf].rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, child, layer)
+                continue
+            dequantized[t.name] = f"{kind}, more than one scale per tensor"
+        _assign(model, hf, w.to(dtype))
     if dequantized and native:
         listed = ", ".join(f"{n} ({k})" for n, k in list(dequantized.items())[:4])
         more = f" and {len(dequantized) - 4} more" if len(dequantized) > 4 else ""
@@ -239,6 +249,28 @@ def _tensor_names(model: nn.Module, arch: str, processor, wanted: set[str]) -> d
 
         names = get_gguf_hf_weights_map(model, processor)
     return names
+
+
+def _bitlinear(module: nn.Module, w: torch.Tensor, dtype: torch.dtype):
+    """A BitLinear holding ``w`` [out, in] (a Conv1D's [in, out] turned) exactly, if it is trits times one scale;
+    else None. TQ1_0 / TQ2_0 keep a scale per 256 weights: b1.58 models have one per tensor."""
+    from lowbit.formats import pack_ternary_2bit
+    from lowbit.nn import BitLinear
+
+    w = w if isinstance(module, nn.Linear) else w.t()
+    scales = w.abs()[w != 0].unique()
+    if scales.numel() > 1:
+        return None
+    gamma = scales[0] if scales.numel() else torch.tensor(1.0)
+    layer = BitLinear(w.shape[1], w.shape[0], getattr(module, "bias", None) is not None, dtype)
+    layer.weight_packed = pack_ternary_2bit(torch.sign(w).to(torch.int8).reshape(-1))
+    layer.weight_gamma = gamma.float().reshape(())
+    bias = getattr(module, "bias", None)
+    if bias is not None and not bias.is_meta:
+        layer.copy_bias(bias)
+    elif bias is not None:
+        layer.bias = torch.empty(bias.shape, device="meta")  # read later from the file
+    return layer
 
 
 def _linear(module: nn.Module) -> bool:

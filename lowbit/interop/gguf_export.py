@@ -53,6 +53,12 @@ def _blocks_from_codes(layer: IntLinear, qtype: str, order: np.ndarray) -> np.nd
     return None
 
 
+def _block(qtype: str) -> int:
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    return GGML_QUANT_SIZES[getattr(GGMLQuantizationType, qtype.upper())][0]
+
+
 def _quantize(w: np.ndarray, qtype: str) -> tuple[np.ndarray, "object"]:
     from gguf import GGMLQuantizationType, quantize
 
@@ -69,6 +75,10 @@ def _quantize(w: np.ndarray, qtype: str) -> tuple[np.ndarray, "object"]:
         raise GGUFError(f"{qtype} takes rows whose length is a multiple of {block}; a weight here has rows of "
                         f"{w.shape[-1]}")
     return quantize(np.ascontiguousarray(w, dtype=np.float32), kind), kind
+
+
+def _in_features(module: nn.Module) -> int:
+    return module.in_features if isinstance(module, QuantLinear) else linear_weight(module).shape[1]
 
 
 def _is_ternary(module: nn.Module) -> bool:
@@ -101,7 +111,9 @@ def export_gguf(model: nn.Module, tokenizer, path: str | Path, qtype: str = "q4_
     arch, permute_qk = ARCHS[model_type]
     linears = [(n, m) for n, m in model.named_modules() if is_linear_like(m) or isinstance(m, QuantLinear)]
     if qtype == "tq2_0" and not force_ternary:
-        not_ternary = [n for n, m in linears if not n.endswith("lm_head") and not _is_ternary(m)]
+        # Only weights TQ2_0's blocks of 256 tile are written ternary; the others go out in Q8_0 as they are.
+        not_ternary = [n for n, m in linears if not n.endswith("lm_head") and _in_features(m) % 256 == 0
+                       and not _is_ternary(m)]
         if not_ternary:
             raise GGUFError(f"tq2_0 holds ternary weights; {len(not_ternary)} layer(s) are not ternary (e.g. "
                             f"{not_ternary[0]}): quantize with --method ternary first, or pass --force-ternary to "
@@ -155,8 +167,14 @@ def export_gguf(model: nn.Module, tokenizer, path: str | Path, qtype: str = "q4_
                 report["from_codes"] += 1
             else:
                 w = tensor.float().numpy()[order]
-                blocks, kind = _quantize(w, qtype)
+                fits = qtype == "f16" or w.shape[-1] % _block(qtype) == 0
+                # As llama.cpp's quantizer does, a weight whose rows the type's blocks do not tile goes out in Q8_0
+                # (blocks of 32), else F16.
+                fallback = "q8_0" if w.shape[-1] % 32 == 0 else "f16"
+                blocks, kind = _quantize(w, qtype if fits else fallback)
                 report["quantized"] += 1
+                if not fits:
+                    report.setdefault("fallback", []).append(f"{hf} ({fallback})")
         elif embedding:
             w = tensor.float().numpy()[order]
             blocks, kind = _quantize(w, "f16" if qtype == "f16" else "q8_0")

@@ -38,8 +38,13 @@ void ternary_unpack_rows(torch::Tensor packed, int64_t K, int64_t r0, int64_t r1
 int64_t read_probe(torch::Tensor t);
 std::string compiled_isa();
 
+#ifndef LOWBIT_SOURCE_DIGEST
+#define LOWBIT_SOURCE_DIGEST "jit"  // built on first use (lowbit doctor --build), not at install
+#endif
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("compiled_isa", &compiled_isa);
+  m.def("source_digest", [] { return std::string(LOWBIT_SOURCE_DIGEST); });
   m.def("quantize_4bit", &quantize_4bit);
   m.def("dequantize_4bit", &dequantize_4bit);
   m.def("quantize_blockwise", &quantize_blockwise);
