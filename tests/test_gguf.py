@@ -171,6 +171,17 @@ def test_damaged_gguf_is_one_error_type(tmp_path_factory, small, data):
         pass
 
 
+def test_a_vocabulary_its_merges_do_not_fit_is_a_gguf_error(tmp_path, small):
+    # Found by the test above in CI: the tokenizers library raised a bare Exception ("Token `on` out of vocabulary").
+    blob = bytearray(small.read_bytes())
+    at = blob.find(b"\x02\x00\x00\x00\x00\x00\x00\x00on")  # the vocabulary's string "on" (length 2)
+    assert at > 0
+    blob[at + 8] = ord("p")
+    (tmp_path / "vocab.gguf").write_bytes(bytes(blob))
+    with pytest.raises(GGUFError, match="tokenizer"):
+        load_gguf(tmp_path / "vocab.gguf", progress=False)
+
+
 def test_unsupported_architecture_and_cli_errors_are_one_line(tmp_path):
     import gguf
 

@@ -211,10 +211,13 @@ def _config_and_tokenizer(path: Path, arch) -> Path:
 
     try:
         config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except (*CONFIG_ERRORS, NotImplementedError) as e:
-        raise GGUFError(f"{path}: transformers cannot build a model and tokenizer from this GGUF (architecture "
-                        f"{arch!r}): {_first_line(e)}") from None
+        raise GGUFError(f"{path}: transformers cannot build a model from this GGUF (architecture {arch!r}): "
+                        f"{_first_line(e)}") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except Exception as e:  # noqa: BLE001 - the tokenizers library raises bare Exception on a damaged vocabulary
+        raise GGUFError(f"{path}: no usable tokenizer in this GGUF ({type(e).__name__}: {_first_line(e)})") from None
     target.parent.mkdir(parents=True, exist_ok=True)
     kept = sorted((p for p in target.parent.iterdir() if not p.name.startswith(".")), key=lambda p: p.stat().st_mtime)
     for old in kept[:-_KEEP_META]:  # the cache holds the most recent files' metadata only
