@@ -78,3 +78,19 @@ def test_bad_requests_are_clear(tmp_path):
     with pytest.raises(ValueError, match="exists"):
         export_compressed_tensors(_tiny(), None, tmp_path / "c", "int4")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]  # nothing half written
+
+
+def test_export_command_on_the_bundled_model_writes_every_layer_from_its_codes(tmp_path):
+    # SmolLM2's 576-wide rows take no groups of 128: the command picks 64 and quantizes with it.
+    from typer.testing import CliRunner
+
+    from lowbit.cli import app
+
+    result = CliRunner().invoke(app, ["export", "smollm2-135m", "--format", "compressed-tensors", "--type", "int4",
+                                      "--method", "rtn", "--out", str(tmp_path / "ct")])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "group size 64" in text and "210 layers (210 from their own lowbit codes)" in text
+    config = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    assert config["config_groups"]["group_0"]["weights"]["group_size"] == 64
+    assert (tmp_path / "ct" / "tokenizer.json").is_file()

@@ -24,7 +24,9 @@ def export(
     out: Path = typer.Option(..., "--out", "-o", help="the .gguf file, or the compressed-tensors folder"),
     method: Optional[str] = typer.Option(None, "--method", "-m",
                                          help="quantize first (e.g. ternary before tq2_0, gptq before int4)"),
-    group_size: int = typer.Option(128, help="compressed-tensors: weights per scale (GPTQ and RTN default 128)"),
+    group_size: Optional[int] = typer.Option(None, help="compressed-tensors: weights per scale (default: 128, or the "
+                                             "largest of 64 and 32 that divides every layer's inputs); --method "
+                                             "rtn / gptq quantize with it"),
     force_ternary: bool = typer.Option(False, "--force-ternary", help="tq2_0 of a model that is not ternary: round it"),
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
 ) -> None:
@@ -59,6 +61,11 @@ def export(
     use_threads(threads)
     native = format == "gguf" and _is_gguf(model) and method in (None, *LOADED)  # keep the file's own codes
     m, tok = load(model, native=native)
+    grouped = format == "compressed-tensors"
+    if grouped:
+        from lowbit.interop.compressed_tensors import group_size_for
+
+        group_size = group_size or group_size_for(m)
     if method is not None and method not in LOADED:
         calibration = None
         if needs_calibration(method):
@@ -66,7 +73,10 @@ def export(
             from lowbit.data import default_text
 
             calibration = calibration_batches(tok, default_text(), skip_tokens=8192)
-        apply_method(m, method, calibration=calibration)
+        # rtn / gptq for compressed-tensors: groups of the size written, so that the layers go out as they are
+        same_groups = grouped and method.startswith(("rtn", "gptq"))
+        bits = int(type[3:]) if same_groups and not method[-1].isdigit() else None
+        apply_method(m, method, calibration=calibration, blocksize=group_size if same_groups else None, bits=bits)
     if format == "gguf":
         from lowbit.interop.gguf_export import export_gguf
 

@@ -43,6 +43,13 @@ def pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.where(out >= 1 << 31, out - (1 << 32), out).to(torch.int32)  # as int32 bit patterns
 
 
+def group_size_for(model: nn.Module) -> int:
+    """128, or the largest of 64 and 32 that divides the input features of every linear layer (SmolLM2's 576: 64)."""
+    widths = {m.in_features if isinstance(m, QuantLinear) else m.weight.shape[-1]
+              for n, m in model.named_modules() if isinstance(m, (nn.Linear, QuantLinear)) and not n.endswith("lm_head")}
+    return next((g for g in (128, 64, 32) if all(w % g == 0 for w in widths)), 128)
+
+
 def _as_int_layer(name: str, module: nn.Module, bits: int, group_size: int) -> tuple[IntLinear, bool]:
     """(the layer as IntLinear of these bits and group size, whether it already was one)."""
     if isinstance(module, IntLinear) and module.bits == bits and module.group_size == group_size \
