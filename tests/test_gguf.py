@@ -205,3 +205,26 @@ def test_unsupported_architecture_and_cli_errors_are_one_line(tmp_path):
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, (args, proc.stderr)
         assert message in " ".join(proc.stderr.split()), (args, proc.stderr)
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_a_quantized_layer_whose_bias_the_file_lacks_is_refused(tmp_path, tok, monkeypatch):
+    # Qwen2's q/k/v have biases: a file without one must not load as a layer that silently has none.
+    import gguf
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from lowbit.interop import gguf_export
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)).eval()
+    export_gguf(model, tok, tmp_path / "q.gguf", "q4_0", progress=False)
+    ours, _ = load_gguf(tmp_path / "q.gguf", progress=False)  # whole: loads, biases included
+    with torch.no_grad():
+        assert torch.equal(ours.model.layers[0].self_attn.q_proj.bias, model.model.layers[0].self_attn.q_proj.bias)
+    real_add = gguf.GGUFWriter.add_tensor
+    monkeypatch.setattr(gguf.GGUFWriter, "add_tensor", lambda self, name, *a, **k:
+                        None if name == "blk.0.attn_q.bias" else real_add(self, name, *a, **k))
+    gguf_export.export_gguf(model, tok, tmp_path / "nobias.gguf", "q4_0", progress=False)
+    monkeypatch.undo()
+    with pytest.raises(GGUFError, match="lacks model.layers.0.self_attn.q_proj.bias"):
+        load_gguf(tmp_path / "nobias.gguf", progress=False)

@@ -91,7 +91,7 @@ def _codes_scale_zero(t) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, str]:
 def _row_order(processor, name: str, rows: int, cols: int, conv1d: bool) -> np.ndarray | None:
     """Which GGUF row each row of the [out, in] weight is (transformers' processors undo llama.cpp's q/k
     permutation and GPT-2's transpose); None where the processor does more than reorder whole rows."""
-    index = np.arange(rows * cols, dtype=np.int64).reshape(rows, cols)
+    index = np.arange(rows * cols, dtype=np.int32 if rows * cols < 2**31 else np.int64).reshape(rows, cols)
     out = np.asarray(processor.process(index, name).weights)
     out = out.T if conv1d else out
     if out.shape != (rows, cols):
@@ -109,11 +109,11 @@ def load_gguf(path: str | Path, native: bool = True, dtype: torch.dtype = torch.
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
 
+    from lowbit.manifest import CONFIG_ERRORS, CheckpointError, check_config_scale
+
     path = Path(path)
     reader = read(path)
     arch = _field(reader, "general.architecture")
-    from lowbit.manifest import CONFIG_ERRORS, CheckpointError, check_config_scale
-
     meta = _config_and_tokenizer(path, arch)
     try:
         config = AutoConfig.from_pretrained(meta)
@@ -174,7 +174,9 @@ def load_gguf(path: str | Path, native: bool = True, dtype: torch.dtype = torch.
         if order is None:
             raise GGUFError(f"{path}: the rows of {t.name} do not map one to one onto {hf}")
         codes, scale, zero, bits, zero_dtype = _codes_scale_zero(t)
-        bias = module.bias if getattr(module, "bias", None) is not None and not module.bias.is_meta else None
+        bias = getattr(module, "bias", None)
+        if bias is not None and bias.is_meta:  # every bias was read above: the file lacks this one
+            raise GGUFError(f"{path}: the file lacks {name}.bias, which {hf} needs")
         layer = IntLinear.from_codes(torch.from_numpy(codes[order]), torch.from_numpy(scale[order].astype(np.float32)),
                                      torch.from_numpy(np.ascontiguousarray(zero[order])), bias, bits, _GROUP,
                                      dtype, zero_dtype)
