@@ -173,6 +173,11 @@ print(type(model.model.layers[0].mlp.up_proj).__name__)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["Linear4bit"]
+    # Importing the integration module itself first (it loads the registry, which calls back into it) registers too.
+    direct = ("import lowbit, lowbit.interop.hf\nfrom transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING\n"
+              "print('lowbit' in AUTO_QUANTIZER_MAPPING)")
+    proc = subprocess.run([sys.executable, "-c", direct], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.split() == ["True"], proc.stderr
 
 
 @pytest.mark.parametrize("config", [lowbit.GPTQConfig(bits=4, group_size=32, n_samples=4, seq_len=16),

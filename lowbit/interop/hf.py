@@ -21,7 +21,6 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from lowbit.config import CALIBRATED, _Config, config_from_dict
 from lowbit.manifest import CheckpointError
-from lowbit.nn import QuantLinear
 
 QUANT_METHOD = "lowbit"
 
@@ -183,20 +182,14 @@ class LowbitHfQuantizer(HfQuantizer):
         return LowbitQuantize(self)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        from lowbit.checkpoint import _FLOAT_DTYPES
+        from lowbit.checkpoint import layer_specs, restore_buffer_dtypes
 
-        layers = {name: {"type": type(m).__name__, **m.init_kwargs()}
-                  for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+        layers = layer_specs(model)
         left = [name for name in self.targets if name not in layers]
         if left:
             raise ValueError(f"transformers read no weight for {len(left)} layer(s) to quantize, e.g. {sorted(left)[:3]}")
         self.quantization_config.layers = layers
-        # Buffers a state dict leaves out (rotary inv_freq) in the dtype they were saved in.
-        buffers = dict(model.named_buffers())
-        for name, dtype in self.quantization_config.buffer_dtypes.items():
-            if name in buffers and buffers[name].is_floating_point() and dtype in _FLOAT_DTYPES:
-                module_name, _, attr = name.rpartition(".")
-                model.get_submodule(module_name)._buffers[attr] = buffers[name].to(_FLOAT_DTYPES[dtype])
+        restore_buffer_dtypes(model, self.quantization_config.buffer_dtypes)
         model.config.quantization_config = self.quantization_config
         model.lowbit_config = self.quantization_config.lowbit_config()
         return model
@@ -223,10 +216,9 @@ def hf_files(model) -> dict | None:
     config = getattr(model, "config", None)
     if not hasattr(config, "to_dict") or not hasattr(model, "named_modules"):
         return None
-    from lowbit.checkpoint import _unsaved_buffer_dtypes
+    from lowbit.checkpoint import _unsaved_buffer_dtypes, layer_specs
 
-    layers = {name: {"type": type(m).__name__, **m.init_kwargs()}
-              for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    layers = layer_specs(model)
     qconfig = getattr(model, "lowbit_config", None)
     d = config.to_dict()
     d.pop("quantization_config", None)
@@ -256,3 +248,6 @@ def load_hf_folder(directory, dtype: torch.dtype | str = "auto"):
 
     AutoConfig.from_pretrained(directory)  # a config transformers cannot read fails here, with its message
     return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).eval()
+
+
+register()  # importing this module is what registers lowbit (hf_hook imports it when transformers' registry loads)

@@ -27,9 +27,10 @@ class _AfterRegistryLoads(importlib.abc.MetaPathFinder):
 
         def exec_module(module):
             run(module)
-            from lowbit.interop.hf import register
-
-            register()
+            # Importing lowbit.interop.hf registers lowbit. If that import is what loaded the registry, the module
+            # is still half made here and registers itself when it finishes.
+            if "lowbit.interop.hf" not in sys.modules:
+                import lowbit.interop.hf  # noqa: F401
 
         spec.loader.exec_module = exec_module
         return spec
@@ -38,8 +39,6 @@ class _AfterRegistryLoads(importlib.abc.MetaPathFinder):
 def register_with_transformers() -> None:
     """Register now if transformers' registry is loaded, else when it loads."""
     if _REGISTRY in sys.modules:
-        from lowbit.interop.hf import register
-
-        register()
+        import lowbit.interop.hf  # noqa: F401 - registers on import
     elif not any(isinstance(f, _AfterRegistryLoads) for f in sys.meta_path):
         sys.meta_path.insert(0, _AfterRegistryLoads())
