@@ -60,6 +60,22 @@ def _tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]
     return tensors, tied
 
 
+def layer_specs(model: nn.Module) -> dict[str, dict]:
+    """Each lowbit layer's type and constructor arguments, by module name: what rebuilds the layers empty."""
+    return {name: {"type": type(m).__name__, **m.init_kwargs()}
+            for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def restore_buffer_dtypes(model: nn.Module, dtypes: dict[str, str]) -> None:
+    """Cast the float buffers a state dict leaves out back to the dtypes they were saved in (``_unsaved_buffer_dtypes``)."""
+    buffers = dict(model.named_buffers())
+    for name, dtype in dtypes.items():
+        if name in buffers and buffers[name].is_floating_point() and dtype in _FLOAT_DTYPES:
+            module_name, _, attr = name.rpartition(".")
+            module = model.get_submodule(module_name) if module_name else model
+            module._buffers[attr] = buffers[name].to(_FLOAT_DTYPES[dtype])
+
+
 def _unsaved_buffer_dtypes(model: nn.Module) -> dict[str, str]:
     """dtype names of the float buffers a state dict leaves out (rotary inv_freq, ...): ``model.to(bf16)`` casts
     them too, and a rebuilt model must compute with the same ones to give the same outputs."""
@@ -154,8 +170,7 @@ def save(model: nn.Module, directory: str | os.PathLike, tokenizer=None, max_sha
     if limit <= 0:
         raise CheckpointError(f"max_shard_size must be positive, got {max_shard_size!r}")
     tensors, tied = _tensors(model)
-    layers = {name: {"type": type(m).__name__, **m.init_kwargs()}
-              for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    layers = layer_specs(model)
     config = getattr(model, "config", None)
     qconfig = getattr(model, "lowbit_config", None)
     save_id = uuid.uuid4().hex[:12]
@@ -479,12 +494,7 @@ def _fill(directory: Path, manifest: dict, files: list, model: nn.Module | None,
     missing = sorted(set(expected) - seen)
     if missing:
         raise CheckpointError(f"the checkpoint lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:3]}")
-    buffers = dict(model.named_buffers())
-    for name, dtype in (manifest.get("buffer_dtypes") or {}).items():
-        if name in buffers and buffers[name].is_floating_point():
-            module_name, _, attr = name.rpartition(".")
-            module = model.get_submodule(module_name) if module_name else model
-            module._buffers[attr] = buffers[name].to(_FLOAT_DTYPES[dtype])
+    restore_buffer_dtypes(model, manifest.get("buffer_dtypes") or {})
     if manifest.get("quantization"):
         model.lowbit_config = config_from_dict(manifest["quantization"])
     return model.eval()

@@ -18,7 +18,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from lowbit.checkpoint import _assign
 from lowbit.nn import IntLinear
+from lowbit.nn.base import is_linear_like, replace_module
 
 NATIVE = ("Q4_0", "Q4_1", "Q8_0")  # GGUF tensor types loaded into IntLinear as they are
 TERNARY = ("TQ1_0", "TQ2_0")  # loaded into BitLinear where the tensor is trits times one scale (BitNet b1.58's form)
@@ -140,10 +142,10 @@ def load_gguf(path: str | Path, native: bool = True, dtype: torch.dtype = torch.
         if int(t.n_elements) != state[hf].numel():
             raise GGUFError(f"{path}: tensor {t.name} holds {int(t.n_elements)} values, {hf} needs "
                             f"{tuple(state[hf].shape)}: the file does not match its own header")
-        if native and kind in NATIVE and hf.endswith(".weight") and _linear(module) and int(t.shape[0]) % _GROUP == 0:
+        if native and kind in NATIVE and hf.endswith(".weight") and is_linear_like(module) and int(t.shape[0]) % _GROUP == 0:
             quantized.append((t, hf))
             continue
-        ternary = native and kind in TERNARY and hf.endswith(".weight") and _linear(module)
+        ternary = native and kind in TERNARY and hf.endswith(".weight") and is_linear_like(module)
         if kind not in ("F32", "F16", "BF16") and not ternary:
             dequantized[t.name] = kind
         try:
@@ -156,8 +158,7 @@ def load_gguf(path: str | Path, native: bool = True, dtype: torch.dtype = torch.
         if ternary:
             layer = _bitlinear(module, w, dtype)
             if layer is not None:
-                parent, _, child = owners[hf].rpartition(".")
-                setattr(model.get_submodule(parent) if parent else model, child, layer)
+                replace_module(model, owners[hf], layer)
                 continue
             dequantized[t.name] = f"{kind}, more than one scale per tensor"
         _assign(model, hf, w.to(dtype))
@@ -180,8 +181,7 @@ def load_gguf(path: str | Path, native: bool = True, dtype: torch.dtype = torch.
         layer = IntLinear.from_codes(torch.from_numpy(codes[order]), torch.from_numpy(scale[order].astype(np.float32)),
                                      torch.from_numpy(np.ascontiguousarray(zero[order])), bias, bits, _GROUP,
                                      dtype, zero_dtype)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, layer)
+        replace_module(model, name, layer)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     missing = [n for n, t in model.state_dict(keep_vars=True).items() if t.is_meta]
@@ -245,7 +245,7 @@ def _tensor_names(model: nn.Module, arch: str, processor, wanted: set[str]) -> d
     if arch_id is not None:
         table = get_tensor_name_map(arch_id, model.config.num_hidden_layers)
         for hf in model.state_dict():
-            base, dot, suffix = hf.rpartition(".")
+            suffix = hf.rpartition(".")[2]
             gguf_name = table.get_name(processor.preprocess_name(hf).rpartition(".")[0])
             if gguf_name is not None and suffix in ("weight", "bias"):
                 names[f"{gguf_name}.{suffix}"] = hf
@@ -276,18 +276,3 @@ def _bitlinear(module: nn.Module, w: torch.Tensor, dtype: torch.dtype):
     elif bias is not None:
         layer.bias = torch.empty(bias.shape, device="meta")  # read later from the file
     return layer
-
-
-def _linear(module: nn.Module) -> bool:
-    from lowbit.nn.base import is_linear_like
-
-    return is_linear_like(module)
-
-
-def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
-    module_name, _, attr = name.rpartition(".")
-    module = model.get_submodule(module_name) if module_name else model
-    if attr in module._parameters:
-        module._parameters[attr] = nn.Parameter(tensor)
-    else:
-        module._buffers[attr] = tensor
