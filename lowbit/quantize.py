@@ -79,6 +79,9 @@ def quantize(model: nn.Module, config: QuantConfig | str, progress: bool = True,
     if not isinstance(config, (Int8Config, NF4Config, TernaryConfig, IntConfig, *CALIBRATED)):
         raise TypeError(f"config must be a lowbit config (NF4Config(), Int8Config(), ...) or a method name such as "
                         f"'nf4', got {type(config).__name__}")
+    if any(getattr(m, "input_norm", False) for m in model.modules()):
+        raise ValueError("this model was trained as BitNet b1.58: its layers are ternary already (pack them with "
+                         "lowbit.train.pack_bitnet)")
     if any(isinstance(m, QuantLinear) for m in model.modules()):
         raise ValueError("this model is already quantized by lowbit; load or build the full-precision model to quantize again")
     layers = eligible_layers(model, config)

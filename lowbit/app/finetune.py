@@ -3,8 +3,6 @@ base with deterministic batches, checkpoint atomically, resume bit-identically, 
 from __future__ import annotations
 
 import json
-import math
-import os
 import shutil
 import time
 import warnings
@@ -13,6 +11,8 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
+
+from lowbit.train.loop import batch_at, heldout_perplexity, plot_losses, replace_dir  # noqa: F401 (used by benchmarks)
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -65,32 +65,6 @@ def split_tokens(ids: torch.Tensor, heldout: float, seq: int) -> tuple[torch.Ten
     if held.numel() < 2:
         raise FinetuneError("the held-out part of the text has fewer than 2 tokens: give a longer text")
     return train, held
-
-
-def batch_at(train: torch.Tensor, step: int, cfg: FinetuneConfig) -> torch.Tensor:
-    """Batch ``step``: random windows drawn from a generator seeded by (seed, step), so a resumed run sees the
-    same batches as an uninterrupted one."""
-    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-    starts = torch.randint(0, train.numel() - cfg.seq, (cfg.batch,), generator=g)
-    return torch.stack([train[s:s + cfg.seq] for s in starts.tolist()])
-
-
-@torch.no_grad()
-def heldout_perplexity(model, ids: torch.Tensor, window: int, max_tokens: int) -> float:
-    """exp(mean NLL) over non-overlapping windows of the held-out tokens (at most ``max_tokens``)."""
-    was_training = model.training
-    model.eval()
-    ids = ids[:max_tokens]
-    nll, count = 0.0, 0
-    for start in range(0, ids.numel() - 1, window):
-        chunk = ids[start:start + window + 1].unsqueeze(0)
-        if chunk.shape[1] < 2:
-            break
-        logits = model(chunk[:, :-1]).logits[0].float()
-        nll += float(torch.nn.functional.cross_entropy(logits, chunk[0, 1:], reduction="sum"))
-        count += chunk.shape[1] - 1
-    model.train(was_training)
-    return math.exp(nll / count)
 
 
 def build_model(spec: str, cfg: FinetuneConfig):
@@ -150,13 +124,7 @@ def save_checkpoint(out: Path, model, opt, step: int, losses: list[float], extra
     model.save_pretrained(tmp / "adapter")
     torch.save({"optimizer": opt.state_dict(), "adapter": _adapter_state(model)}, tmp / "state.pt")
     (tmp / "progress.json").write_text(json.dumps({"step": step, "losses": losses, **extra}))
-    final = out / "checkpoint"
-    old = out / "checkpoint.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, out / "checkpoint")
 
 
 def load_checkpoint(out: Path, model, opt) -> tuple[int, list[float], dict]:
@@ -177,27 +145,6 @@ def load_checkpoint(out: Path, model, opt) -> tuple[int, list[float], dict]:
             params[name].copy_(value)
     opt.load_state_dict(state["optimizer"])
     return progress["step"], progress["losses"], {k: v for k, v in progress.items() if k not in ("step", "losses")}
-
-
-def plot_losses(losses: list[float], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(range(1, len(losses) + 1), losses, lw=0.8, alpha=0.5, label="loss per step")
-    k = max(1, len(losses) // 20)
-    if len(losses) >= k:
-        smooth = torch.tensor(losses).unfold(0, k, 1).mean(1)
-        ax.plot(range(k, len(losses) + 1), smooth.tolist(), lw=2, label=f"mean of {k} steps")
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def run(spec: str, text: str, out: Path, cfg: FinetuneConfig, progress: bool = True) -> dict:

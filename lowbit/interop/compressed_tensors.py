@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lowbit.nn import IntLinear, QuantLinear
-from lowbit.nn.base import is_linear_like
+from lowbit.nn.base import check_plain_linear, is_linear_like
 
 TYPES = ("int4", "int8")
 
@@ -86,6 +86,7 @@ def export_compressed_tensors(model: nn.Module, tokenizer, out: str | Path, qtyp
             continue
         if not isinstance(module, (nn.Linear, QuantLinear)):
             raise ValueError(f"{name} is a {type(module).__name__}: compressed-tensors targets nn.Linear layers")
+        check_plain_linear(module, name)
         if module.in_features % group_size:
             raise ValueError(f"{name}: {module.in_features} input features are not a multiple of the group size "
                              f"{group_size}")

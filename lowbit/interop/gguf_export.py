@@ -16,7 +16,7 @@ from torch import nn
 
 from lowbit.interop.gguf import GGUFError, read
 from lowbit.nn import BitLinear, IntLinear, QuantLinear
-from lowbit.nn.base import is_linear_like, linear_weight
+from lowbit.nn.base import check_plain_linear, is_linear_like, linear_weight
 
 TYPES = ("f16", "q8_0", "q4_0", "q4_1", "tq2_0")
 # transformers model_type -> (llama.cpp architecture, whether llama.cpp's converter permutes q/k rows for rotary)
@@ -110,6 +110,11 @@ def export_gguf(model: nn.Module, tokenizer, path: str | Path, qtype: str = "q4_
         raise GGUFError(f"GGUF export covers {', '.join(ARCHS)} models; this is {model_type!r}")
     arch, permute_qk = ARCHS[model_type]
     linears = [(n, m) for n, m in model.named_modules() if is_linear_like(m) or isinstance(m, QuantLinear)]
+    for n, m in linears:
+        try:
+            check_plain_linear(m, n)
+        except ValueError as e:
+            raise GGUFError(f"{e}; GGUF's llama graph has no such norm") from None
     if qtype == "tq2_0" and not force_ternary:
         # Only weights TQ2_0's blocks of 256 tile are written ternary; the others go out in Q8_0 as they are.
         not_ternary = [n for n, m in linears if not n.endswith("lm_head") and _in_features(m) % 256 == 0

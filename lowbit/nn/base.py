@@ -61,6 +61,14 @@ def tied_to_embeddings(model: nn.Module) -> set[int]:
     return set() if emb is None else {id(emb.weight)}
 
 
+def check_plain_linear(module: nn.Module, name: str) -> None:
+    """Raise ValueError if ``module`` computes more than x @ W^T + b: a b1.58-trained layer normalises its input,
+    which a weight alone (merged, re-quantized or exported) would drop."""
+    if getattr(module, "input_norm", False):
+        raise ValueError(f"{name} normalises its input (a layer trained as BitNet b1.58): it cannot be turned into "
+                         "a plain weight without changing what the model computes")
+
+
 def replace_module(model: nn.Module, name: str, layer: nn.Module) -> None:
     """Put ``layer`` where the submodule called ``name`` is."""
     parent_name, _, child = name.rpartition(".")

@@ -11,13 +11,32 @@ from lowbit.kernels.matmul import q8_gemv, ternary_int8
 from lowbit.nn.base import QuantLinear, linear_weight
 
 
-class BitLinear(QuantLinear):
-    """y = (Q8(x) @ T^T) * gamma: T in {-1, 0, 1} packed 2 bits a weight, gamma = mean|W|."""
+NORM_EPS = 1e-6  # of the parameter-free RMSNorm that trained b1.58 layers apply to their input
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, compute_dtype: torch.dtype = torch.float32) -> None:
+
+def rms_norm(x: torch.Tensor) -> torch.Tensor:
+    """x / rms(x) over the last dimension, without a gain: the norm a trained b1.58 layer puts before its int8 input."""
+    return nn.functional.rms_norm(x, (x.shape[-1],), eps=NORM_EPS)
+
+
+class BitLinear(QuantLinear):
+    """y = (Q8(x) @ T^T) * gamma: T in {-1, 0, 1} packed 2 bits a weight, gamma = mean|W|.
+
+    ``input_norm``: x is RMS-normalised first (no gain), as in layers trained as b1.58 (``TrainableBitLinear``)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, compute_dtype: torch.dtype = torch.float32,
+                 input_norm: bool = False) -> None:
         super().__init__(in_features, out_features, bias, compute_dtype)
+        self.input_norm = input_norm
         self.register_buffer("weight_packed", torch.zeros(-(-in_features * out_features // 4), dtype=torch.uint8))
         self.register_buffer("weight_gamma", torch.ones(()))
+
+    def init_kwargs(self) -> dict:
+        return {**super().init_kwargs(), "input_norm": self.input_norm}
+
+    def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
+        # The norm runs here, outside the frozen-weight matmul, so that autograd differentiates it (fine-tuning).
+        return super().forward(rms_norm(x) if self.input_norm else x, **kwargs)
 
     @classmethod
     def from_linear(cls, module: nn.Module, compute_dtype: torch.dtype = torch.float32) -> "BitLinear":
@@ -26,6 +45,9 @@ class BitLinear(QuantLinear):
         layer.weight_packed, layer.weight_gamma = F.quantize_ternary(w)
         layer.copy_bias(module.bias)
         return layer
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", input_norm=True" if self.input_norm else "")
 
     def trits(self) -> torch.Tensor:
         """The ternary weight matrix [out, in] as int8."""

@@ -5,11 +5,12 @@ import torch
 from torch import nn
 
 from lowbit.nn import QuantLinear, SpQRLinear
-from lowbit.nn.base import replace_module
+from lowbit.nn.base import check_plain_linear, replace_module
 from lowbit.train.lora import LoraQuantLinear
 
 
 def _merged_weight(layer: LoraQuantLinear) -> torch.Tensor:
+    check_plain_linear(layer.base_layer, "an adapted layer")
     w = layer.base_layer.dequantize().float()
     for name in layer.active_adapters:
         if name in layer.lora_A:

@@ -1,0 +1,67 @@
+"""What the training runs share (`lowbit finetune`, `lowbit train`): deterministic batches, held-out perplexity,
+atomic checkpoint folders and the loss plot."""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+
+def batch_at(train: torch.Tensor, step: int, cfg) -> torch.Tensor:
+    """Batch ``step``: random windows drawn from a generator seeded by (seed, step), so a resumed run sees the
+    same batches as an uninterrupted one."""
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    starts = torch.randint(0, train.numel() - cfg.seq, (cfg.batch,), generator=g)
+    return torch.stack([train[s:s + cfg.seq] for s in starts.tolist()])
+
+
+@torch.no_grad()
+def heldout_perplexity(model, ids: torch.Tensor, window: int, max_tokens: int) -> float:
+    """exp(mean NLL) over non-overlapping windows of the held-out tokens (at most ``max_tokens``)."""
+    was_training = model.training
+    model.eval()
+    ids = ids[:max_tokens]
+    nll, count = 0.0, 0
+    for start in range(0, ids.numel() - 1, window):
+        chunk = ids[start:start + window + 1].unsqueeze(0)
+        if chunk.shape[1] < 2:
+            break
+        logits = model(chunk[:, :-1]).logits[0].float()
+        nll += float(torch.nn.functional.cross_entropy(logits, chunk[0, 1:], reduction="sum"))
+        count += chunk.shape[1] - 1
+    model.train(was_training)
+    return math.exp(nll / count)
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Put the finished folder ``tmp`` at ``final``; a crash leaves either folder whole (or ``final``.old)."""
+    old = final.with_name(final.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def plot_losses(losses: list[float], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(range(1, len(losses) + 1), losses, lw=0.8, alpha=0.5, label="loss per step")
+    k = max(1, len(losses) // 20)
+    if len(losses) >= k:
+        smooth = torch.tensor(losses).unfold(0, k, 1).mean(1)
+        ax.plot(range(k, len(losses) + 1), smooth.tolist(), lw=2, label=f"mean of {k} steps")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
