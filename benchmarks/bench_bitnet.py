@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -47,6 +48,13 @@ def train_runs(args, text: str, tok, out: Path) -> dict:
             print(f"{size} b{bits}: held-out ppl {s['heldout_ppl']:.3f} after {s['tokens_seen']:,} tokens "
                   f"({s['tokens_seen'] / s['train_seconds']:.0f} tok/s, {time.perf_counter() - t:.0f} s)", flush=True)
     return runs
+
+
+def unigram_ppl(train: torch.Tensor, held: torch.Tensor, vocab: int) -> float:
+    """Held-out perplexity of token frequencies counted on the training tokens (add-one): what a model that ignores
+    context scores, the floor every trained model here must beat."""
+    counts = torch.bincount(train, minlength=vocab).double() + 1
+    return math.exp(-float((counts / counts.sum()).log()[held].mean()))
 
 
 def ptq_ternary_ppl(folder: Path, held: torch.Tensor, seq: int) -> float:
@@ -142,8 +150,9 @@ def main() -> None:
         tok = train_tokenizer(split_text(text, 0.1)[0], args.vocab)
         tok.save_pretrained(tok_dir)
     _, train_ids, held = prepare_data(text, TrainConfig(seq=args.seq), tok)
-    print(f"{machine()}\ntokenizer: {len(tok)} entries; {train_ids.numel():,} training tokens, {held.numel():,} held out",
-          flush=True)
+    unigram = unigram_ppl(train_ids, held, len(tok))
+    print(f"{machine()}\ntokenizer: {len(tok)} entries; {train_ids.numel():,} training tokens, {held.numel():,} held out; "
+          f"unigram perplexity of the held-out tokens {unigram:.1f}", flush=True)
 
     runs = train_runs(args, text, tok, args.out)
     rows = []
@@ -162,7 +171,7 @@ def main() -> None:
 
     (ROOT / "docs" / "img").mkdir(exist_ok=True)
     plot(runs, args.sizes, ROOT / "docs" / "img" / "bitnet_curves.png")
-    result = {"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows,
+    result = {"machine": machine(), "unigram_ppl": unigram, "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows,
               "paper": [{"size": s, "fp16_ppl": f, "b158_ppl": b, "ratio": b / f} for s, f, b in PAPER]}
     (ROOT / "benchmarks" / "results" / "bitnet.json").write_text(json.dumps(result, indent=1))
 
