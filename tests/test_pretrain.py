@@ -136,7 +136,7 @@ def test_train_command_output_works_with_lowbit_and_transformers(tmp_path, text_
         torch.testing.assert_close(hf(ids).logits, model(ids).logits)
 
     code, output = cli("eval", out, "--text", text_file, "--tokens", 512, "--window", 64, "--no-speed")
-    assert code == 0 and "perplexity" in output, output
+    assert code == 0 and "perplexity" in output and "(b1.58-trained)" in output, output
     code, output = cli("quantize", out, "--method", "nf4", "--out", tmp_path / "q")
     assert code == 2 and "BitNet b1.58" in output, output  # ternary already: one clear line
     # GGUF's llama graph has no per-layer input norm: an export would compute something else, so none is written.

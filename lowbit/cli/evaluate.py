@@ -76,6 +76,13 @@ def _loaded_label(model) -> str:
         d = config.to_dict()
         name = d.get("quant_type") if d["method"] == "4bit" else d["method"]
         return f"{name} checkpoint"
+    from lowbit.nn import QuantLinear
+
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    if layers:  # quantized without a model-wide config: trained as b1.58, or built layer by layer
+        if all(getattr(m, "input_norm", False) for m in layers):
+            return "b1.58-trained"
+        return "/".join(sorted({type(m).__name__ for m in layers}))
     dtype = next(model.parameters()).dtype
     return {"torch.bfloat16": "bf16", "torch.float16": "fp16"}.get(str(dtype), "fp32")
 
