@@ -57,6 +57,16 @@ def unigram_ppl(train: torch.Tensor, held: torch.Tensor, vocab: int) -> float:
     return math.exp(-float((counts / counts.sum()).log()[held].mean()))
 
 
+def bigram_ppl(train: torch.Tensor, held: torch.Tensor, vocab: int) -> float:
+    """Held-out perplexity of bigram counts of the training tokens, interpolated half and half with the add-one
+    unigram: a one-token-context reference a trained model should pass."""
+    pairs = torch.bincount(train[:-1] * vocab + train[1:], minlength=vocab * vocab).double().view(vocab, vocab)
+    uni = torch.bincount(train, minlength=vocab).double() + 1
+    p_bi = pairs[held[:-1], held[1:]] / pairs.sum(1).clamp(min=1)[held[:-1]]
+    p = 0.5 * p_bi + 0.5 * (uni / uni.sum())[held[1:]]
+    return math.exp(-float(p.log().mean()))
+
+
 def ptq_ternary_ppl(folder: Path, held: torch.Tensor, seq: int) -> float:
     """Held-out perplexity of the trained fp32 model with its linear layers ternarized after training."""
     import warnings
@@ -150,9 +160,9 @@ def main() -> None:
         tok = train_tokenizer(split_text(text, 0.1)[0], args.vocab)
         tok.save_pretrained(tok_dir)
     _, train_ids, held = prepare_data(text, TrainConfig(seq=args.seq), tok)
-    unigram = unigram_ppl(train_ids, held, len(tok))
+    unigram, bigram = unigram_ppl(train_ids, held, len(tok)), bigram_ppl(train_ids, held, len(tok))
     print(f"{machine()}\ntokenizer: {len(tok)} entries; {train_ids.numel():,} training tokens, {held.numel():,} held out; "
-          f"unigram perplexity of the held-out tokens {unigram:.1f}", flush=True)
+          f"held-out perplexity of unigram counts {unigram:.1f}, of interpolated bigram counts {bigram:.1f}", flush=True)
 
     runs = train_runs(args, text, tok, args.out)
     rows = []
@@ -171,7 +181,7 @@ def main() -> None:
 
     (ROOT / "docs" / "img").mkdir(exist_ok=True)
     plot(runs, args.sizes, ROOT / "docs" / "img" / "bitnet_curves.png")
-    result = {"machine": machine(), "unigram_ppl": unigram, "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows,
+    result = {"machine": machine(), "unigram_ppl": unigram, "bigram_ppl": bigram, "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows,
               "paper": [{"size": s, "fp16_ppl": f, "b158_ppl": b, "ratio": b / f} for s, f, b in PAPER]}
     (ROOT / "benchmarks" / "results" / "bitnet.json").write_text(json.dumps(result, indent=1))
 
