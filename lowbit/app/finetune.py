@@ -3,16 +3,15 @@ base with deterministic batches, checkpoint atomically, resume bit-identically, 
 from __future__ import annotations
 
 import json
-import shutil
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from lowbit.train.loop import batch_at, heldout_perplexity, plot_losses, replace_dir  # noqa: F401 (used by benchmarks)
+from lowbit.train.loop import (batch_at, heldout_perplexity, plot_losses, read_checkpoint,  # noqa: F401 (benchmarks)
+                               resume_threads, write_checkpoint)
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -118,22 +117,17 @@ def _adapter_state(model) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(out: Path, model, opt, step: int, losses: list[float], extra: dict) -> None:
     """out/checkpoint/: adapter (PEFT format), optimizer state and progress, replaced atomically."""
-    tmp = out / "checkpoint.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp / "adapter")
-    torch.save({"optimizer": opt.state_dict(), "adapter": _adapter_state(model)}, tmp / "state.pt")
-    (tmp / "progress.json").write_text(json.dumps({"step": step, "losses": losses, **extra}))
-    replace_dir(tmp, out / "checkpoint")
+    write_checkpoint(out, {"optimizer": opt.state_dict(), "adapter": _adapter_state(model)},
+                     {"step": step, "losses": losses, **extra}, also=lambda tmp: model.save_pretrained(tmp / "adapter"))
 
 
 def load_checkpoint(out: Path, model, opt) -> tuple[int, list[float], dict]:
     """Restore adapter and optimizer from out/checkpoint; (step, losses, extra) or (0, [], {}) without one."""
     ck = out / "checkpoint"
-    if not (ck / "progress.json").exists():
+    saved = read_checkpoint(out)
+    if saved is None:
         return 0, [], {}
-    progress = json.loads((ck / "progress.json").read_text())
-    state = torch.load(ck / "state.pt", weights_only=True)
+    progress, state = saved
     params = dict(model.named_parameters())
     if set(state["adapter"]) != {n for n, p in params.items() if p.requires_grad}:
         raise FinetuneError(f"{ck} holds an adapter for another model, method or rank: use another --out")
@@ -171,11 +165,8 @@ def train(spec: str, text: str, out: Path, cfg: FinetuneConfig, progress: bool =
     if step == 0:
         extra = {"config": asdict(cfg), "ppl_before": heldout_perplexity(model, held, cfg.seq, cfg.eval_tokens),
                  "train_seconds": 0.0, "threads": torch.get_num_threads()}
-    elif extra.get("threads") and extra["threads"] != torch.get_num_threads():
-        # Float sums split over another number of threads round differently: the run would not resume bit-identically.
-        warnings.warn(f"resuming with {extra['threads']} threads, as this run started (not {torch.get_num_threads()}): "
-                      "results depend on the thread count", stacklevel=2)
-        torch.set_num_threads(extra["threads"])
+    else:
+        resume_threads(extra.get("threads"))
     model.train()
     bar = tqdm(total=cfg.steps, initial=step, desc="fine-tuning", disable=None if progress else True, dynamic_ncols=True)
     t0 = time.perf_counter()

@@ -2,10 +2,13 @@
 atomic checkpoint folders and the loss plot."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
+import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -65,3 +68,33 @@ def plot_losses(losses: list[float], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def write_checkpoint(out: Path, state: dict, progress: dict, also: Callable[[Path], None] | None = None) -> None:
+    """out/checkpoint/: ``state`` (tensors, torch.save), ``progress`` (JSON) and whatever ``also(folder)`` writes,
+    replaced atomically."""
+    tmp = out / "checkpoint.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if also is not None:
+        also(tmp)
+    torch.save(state, tmp / "state.pt")
+    (tmp / "progress.json").write_text(json.dumps(progress))
+    replace_dir(tmp, out / "checkpoint")
+
+
+def read_checkpoint(out: Path) -> tuple[dict, dict] | None:
+    """(progress, state) from out/checkpoint, or None without one."""
+    ck = out / "checkpoint"
+    if not (ck / "progress.json").is_file():
+        return None
+    return json.loads((ck / "progress.json").read_text()), torch.load(ck / "state.pt", weights_only=True)
+
+
+def resume_threads(recorded: int | None) -> None:
+    """Go on with the thread count a run started with: float sums split over another number of threads round
+    differently, and the run would not resume bit-identically."""
+    if recorded and recorded != torch.get_num_threads():
+        warnings.warn(f"resuming with {recorded} threads, as this run started (not {torch.get_num_threads()}): "
+                      "results depend on the thread count", stacklevel=3)
+        torch.set_num_threads(recorded)

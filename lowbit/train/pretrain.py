@@ -7,9 +7,7 @@ import contextlib
 import copy
 import json
 import math
-import shutil
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -17,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from lowbit.train.bitnet import pack_bitnet, to_bitnet
-from lowbit.train.loop import batch_at, heldout_perplexity, plot_losses, replace_dir
+from lowbit.train.loop import batch_at, heldout_perplexity, plot_losses, read_checkpoint, resume_threads, write_checkpoint
 from lowbit.train.model import SIZES, build_model, non_embedding_params
 from lowbit.train.schedule import SCHEDULES, schedule_at
 from lowbit.train.tokenizer import train_tokenizer
@@ -131,26 +129,16 @@ def save_model(out: Path, model, tok, cfg: TrainConfig) -> None:
     lowbit.save(inference_model(model, cfg), out, tokenizer=tok)
 
 
-def save_state(out: Path, model, opt, progress: dict) -> None:
-    """out/checkpoint/: latent weights, optimizer state and progress, replaced atomically."""
-    tmp = out / "checkpoint.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, tmp / "state.pt")
-    (tmp / "progress.json").write_text(json.dumps(progress))
-    replace_dir(tmp, out / "checkpoint")
-
-
 def load_state(out: Path, model, opt) -> dict | None:
-    ck = out / "checkpoint"
-    if not (ck / "progress.json").is_file():
+    """Restore latent weights and optimizer state from out/checkpoint; its progress, or None without one."""
+    saved = read_checkpoint(out)
+    if saved is None:
         return None
-    progress = json.loads((ck / "progress.json").read_text())
-    state = torch.load(ck / "state.pt", weights_only=True)
+    progress, state = saved
     try:
         model.load_state_dict(state["model"])
     except RuntimeError:
-        raise TrainError(f"{ck} holds another model (size or bits): use another --out") from None
+        raise TrainError(f"{out / 'checkpoint'} holds another model (size or bits): use another --out") from None
     opt.load_state_dict(state["optimizer"])
     return progress
 
@@ -181,11 +169,7 @@ def run(text: str, out: str | Path, cfg: TrainConfig, tokenizer=None, progress: 
     if state is not None:
         if {**state["config"], "steps": cfg.steps} != asdict(cfg):  # more --steps may extend a run
             raise TrainError(f"{out}/checkpoint was written with other settings ({state['config']}): use another --out")
-        if state["threads"] != torch.get_num_threads():
-            # Float sums split over another number of threads round differently: no bit-identical resume.
-            warnings.warn(f"resuming with {state['threads']} threads, as this run started (not "
-                          f"{torch.get_num_threads()}): results depend on the thread count", stacklevel=2)
-            torch.set_num_threads(state["threads"])
+        resume_threads(state["threads"])
     else:
         state = {"config": asdict(cfg), "step": 0, "losses": [], "evals": [], "train_seconds": 0.0,
                  "tokens_seen": 0, "threads": torch.get_num_threads()}
@@ -227,7 +211,7 @@ def run(text: str, out: str | Path, cfg: TrainConfig, tokenizer=None, progress: 
             state["train_seconds"] += time.perf_counter() - t0
             state["step"] = step
             save_model(out, model, tok, cfg)  # the model first: a checkpoint never points past a saved model
-            save_state(out, model, opt, state)
+            write_checkpoint(out, {"model": model.state_dict(), "optimizer": opt.state_dict()}, state)
             t0 = time.perf_counter()
     bar.close()
     state["train_tokens"] = train.numel()
