@@ -123,10 +123,13 @@ def inference_model(model, cfg: TrainConfig):
     return out.to(torch.bfloat16) if cfg.bits == "16" else out
 
 
-def save_model(out: Path, model, tok, cfg: TrainConfig) -> None:
+def save_model(out: Path, model, tok, cfg: TrainConfig):
+    """Save ``model`` as ``inference_model`` makes it into ``out``; returns that saved form."""
     import lowbit
 
-    lowbit.save(inference_model(model, cfg), out, tokenizer=tok)
+    saved = inference_model(model, cfg)
+    lowbit.save(saved, out, tokenizer=tok)
+    return saved
 
 
 def load_state(out: Path, model, opt) -> dict | None:
@@ -179,6 +182,7 @@ def run(text: str, out: str | Path, cfg: TrainConfig, tokenizer=None, progress: 
     bar = tqdm(total=cfg.steps, initial=step, desc=f"training {cfg.size} b{cfg.bits}", disable=None if progress else True,
                dynamic_ncols=True)
     t0 = time.perf_counter()
+    saved = None  # the saved form of the model at the last step, once this process saved it
     while step < cfg.steps:
         lr_factor, wd_factor = schedule_at(step, cfg.steps, cfg.warmup, cfg.schedule)
         for group, wd in zip(opt.param_groups, (cfg.weight_decay, 0.0)):
@@ -210,16 +214,17 @@ def run(text: str, out: str | Path, cfg: TrainConfig, tokenizer=None, progress: 
         if step % cfg.save_every == 0 or step == cfg.steps:
             state["train_seconds"] += time.perf_counter() - t0
             state["step"] = step
-            save_model(out, model, tok, cfg)  # the model first: a checkpoint never points past a saved model
+            saved = save_model(out, model, tok, cfg)  # the model first: a checkpoint never points past a saved model
             write_checkpoint(out, {"model": model.state_dict(), "optimizer": opt.state_dict()}, state)
             t0 = time.perf_counter()
     bar.close()
     state["train_tokens"] = train.numel()
-    return finish(out, model, tok, held, cfg, state)
+    return finish(out, model, tok, held, cfg, state, saved)
 
 
-def finish(out: Path, model, tok, held: torch.Tensor, cfg: TrainConfig, state: dict) -> dict:
-    """Score the trained model (and the packed one) on all held-out tokens; write loss.png and summary.json."""
+def finish(out: Path, model, tok, held: torch.Tensor, cfg: TrainConfig, state: dict, saved=None) -> dict:
+    """Score the trained model (and ``saved``, its saved form, made again if not given) on all held-out tokens;
+    write loss.png and summary.json."""
     with _autocast(cfg):
         ppl = heldout_perplexity(model, held, cfg.seq, held.numel())
     summary = {**{k: v for k, v in state.items() if k != "losses"}, "size": cfg.size, "bits": cfg.bits,
@@ -228,7 +233,8 @@ def finish(out: Path, model, tok, held: torch.Tensor, cfg: TrainConfig, state: d
                "final_loss": state["losses"][-1] if state["losses"] else None, "vocab": len(tok),
                "losses": state["losses"]}
     if cfg.bits != "32":  # the saved form (packed ternary or bf16) scored too: what a user of --out gets
-        summary["heldout_ppl_saved"] = heldout_perplexity(inference_model(model, cfg), held, cfg.seq, held.numel())
+        saved = saved if saved is not None else inference_model(model, cfg)
+        summary["heldout_ppl_saved"] = heldout_perplexity(saved, held, cfg.seq, held.numel())
         summary["saved_loss_rel_diff"] = abs(math.log(summary["heldout_ppl_saved"]) - math.log(ppl)) / math.log(ppl)
     plot_losses(state["losses"], out / "loss.png", f"{cfg.size} model, {cfg.bits}-bit weights, from scratch")
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
