@@ -3,6 +3,7 @@ __version__ = "0.1.0"
 
 from lowbit.checkpoint import CheckpointError, load, load_tokenizer, save  # noqa: E402
 from lowbit.config import GPTQConfig, Int8Config, IntConfig, NF4Config, SpQRConfig, TernaryConfig, config_from_dict, config_from_json  # noqa: E402
+from lowbit.decode import generate  # noqa: E402
 from lowbit.eval.memory import memory_report  # noqa: E402
 from lowbit.quantize import quantize  # noqa: E402
 from lowbit.interop.hf_hook import register_with_transformers  # noqa: E402
@@ -20,4 +21,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'lowbit' has no attribute {name!r}")
 
 
-__all__ = ["prepare_for_training", "CheckpointError", "load", "load_tokenizer", "save", "GPTQConfig", "Int8Config", "IntConfig", "NF4Config", "SpQRConfig", "TernaryConfig", "config_from_dict", "config_from_json", "memory_report", "quantize"]
+__all__ = ["prepare_for_training", "CheckpointError", "load", "load_tokenizer", "save", "GPTQConfig", "Int8Config", "IntConfig", "NF4Config", "SpQRConfig", "TernaryConfig", "config_from_dict", "config_from_json", "generate", "memory_report", "quantize"]

@@ -34,7 +34,8 @@ MODEL_HELP = "smollm2-135m (bundled), a .gguf file, a transformers folder, or a 
 TEXT_HELP = "text file to evaluate on (default: the bundled Python Tutorial)"
 
 
-SPEED_PROTOCOL = "prefill of 128 tokens, greedy decode of 16 tokens with the KV cache, batch 1, median of 3 runs"
+SPEED_PROTOCOL = ("prefill of 128 tokens, greedy decode of 16 tokens with the KV cache, batch 1, median of 3 runs, "
+                  "on lowbit.generate's decode loop")
 
 
 class UserError(Exception):

@@ -18,21 +18,23 @@ def machine() -> str:
 
 @torch.no_grad()
 def speed(model, prompt_tokens: int = 128, new_tokens: int = 16, repeats: int = 3, vocab: int | None = None) -> dict:
-    """Median prefill tokens/s over ``prompt_tokens`` and greedy decode tokens/s over ``new_tokens`` (KV cache on)."""
+    """Median prefill tokens/s over ``prompt_tokens`` and greedy decode tokens/s over ``new_tokens``, on the decode
+    loop ``lowbit.generate`` uses (lowbit's lean decoder where it runs the architecture, else transformers')."""
+    from lowbit.decode import decoder_for
+
     vocab = vocab or model.config.vocab_size
     ids = torch.randint(0, vocab, (1, prompt_tokens), generator=torch.Generator().manual_seed(0))
-    model(ids[:, :8])  # warm-up: first-call allocations and lazy initialisation
+    decoder_for(model, 1, 8).forward(ids[:, :8])  # warm-up: first-call allocations and lazy initialisation
     prefill, decode = [], []
     for _ in range(repeats):
+        decoder = decoder_for(model, 1, prompt_tokens + new_tokens)
         t = time.perf_counter()
-        out = model(ids, use_cache=True)
+        logits = decoder.forward(ids)
         prefill.append(time.perf_counter() - t)
-        cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
         t = time.perf_counter()
         for _ in range(new_tokens):
-            out = model(nxt, past_key_values=cache, use_cache=True)
-            cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            logits = decoder.forward(logits.argmax(-1)[:, None])
         decode.append(time.perf_counter() - t)
     return {"prefill_tok_s": prompt_tokens / statistics.median(prefill),
             "decode_tok_s": new_tokens / statistics.median(decode),
-            "prompt_tokens": prompt_tokens, "new_tokens": new_tokens}
+            "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "decoder": type(decoder).__name__}

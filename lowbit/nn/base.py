@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from lowbit.config import check_compute_dtype
-from lowbit.kernels import fast
-from lowbit.kernels.matmul import LutWeight, gemm_dtype, lut_linear
+from lowbit.kernels import fast, ops
+from lowbit.kernels.matmul import GEMV_MAX_ROWS, LutWeight, gemm_dtype, lut_linear
 
 _scratch = threading.local()
 
@@ -105,10 +105,15 @@ class QuantLinear(nn.Module):
         check_compute_dtype(compute_dtype)  # what a checkpoint can name and load back
         self.in_features, self.out_features = in_features, out_features
         self.compute_dtype = compute_dtype
+        self._op_handle = ops.register(self)  # what names this layer in lowbit's custom ops (torch.compile)
         if bias:
             self.register_buffer("bias", torch.zeros(out_features))
         else:
             self.bias = None
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._op_handle = ops.register(self)  # a copy (deepcopy, pickle) is another layer: it gets its own handle
 
     def copy_bias(self, bias: torch.Tensor | None) -> None:
         """Take a float32 copy of the replaced layer's bias, if it has one."""
@@ -138,6 +143,9 @@ class QuantLinear(nn.Module):
         return next(b for name, b in self.named_buffers() if name != "bias")
 
     def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # one opaque custom op in the graph (lowbit.kernels.ops), autograd included
+            self._check_input(x)
+            return ops.quantized_linear(x, [b for _, b in self.named_buffers()], self._op_handle)
         if needs_autograd(x):
             self._check_input(x)
             return FrozenWeightMatmul.apply(x, self)
@@ -146,6 +154,26 @@ class QuantLinear(nn.Module):
     def quantized_forward(self, x: torch.Tensor) -> torch.Tensor:
         """y = x W^T + b with the quantized weight (no autograd)."""
         raise NotImplementedError
+
+    def decode_call(self):
+        """A function computing ``forward`` for a decode loop (no autograd, buffers unchanged while it is used):
+        where a layer can, the kernel and its arguments are looked up once instead of at every token."""
+        return self.forward
+
+    def _bound_gemv(self, gemv):
+        # x -> layer(x) through ``gemv(x2 float32 [rows, in]) -> float32 [rows, out]`` for a few rows, as
+        # quantized_forward computes them (same kernel, then _finish); more rows take the full forward.
+        k, n, bias, forward = self.in_features, self.out_features, self.bias, self.forward
+
+        def call(x: torch.Tensor) -> torch.Tensor:
+            x2 = x.reshape(-1, k)
+            if x2.shape[0] > GEMV_MAX_ROWS or x.requires_grad:
+                return forward(x)
+            y = gemv(x2.float())
+            if bias is not None:
+                y = y + bias.to(y.dtype)
+            return y.to(x.dtype).reshape(*x.shape[:-1], n)
+        return call
 
     def tile_rows(self, dtype: torch.dtype = torch.float32) -> int:
         """Rows of the weight in one backward tile (``BACKWARD_TILE_BYTES``)."""
@@ -239,6 +267,14 @@ class DequantLinear(QuantLinear):
                 tile = torch.empty(r1 - r0, width, dtype=dtype)
             ext.lut_dequant_rows(*lut.args(), r0, r1, tile)
             yield r0, r1, tile[:r1 - r0]
+
+    def decode_call(self):
+        lut = self.lut_weight() if self.qweight.device.type == "cpu" else None
+        ext = fast() if lut is not None and lut.fits_kernel() else None
+        if ext is None:
+            return self.forward
+        args = lut.args()
+        return self._bound_gemv(lambda x2: ext.lut_gemv(x2, *args))
 
     def _dequantize_whole(self, x: torch.Tensor) -> bool:
         # From 128 rows of x, with a weight of at most BACKWARD_TILE_BYTES: dequantizing it whole (in column order)

@@ -6,6 +6,7 @@ from torch import nn
 
 from lowbit.functional import quantize_absmax, quantize_affine
 from lowbit.functional.validate import check_finite_stats
+from lowbit.kernels import fast
 from lowbit.kernels.matmul import int8_int8, int8_linear, q8_gemv
 from lowbit.nn.base import QuantLinear, linear_weight, needs_autograd
 
@@ -61,6 +62,13 @@ class Int8Linear(QuantLinear):
         scale = (self.weight_absmax / 127).to(dtype).unsqueeze(1)
         for r0, r1 in self.row_ranges(dtype):
             yield r0, r1, self.weight_codes[r0:r1].to(dtype) * scale[r0:r1]
+
+    def decode_call(self):
+        ext = fast() if self.weight_codes.device.type == "cpu" else None
+        if ext is None or not self.weight_only:  # LLM.int8's fused call checks its input's finiteness: keep it whole
+            return self.forward
+        codes, row_scale = self.weight_codes, (self.weight_absmax / 127).float()
+        return self._bound_gemv(lambda x2: ext.int8_gemv(x2, codes, row_scale))
 
     def quantized_forward(self, x: torch.Tensor, reference: bool = False) -> torch.Tensor:
         self._check_input(x)
