@@ -128,6 +128,17 @@ def test_int8_int8_is_exact(k):
         assert torch.equal(got, torch._int_mm(xq, codes.t()))
 
 
+@pytest.mark.parametrize("k", [16, 200, 4096 + 7])
+def test_float_gemv_equals_linear(k):
+    w = torch.randn(37, k, generator=torch.Generator().manual_seed(k))
+    for m in (1, 3, 8):
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+        # another summation order than torch's GEMV: equal to float rounding
+        torch.testing.assert_close(kernels.fast().float_gemv(x, w), x @ w.t(), rtol=1e-5, atol=1e-5 * k ** 0.5)
+    with pytest.raises(RuntimeError, match="contiguous float32"):
+        kernels.fast().float_gemv(torch.randn(1, k), w.t().contiguous().t())
+
+
 @pytest.mark.parametrize("k", [64, 300, 1028])
 def test_ternary_is_exact(k):
     layer = BitLinear.from_linear(_linear(19, k))

@@ -13,6 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowbit.kernels import fast
+from lowbit.kernels.matmul import GEMV_MAX_ROWS
+
 # Architectures whose decoder layer is: RMSNorm, q/k/v (biases allowed), RoPE, causal attention with grouped
 # kv heads, o, RMSNorm, gated MLP. Others (q/k norms, sliding windows, soft-capping...) run through transformers.
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -37,10 +40,31 @@ def supports(model: nn.Module) -> str | None:
 
 
 def _call(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    # A lowbit layer's decode call (its kernel bound once), else forward itself without nn.Module.__call__ (hooks
-    # are ruled out by supports()).
+    # A lowbit layer's decode call (its kernel bound once), a float32 nn.Linear on lowbit's GEMV, else forward
+    # itself without nn.Module.__call__ (hooks are ruled out by supports()).
     bound = getattr(module, "decode_call", None)
-    return bound() if callable(bound) else module.forward
+    if callable(bound):
+        return bound()
+    if isinstance(module, nn.Linear):
+        return _dense_call(module)
+    return module.forward
+
+
+def _dense_call(module: nn.Linear) -> Callable[[torch.Tensor], torch.Tensor]:
+    # torch's GEMV reads a row-major float32 weight at about half the bandwidth; lowbit's reads it at full speed
+    # (SmolLM2's 113 MB tied head: 9.1 ms against 3.2 at 2 threads). Same sums in another order: float rounding.
+    weight, bias = module.weight, module.bias
+    ext = fast() if weight.device.type == "cpu" else None
+    if ext is None or weight.dtype != torch.float32 or not weight.is_contiguous():
+        return module.forward
+
+    def call(x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, weight.shape[1])
+        if x2.shape[0] > GEMV_MAX_ROWS or x.dtype != torch.float32:
+            return F.linear(x, weight, bias)
+        y = ext.float_gemv(x2, weight)
+        return (y if bias is None else y + bias).reshape(*x.shape[:-1], weight.shape[0])
+    return call
 
 
 class StaticDecoder:

@@ -29,6 +29,7 @@ void lut_dequant_rows(torch::Tensor packed, int64_t N, int64_t K, int64_t bits, 
                       c10::optional<torch::Tensor> cols, c10::optional<torch::Tensor> values, int64_t r0, int64_t r1,
                       torch::Tensor out);
 torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor row_scale);
+torch::Tensor float_gemv(torch::Tensor x, torch::Tensor w);
 torch::Tensor int8_int8_gemv(torch::Tensor xq, torch::Tensor codes, torch::Tensor code_sums);
 std::tuple<torch::Tensor, torch::Tensor, bool> q8_gemv(torch::Tensor x, torch::Tensor weight,
                                                        c10::optional<torch::Tensor> code_sums, torch::Tensor row_scale,
@@ -55,6 +56,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lut_permute_x", &lut_permute_x);
   m.def("lut_dequant_rows", &lut_dequant_rows);
   m.def("int8_gemv", &int8_gemv);
+  m.def("float_gemv", &float_gemv);
   m.def("int8_int8_gemv", &int8_int8_gemv);
   m.def("q8_gemv", &q8_gemv);
   m.def("ternary_gemv", &ternary_gemv);

@@ -674,7 +674,61 @@ void int8_rows(const float* px, const int8_t* pw, const float* ps, float* py, in
 #endif
   }
 }
+
+// float32 weight rows: as int8_rows, the weight read straight. torch's GEMV on a row-major [N, K] weight reads
+// it at about half the bandwidth (a 49152 x 576 LM head: 7.7 ms against 4.7 for the same weight transposed).
+template <int MB>
+void float_rows(const float* px, const float* pw, float* py, int64_t K, int64_t N, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const float* w = pw + n * K;
+#ifdef LOWBIT_AVX512
+    __m512 a0[MB], a1[MB];
+    for (int m = 0; m < MB; ++m) a0[m] = a1[m] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+      prefetch_ahead(w + k);
+      prefetch_ahead(w + k + 16);
+      const __m512 w0 = _mm512_loadu_ps(w + k), w1 = _mm512_loadu_ps(w + k + 16);
+      for (int m = 0; m < MB; ++m) {
+        a0[m] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(px + m * K + k), a0[m]);
+        a1[m] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(px + m * K + k + 16), a1[m]);
+      }
+    }
+    for (; k < K; k += 16) {
+      const __mmask16 mk = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+      const __m512 wv = _mm512_maskz_loadu_ps(mk, w + k);
+      for (int m = 0; m < MB; ++m) a0[m] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mk, px + m * K + k), a0[m]);
+    }
+    for (int m = 0; m < MB; ++m) py[m * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(a0[m], a1[m]));
+#else
+    for (int m = 0; m < MB; ++m) {
+      float acc = 0.f;
+      for (int64_t k = 0; k < K; ++k) acc += w[k] * px[m * K + k];
+      py[m * N + n] = acc;
+    }
+#endif
+  }
+}
 }  // namespace
+
+// y[M, N] = x[M, K] @ w^T for a float32 weight [N, K] (decode of full-precision layers: a few rows of x).
+torch::Tensor float_gemv(torch::Tensor x, torch::Tensor w) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2, "x must be float32 [M, K]");
+  TORCH_CHECK(w.dtype() == torch::kFloat32 && w.is_contiguous() && w.dim() == 2 && w.size(1) == x.size(1),
+              "w must be contiguous float32 [N, K]");
+  x = x.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  auto y = torch::empty({M, N}, torch::kFloat32);
+  const float* px = x.data_ptr<float>();
+  const float* pw = w.data_ptr<float>();
+  float* py = y.data_ptr<float>();
+  at::parallel_for(0, N, std::max<int64_t>(1, 8192 / std::max<int64_t>(K, 1)), [&](int64_t n0, int64_t n1) {
+    for_x_blocks(M, [&](int64_t m0, auto mb) {
+      float_rows<decltype(mb)::value>(px + m0 * K, pw, py + m0 * N, K, N, n0, n1);
+    });
+  });
+  return y;
+}
 
 // y[M, N] = x[M, K] @ (codes * scale[row])^T for int8 codes [N, K] (weight-only int8, float32 x).
 torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor row_scale) {

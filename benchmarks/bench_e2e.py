@@ -1,0 +1,272 @@
+"""End-to-end decode and prefill speed of SmolLM2-135M: lowbit's formats on lowbit.generate's decode loop against
+llama.cpp on the same model, same machine, same run (issue 17).
+
+For each thread count: a prompt of --prompt tokens (prefill, logits of the last position only, as llama.cpp computes
+them), then --new greedy tokens one at a time; median of --repeats runs. Each row's ms per decoded token is split
+into the time its weights take to read at the bandwidth this run measured (bytes read per token / GB/s of the
+project's read probe at that thread count) and the rest (dispatch, attention, norms, kernels below bandwidth).
+
+llama.cpp comes from llama-cpp-python, built from source into its own venv (several minutes, once; the flags: see
+README's benchmarks section):
+    python3 -m venv .venv-llamacpp && CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF
+    -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" .venv-llamacpp/bin/pip install numpy==2.4.6 llama-cpp-python==0.3.36
+It runs on the bundled Q4_1 file and on a Q8_0 that llama.cpp's own quantizer makes from lowbit's F16 export.
+
+Usage: python benchmarks/bench_e2e.py [--threads 1,2] [--repeats 5] [--methods ...] [--busy] [--json F]
+--busy runs everything again with a competing process spinning on one core (issue 17 item 5).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+LLAMA_PY = ROOT / ".venv-llamacpp" / "bin" / "python"
+METHODS = ("fp32", "bf16", "int8-weight", "llm-int8", "nf4", "nf4-dq", "native-q4_1", "ternary",
+           "nf4+int8-head", "native-q4_1+int8-head")
+
+# Runs inside .venv-llamacpp: prefill and greedy decode times of one GGUF file at each thread count.
+_LLAMA = r"""
+import json, statistics, sys, time
+from llama_cpp import Llama
+job = json.load(sys.stdin)
+out = {}
+for threads in job["threads"]:
+    llm = Llama(model_path=job["model"], n_ctx=job["ctx"], n_batch=job["ctx"], n_threads=threads,
+                n_threads_batch=threads, verbose=False)
+    prefill, decode = [], []
+    for run in range(job["repeats"] + 1):  # the first run warms up
+        llm.reset()
+        t = time.perf_counter(); llm.eval(job["prompt"]); tp = time.perf_counter() - t
+        token = int(llm.scores[llm.n_tokens - 1].argmax())
+        t = time.perf_counter()
+        for _ in range(job["new"]):
+            llm.eval([token]); token = int(llm.scores[llm.n_tokens - 1].argmax())
+        if run:
+            prefill.append(tp); decode.append(time.perf_counter() - t)
+    out[threads] = {"prefill_s": statistics.median(prefill), "decode_s": statistics.median(decode)}
+    del llm
+print(json.dumps(out))
+"""
+
+_QUANTIZE = r"""
+import ctypes, sys, llama_cpp
+params = llama_cpp.llama_model_quantize_default_params()
+params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
+sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(params)))
+"""
+
+
+def weight_bytes_per_token(model) -> int:
+    """Bytes of every weight one decode step reads: the linear layers and the LM head (one embedding row aside)."""
+    from torch import nn
+
+    from lowbit.nn import QuantLinear
+
+    total = 0
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            total += module.stored_bits() // 8 + (module.bias.numel() * 4 if module.bias is not None else 0)
+        elif isinstance(module, nn.Linear):
+            total += sum(p.numel() * p.element_size() for p in module.parameters())
+    return total
+
+
+def gguf_bytes_per_token(path: Path) -> int:
+    """The same for a GGUF file: every tensor but the norms (token_embd counts as the tied output head)."""
+    import gguf
+
+    return sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors if not t.name.endswith("norm.weight"))
+
+
+def build(method: str, base):
+    """SmolLM2-135M in ``method`` (a fresh copy)."""
+    import torch
+
+    import lowbit
+    from lowbit.app.models import load_native
+    from lowbit.nn import Int8Linear
+
+    name, _, head = method.partition("+")
+    if name == "native-q4_1":
+        model, _ = load_native("smollm2-135m", progress=False)
+    else:
+        model = copy.deepcopy(base)
+        configs = {"int8-weight": lowbit.Int8Config(weight_only=True), "llm-int8": lowbit.Int8Config(),
+                   "nf4": lowbit.NF4Config(), "nf4-dq": lowbit.NF4Config(double_quant=True),
+                   "ternary": lowbit.TernaryConfig()}
+        if name == "bf16":
+            model = model.to(torch.bfloat16)
+        elif name in configs:
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # post-training ternary: speed only, its quality is noise
+                lowbit.quantize(model, configs[name], progress=False)
+        elif name != "fp32":
+            raise SystemExit(f"unknown method {method!r}: expected some of {', '.join(METHODS)}")
+    if head == "int8-head":
+        # Diagnostic: the tied fp32 head (113 MB read per token) as a separate per-row int8 copy, the bytes of
+        # llama.cpp's Q8_0 head. lowbit.quantize keeps the head in full precision today.
+        model.lm_head = Int8Linear.from_linear(model.lm_head, weight_only=True)
+    return model.eval()
+
+
+def time_lowbit(model, prompt, new: int, repeats: int) -> dict:
+    import torch
+
+    from lowbit.decode import StaticDecoder
+
+    prefill, decode = [], []
+    for run in range(repeats + 1):
+        decoder = StaticDecoder(model, 1, prompt.shape[1] + new + 1)
+        t = time.perf_counter()
+        logits = decoder.forward(prompt)
+        tp = time.perf_counter() - t
+        t = time.perf_counter()
+        for _ in range(new):
+            logits = decoder.forward(logits.argmax(-1)[:, None])
+        if run:
+            prefill.append(tp)
+            decode.append(time.perf_counter() - t)
+    del torch
+    return {"prefill_s": statistics.median(prefill), "decode_s": statistics.median(decode)}
+
+
+def bandwidth(threads: int) -> float:
+    """GB/s of the project's read probe (a 256 MB buffer, every thread reading) at ``threads``."""
+    import torch
+
+    from lowbit.kernels import fast
+
+    torch.set_num_threads(threads)
+    x = torch.ones(256 * 2**20 // 4)
+    ext = fast()
+    read = (lambda: ext.read_probe(x)) if ext is not None else (lambda: x.sum())
+    read()
+    times = []
+    for _ in range(7):
+        t = time.perf_counter()
+        read()
+        times.append(time.perf_counter() - t)
+    return x.numel() * 4 / statistics.median(times) / 1e9
+
+
+def llama_rows(files: dict[str, Path], prompt: list[int], new: int, repeats: int, threads: list[int]) -> dict:
+    rows = {}
+    for name, path in files.items():
+        job = {"model": str(path), "prompt": prompt, "new": new, "repeats": repeats, "threads": threads,
+               "ctx": len(prompt) + new + 8}
+        done = subprocess.run([str(LLAMA_PY), "-c", _LLAMA], input=json.dumps(job), capture_output=True, text=True,
+                              timeout=1800)
+        if done.returncode:
+            print(f"llama.cpp failed on {name}: {done.stderr.strip()[-400:]}", file=sys.stderr)
+            continue
+        rows[name] = {int(k): v for k, v in json.loads(done.stdout.strip().splitlines()[-1]).items()}
+    return rows
+
+
+def llama_files(work: Path, base, tok) -> dict[str, Path]:
+    """The bundled Q4_1 file and a Q8_0 made by llama.cpp's quantizer from lowbit's F16 export of the model."""
+    from lowbit.app.models import default_gguf
+    from lowbit.interop.gguf_export import export_gguf
+
+    files = {"llama.cpp Q4_1 (bundled)": default_gguf()}
+    f16 = work / "smollm2-f16.gguf"
+    export_gguf(base, tok, f16, "f16", progress=False)
+    q8 = work / "smollm2-q8_0.gguf"
+    done = subprocess.run([str(LLAMA_PY), "-c", _QUANTIZE, str(f16), str(q8)], capture_output=True, text=True)
+    if done.returncode == 0 and q8.exists():
+        files["llama.cpp Q8_0 (its quantizer)"] = q8
+    else:
+        print(f"llama.cpp could not quantize to Q8_0: {done.stderr.strip()[-300:]}", file=sys.stderr)
+    return files
+
+
+def run(args, busy: bool) -> list[dict]:
+    import torch
+
+    from lowbit.app.models import load_default_model
+
+    threads = [int(t) for t in args.threads.split(",")]
+    base, tok = load_default_model()
+    prompt = torch.randint(100, 40000, (1, args.prompt), generator=torch.Generator().manual_seed(0))
+    bw = {t: bandwidth(t) for t in threads}
+    rows = []
+    for method in args.methods.split(","):
+        model = build(method, base)
+        nbytes = weight_bytes_per_token(model)
+        for t in threads:
+            torch.set_num_threads(t)
+            r = time_lowbit(model, prompt, args.new, args.repeats)
+            rows.append({"engine": "lowbit", "method": method, "threads": t, "bytes": nbytes, "bw": bw[t], **r})
+        del model
+    if not args.no_llamacpp and LLAMA_PY.exists():
+        with tempfile.TemporaryDirectory() as work:
+            files = llama_files(Path(work), base, tok)
+            for name, per_thread in llama_rows(files, prompt[0].tolist(), args.new, args.repeats, threads).items():
+                for t, r in per_thread.items():
+                    rows.append({"engine": "llama.cpp", "method": name, "threads": t,
+                                 "bytes": gguf_bytes_per_token(files[name]), "bw": bw[t], **r})
+    elif not args.no_llamacpp:
+        print(f"no llama.cpp: {LLAMA_PY} is missing (see this file's docstring)", file=sys.stderr)
+    for r in rows:
+        r.update(busy=busy, prompt=args.prompt, new=args.new)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| engine | format | threads | decode tok/s | ms/token | of which weight read | rest | MB read/token "
+             "| prefill tok/s |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["threads"], r["engine"] != "llama.cpp", r["method"])):
+        ms = r["decode_s"] / r["new"] * 1e3
+        read = r["bytes"] / (r["bw"] * 1e9) * 1e3
+        lines.append(f"| {r['engine']} | {r['method']} | {r['threads']} | {r['new'] / r['decode_s']:.1f} | {ms:.2f} "
+                     f"| {read:.2f} | {ms - read:.2f} | {r['bytes'] / 1e6:.1f} | {r['prompt'] / r['prefill_s']:.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--no-llamacpp", action="store_true")
+    ap.add_argument("--busy", action="store_true", help="also run with a process spinning on one core")
+    ap.add_argument("--json", type=Path, help="write the rows here too")
+    args = ap.parse_args()
+
+    import torch
+
+    from lowbit.eval.speed import machine
+
+    print(f"machine: {machine()}")
+    rows = run(args, busy=False)
+    probe = ", ".join(f"{r['bw']:.1f} GB/s at {r['threads']} thread(s)" for r in rows if r["method"] == rows[0]["method"])
+    print(f"\nquiet machine: prompt {args.prompt} tokens, greedy decode {args.new}, median of {args.repeats}; "
+          f"read probe {probe}")
+    print(table(rows))
+    if args.busy:
+        hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        try:
+            busy_rows = run(args, busy=True)
+        finally:
+            hog.kill()
+        print(f"\nwith a process spinning on one core (load 1 of 2):")
+        print(table(busy_rows))
+        rows += busy_rows
+    if args.json:
+        args.json.write_text(json.dumps({"machine": machine(), "torch": torch.__version__, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
