@@ -84,7 +84,10 @@ class StaticDecoder:
         self.dtype = inner.embed_tokens.weight.dtype
         positions = torch.arange(max_len, device=p.device)[None]
         cos, sin = inner.rotary_emb(torch.empty(0, dtype=self.dtype, device=p.device), positions)
-        self.cos, self.sin = cos[0], sin[0]  # [max_len, head_dim]
+        # transformers rotates by x * cos + cat(-x2, x1) * sin; cat(x2, x1) is x rolled by half, and the sign moves
+        # onto sin exactly (negation is exact): one roll and no negation per step.
+        half = self.head_dim // 2
+        self.cos, self.sin = cos[0], torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)  # [max_len, head_dim]
         shape = (batch, self.kv_heads, max_len, self.head_dim)
         self.blocks = []
         for layer in inner.layers:
@@ -107,10 +110,6 @@ class StaticDecoder:
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
         return weight * h.to(x.dtype)
 
-    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated * sin
 
     @torch.no_grad()
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -131,12 +130,14 @@ class StaticDecoder:
             q = blk["q"](h).view(b, t, self.heads, self.head_dim).transpose(1, 2)
             k = blk["k"](h).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
             v = blk["v"](h).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+            qk = torch.cat((q, k), dim=1)  # queries and keys rotated together
+            qk = qk * cos + qk.roll(self.head_dim // 2, -1) * sin
+            q, k = qk[:, :self.heads], qk[:, self.heads:]
             blk["k_cache"][:, :, start:end] = k
             blk["v_cache"][:, :, start:end] = v
             keys, values = blk["k_cache"][:, :, :end], blk["v_cache"][:, :, :end]
             if t == 1:  # one query per kv head group: three small matmuls beat SDPA's kernel setup (33 us a call)
-                scores = q.view(b, self.kv_heads, -1, self.head_dim) @ keys.transpose(2, 3) * blk["scaling"]
+                scores = q.reshape(b, self.kv_heads, -1, self.head_dim) @ keys.transpose(2, 3) * blk["scaling"]
                 attn = (scores.softmax(-1) @ values).view(b, self.heads, 1, self.head_dim)
             else:
                 attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal,
