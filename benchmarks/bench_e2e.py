@@ -31,6 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 LLAMA_PY = ROOT / ".venv-llamacpp" / "bin" / "python"
 METHODS = ("fp32", "bf16", "int8-weight", "llm-int8", "nf4", "nf4-dq", "native-q4_1", "ternary",
            "nf4+int8-head", "native-q4_1+int8-head")
+# METHOD@transformers: the same model decoded by transformers' own forward and cache (HFDecoder), what lowbit's
+# speed figures measured before its lean decoder.
 
 # Runs inside .venv-llamacpp: prefill and greedy decode times of one GGUF file at each thread count.
 _LLAMA = r"""
@@ -94,7 +96,7 @@ def build(method: str, base):
     from lowbit.app.models import load_native
     from lowbit.nn import Int8Linear
 
-    name, _, head = method.partition("+")
+    name, _, head = method.split("@")[0].partition("+")
     if name == "native-q4_1":
         model, _ = load_native("smollm2-135m", progress=False)
     else:
@@ -119,14 +121,12 @@ def build(method: str, base):
     return model.eval()
 
 
-def time_lowbit(model, prompt, new: int, repeats: int) -> dict:
-    import torch
-
-    from lowbit.decode import StaticDecoder
+def time_lowbit(model, prompt, new: int, repeats: int, transformers: bool = False) -> dict:
+    from lowbit.decode import HFDecoder, StaticDecoder
 
     prefill, decode = [], []
     for run in range(repeats + 1):
-        decoder = StaticDecoder(model, 1, prompt.shape[1] + new + 1)
+        decoder = HFDecoder(model) if transformers else StaticDecoder(model, 1, prompt.shape[1] + new + 1)
         t = time.perf_counter()
         logits = decoder.forward(prompt)
         tp = time.perf_counter() - t
@@ -136,7 +136,6 @@ def time_lowbit(model, prompt, new: int, repeats: int) -> dict:
         if run:
             prefill.append(tp)
             decode.append(time.perf_counter() - t)
-    del torch
     return {"prefill_s": statistics.median(prefill), "decode_s": statistics.median(decode)}
 
 
@@ -205,7 +204,7 @@ def run(args, busy: bool) -> list[dict]:
         nbytes = weight_bytes_per_token(model)
         for t in threads:
             torch.set_num_threads(t)
-            r = time_lowbit(model, prompt, args.new, args.repeats)
+            r = time_lowbit(model, prompt, args.new, args.repeats, method.endswith("@transformers"))
             rows.append({"engine": "lowbit", "method": method, "threads": t, "bytes": nbytes, "bw": bw[t], **r})
         del model
     if not args.no_llamacpp and LLAMA_PY.exists():

@@ -130,3 +130,23 @@ def test_bitnet_model_runs_on_the_lean_decoder():
     ids = torch.randint(0, 300, (1, 6), generator=torch.Generator().manual_seed(5))
     assert isinstance(decoder_for(model, 1, 8), StaticDecoder)
     assert torch.equal(lowbit.generate(model, ids, 12), hf_greedy(model, ids, 12))
+
+
+@pytest.mark.parametrize("config", [lowbit.NF4Config(), lowbit.IntConfig(bits=4, group_size=32),
+                                    lowbit.Int8Config(weight_only=True), lowbit.Int8Config(),
+                                    lowbit.NF4Config(compute_dtype=torch.bfloat16)], ids=str)
+def test_decode_call_equals_forward(config):
+    from lowbit.nn import QuantLinear
+
+    torch.manual_seed(0)
+    model = lowbit.quantize(torch.nn.Sequential(torch.nn.Linear(128, 96, bias=True)), config, progress=False)
+    layer = model[0]
+    assert isinstance(layer, QuantLinear)
+    call = layer.decode_call()
+    x = torch.randn(2, 3, 128)
+    cases = [x[:, :1], x, x.transpose(0, 1), x.to(torch.bfloat16), torch.randn(4, 9, 128)]  # 1 and 6 rows,
+    with torch.no_grad():  # a strided view, bf16 activations, and past the GEMV's rows (the full forward)
+        for case in cases:
+            got, want = call(case), layer(case)
+            assert got.dtype == want.dtype and got.shape == want.shape
+            assert torch.equal(got, want)
