@@ -32,7 +32,8 @@ LLAMA_PY = ROOT / ".venv-llamacpp" / "bin" / "python"
 METHODS = ("fp32", "bf16", "int8-weight", "llm-int8", "nf4", "nf4-dq", "native-q4_1", "ternary",
            "nf4+int8-head", "native-q4_1+int8-head")
 # METHOD@transformers: the same model decoded by transformers' own forward and cache (HFDecoder), what lowbit's
-# speed figures measured before its lean decoder.
+# speed figures measured before its lean decoder. METHOD@auto: decode threads chosen while decoding, as
+# lowbit.generate(threads="auto") does (ThreadChooser); the row's thread count is the most it may use.
 
 # Runs inside .venv-llamacpp: prefill and greedy decode times of one GGUF file at each thread count.
 _LLAMA = r"""
@@ -121,8 +122,10 @@ def build(method: str, base):
     return model.eval()
 
 
-def time_lowbit(model, prompt, new: int, repeats: int, transformers: bool = False) -> dict:
-    from lowbit.decode import HFDecoder, StaticDecoder
+def time_lowbit(model, prompt, new: int, repeats: int, transformers: bool = False, auto: bool = False) -> dict:
+    import torch
+
+    from lowbit.decode import HFDecoder, StaticDecoder, ThreadChooser
 
     prefill, decode = [], []
     for run in range(repeats + 1):
@@ -130,9 +133,15 @@ def time_lowbit(model, prompt, new: int, repeats: int, transformers: bool = Fals
         t = time.perf_counter()
         logits = decoder.forward(prompt)
         tp = time.perf_counter() - t
+        most, chooser = torch.get_num_threads(), ThreadChooser() if auto else None
         t = time.perf_counter()
-        for _ in range(new):
+        for step in range(new):
+            if chooser:
+                chooser.before(step)
             logits = decoder.forward(logits.argmax(-1)[:, None])
+            if chooser:
+                chooser.after(step)
+        torch.set_num_threads(most)
         if run:
             prefill.append(tp)
             decode.append(time.perf_counter() - t)
@@ -204,7 +213,8 @@ def run(args, busy: bool) -> list[dict]:
         nbytes = weight_bytes_per_token(model)
         for t in threads:
             torch.set_num_threads(t)
-            r = time_lowbit(model, prompt, args.new, args.repeats, method.endswith("@transformers"))
+            r = time_lowbit(model, prompt, args.new, args.repeats, method.endswith("@transformers"),
+                            method.endswith("@auto"))
             rows.append({"engine": "lowbit", "method": method, "threads": t, "bytes": nbytes, "bw": bw[t], **r})
         del model
     if not args.no_llamacpp and LLAMA_PY.exists():

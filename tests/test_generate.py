@@ -46,7 +46,7 @@ def random_model(arch: str):
         return transformers.GPT2LMHeadModel(cfg).eval()
     config_class = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
                     "mistral": transformers.MistralConfig}[arch]
-    extra = {"sliding_window": None} if arch == "mistral" else {}
+    extra = {"sliding_window": 64} if arch == "mistral" else {}  # longer than the tests' sequences
     model_class = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM,
                    "mistral": transformers.MistralForCausalLM}[arch]
     model = model_class(config_class(**common, **extra)).eval()
@@ -65,6 +65,18 @@ def test_random_models_batch_of_two_equal_transformers(arch, method):
     assert torch.equal(lowbit.generate(model, ids, max_new_tokens=20), hf_greedy(model, ids, 20))
     expected = HFDecoder if arch == "gpt2" else StaticDecoder
     assert isinstance(decoder_for(model, 2, 8), expected)
+
+
+def test_bf16_model_equals_transformers():
+    model = random_model("llama").to(torch.bfloat16)
+    ids = torch.randint(0, 300, (1, 6), generator=torch.Generator().manual_seed(6))
+    assert torch.equal(lowbit.generate(model, ids, max_new_tokens=16), hf_greedy(model, ids, 16))
+
+
+def test_sliding_window_longer_than_the_sequence_only():
+    model = random_model("mistral")  # window of 64 positions
+    assert isinstance(decoder_for(model, 1, 64), StaticDecoder)
+    assert isinstance(decoder_for(model, 1, 65), HFDecoder)  # past the window transformers' masks are needed
 
 
 def test_prefill_in_pieces_equals_prefill_at_once():
@@ -150,3 +162,45 @@ def test_decode_call_equals_forward(config):
             got, want = call(case), layer(case)
             assert got.dtype == want.dtype and got.shape == want.shape
             assert torch.equal(got, want)
+
+
+def test_thread_chooser_keeps_the_faster_count(monkeypatch):
+    from lowbit.decode import threads as threads_module
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        chooser = threads_module.ThreadChooser(every=10, probe=2)
+        seconds = {2: 3.0, 1: 1.0}  # one thread faster: as on a machine whose other core is busy
+        now = [0.0]
+        monkeypatch.setattr(threads_module.time, "perf_counter", lambda: now[0])
+        used = []
+        for step in range(10):
+            chooser.before(step)
+            used.append(torch.get_num_threads())
+            now[0] += seconds[torch.get_num_threads()]  # the step's time on that many threads
+            chooser.after(step)
+        assert used == [2, 2, 1, 1, 1, 1, 1, 1, 1, 1]  # probed both, then kept one thread
+        seconds.update({2: 1.0, 1: 3.0})  # the other core is free again: the next probe goes back to two
+        used = []
+        for step in range(10, 16):
+            chooser.before(step)
+            used.append(torch.get_num_threads())
+            now[0] += seconds[torch.get_num_threads()]
+            chooser.after(step)
+        assert used == [2, 2, 1, 1, 2, 2]
+    finally:
+        torch.set_num_threads(saved)
+
+
+def test_threads_option_restores_the_count_and_keeps_the_tokens():
+    model = random_model("llama")
+    ids = torch.randint(0, 300, (1, 5), generator=torch.Generator().manual_seed(8))
+    saved = torch.get_num_threads()
+    want = lowbit.generate(model, ids, 20)
+    assert torch.equal(lowbit.generate(model, ids, 20, threads=1), want)
+    assert torch.equal(lowbit.generate(model, ids, 20, threads="auto"), want)
+    assert torch.get_num_threads() == saved
+    for bad in (0, "many", 1.5, True):
+        with pytest.raises(ValueError, match="threads must be"):
+            lowbit.generate(model, ids, 4, threads=bad)
