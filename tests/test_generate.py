@@ -146,7 +146,8 @@ def test_bitnet_model_runs_on_the_lean_decoder():
 
 @pytest.mark.parametrize("config", [lowbit.NF4Config(), lowbit.IntConfig(bits=4, group_size=32),
                                     lowbit.Int8Config(weight_only=True), lowbit.Int8Config(),
-                                    lowbit.NF4Config(compute_dtype=torch.bfloat16)], ids=str)
+                                    lowbit.NF4Config(compute_dtype=torch.bfloat16),
+                                    lowbit.Int8Config(weight_only=True, compute_dtype=torch.bfloat16)], ids=str)
 def test_decode_call_equals_forward(config):
     from lowbit.nn import QuantLinear
 

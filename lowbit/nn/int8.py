@@ -65,7 +65,9 @@ class Int8Linear(QuantLinear):
 
     def decode_call(self):
         ext = fast() if self.weight_codes.device.type == "cpu" else None
-        if ext is None or not self.weight_only:  # LLM.int8's fused call checks its input's finiteness: keep it whole
+        # LLM.int8's fused call checks its input's finiteness, and bf16 compute rounds the input first: both keep
+        # their whole forward.
+        if ext is None or not self.weight_only or self.compute_dtype != torch.float32:
             return self.forward
         codes, row_scale = self.weight_codes, (self.weight_absmax / 127).float()
         return self._bound_gemv(lambda x2: ext.int8_gemv(x2, codes, row_scale))
