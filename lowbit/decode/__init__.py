@@ -65,7 +65,8 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int = 32
         return input_ids
     vocab = model.get_input_embeddings().num_embeddings
     if int(input_ids.max()) >= vocab or int(input_ids.min()) < 0:
-        raise ValueError(f"generate: token ids must lie in [0, {vocab}), got {int(input_ids.min())}..{int(input_ids.max())}")
+        raise ValueError(f"generate: token ids must lie in [0, {vocab}), got "
+                         f"{int(input_ids.min())}..{int(input_ids.max())}")
     was_training, saved_threads = model.training, torch.get_num_threads()
     model.eval()
     if isinstance(threads, int):
