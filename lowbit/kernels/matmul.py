@@ -96,18 +96,20 @@ def _cpu_ext(x: torch.Tensor):
     return fast() if x.device.type == "cpu" else None
 
 
-def lut_linear(x: torch.Tensor, w: LutWeight, compute_dtype: torch.dtype) -> torch.Tensor:
-    """x [M, K] @ W^T in float32 out, on the kernels when they apply."""
+def lut_linear(x: torch.Tensor, w: LutWeight, compute_dtype: torch.dtype,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] @ W^T (+ bias) in float32 out, on the kernels when they apply."""
     ext = _cpu_ext(x)
     if ext is None or not w.fits_kernel():
-        return reference.lut_linear(x, w, compute_dtype)
+        return reference.lut_linear(x, w, compute_dtype, bias)
     if x.shape[0] <= GEMV_MAX_ROWS:
-        return ext.lut_gemv(x.float(), *w.args())
-    # Prefill: x in the kernel's lane order meets tiles of W dequantized in that same order.
-    dtype = gemm_dtype(compute_dtype)
-    xp = ext.lut_permute_x(x.float(), w.bits).to(dtype)
-    return tiled_matmul(xp, w.N, lambda r0, r1, tile: ext.lut_dequant_rows(*w.args(), r0, r1, tile), xp.shape[1],
-                        dtype).float()
+        y = ext.lut_gemv(x.float(), *w.args())
+    else:  # prefill: x in the kernel's lane order meets tiles of W dequantized in that same order
+        dtype = gemm_dtype(compute_dtype)
+        xp = ext.lut_permute_x(x.float(), w.bits).to(dtype)
+        y = tiled_matmul(xp, w.N, lambda r0, r1, tile: ext.lut_dequant_rows(*w.args(), r0, r1, tile), xp.shape[1],
+                         dtype).float()
+    return y if bias is None else y + bias.float()
 
 
 def int8_linear(x: torch.Tensor, codes: torch.Tensor, row_scale: torch.Tensor, compute_dtype: torch.dtype) -> torch.Tensor:

@@ -107,6 +107,18 @@ def lut_dequantize(w) -> torch.Tensor:
     return out
 
 
-def lut_linear(x: torch.Tensor, w, compute_dtype: torch.dtype) -> torch.Tensor:
-    """x [M, K] @ W^T for a ``matmul.LutWeight``, multiplied in compute_dtype, float32 out."""
-    return torch.nn.functional.linear(x.to(compute_dtype), lut_dequantize(w).to(compute_dtype)).float()
+def lut_linear(x: torch.Tensor, w, compute_dtype: torch.dtype, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] @ W^T (+ bias) for a ``matmul.LutWeight``, multiplied in compute_dtype, float32 out."""
+    return dense_linear(x, lut_dequantize(w).to(compute_dtype), compute_dtype, bias)
+
+
+def dense_linear(x: torch.Tensor, w: torch.Tensor, compute_dtype: torch.dtype,
+                 bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ w^T + bias in compute_dtype, float32 out. In float32 the bias goes into the same F.linear call, as in
+    bitsandbytes' dequantizing path: where the BLAS fuses it into the GEMM, a separate add rounds differently (an
+    AMD EPYC: 1.5e-5 apart), and the two libraries' outputs are equal only if they make the same call."""
+    x = x.to(compute_dtype)
+    if compute_dtype == torch.float32:
+        return torch.nn.functional.linear(x, w, None if bias is None else bias.float())
+    y = torch.nn.functional.linear(x, w).float()
+    return y if bias is None else y + bias.float()

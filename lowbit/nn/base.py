@@ -9,6 +9,7 @@ from torch import nn
 from lowbit.config import check_compute_dtype
 from lowbit.kernels import fast, ops
 from lowbit.kernels.matmul import GEMV_MAX_ROWS, LutWeight, gemm_dtype, lut_linear
+from lowbit.kernels.reference import dense_linear
 
 _scratch = threading.local()
 
@@ -297,9 +298,9 @@ class DequantLinear(QuantLinear):
         cpu_inference = x.device.type == "cpu" and not needs_autograd(x)
         lut = self.lut_weight() if cpu_inference and not self._dequantize_whole(x) else None
         if lut is not None:
-            y = lut_linear(x.reshape(-1, self.in_features), lut, self.compute_dtype)
-            return self._finish(y, x.dtype).reshape(*x.shape[:-1], self.out_features)
+            y = lut_linear(x.reshape(-1, self.in_features), lut, self.compute_dtype, self.bias)
+            return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         shape = (self.out_features, self.in_features)
         # Without autograd the weight goes to one reused buffer, not to a fresh allocation per call.
         w = self.dequantize(self.compute_dtype, scratch(shape, self.compute_dtype) if cpu_inference else None)
-        return self._finish(torch.nn.functional.linear(x.to(self.compute_dtype), w), x.dtype)
+        return dense_linear(x, w, self.compute_dtype, self.bias).to(x.dtype)
