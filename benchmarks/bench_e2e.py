@@ -149,22 +149,20 @@ def time_lowbit(model, prompt, new: int, repeats: int, transformers: bool = Fals
 
 
 def bandwidth(threads: int) -> float:
-    """GB/s of the project's read probe (a 256 MB buffer, every thread reading) at ``threads``."""
+    """GB/s of the project's read probe (``bench_kernels.read_probe``: 256 MB, every thread reading) at ``threads``."""
     import torch
 
-    from lowbit.kernels import fast
+    from bench_kernels import read_probe
 
     torch.set_num_threads(threads)
-    x = torch.ones(256 * 2**20 // 4)
-    ext = fast()
-    read = (lambda: ext.read_probe(x)) if ext is not None else (lambda: x.sum())
+    nbytes, read = read_probe()
     read()
     times = []
     for _ in range(7):
         t = time.perf_counter()
         read()
         times.append(time.perf_counter() - t)
-    return x.numel() * 4 / statistics.median(times) / 1e9
+    return nbytes / statistics.median(times) / 1e9
 
 
 def llama_rows(files: dict[str, Path], prompt: list[int], new: int, repeats: int, threads: list[int]) -> dict:

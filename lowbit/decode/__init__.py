@@ -73,17 +73,17 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int = 32
         torch.set_num_threads(threads)
     chooser = ThreadChooser() if threads == "auto" else None
     try:
-        eos = _eos_ids(model, eos_token_id)
+        eos = torch.tensor(sorted(_eos_ids(model, eos_token_id)), dtype=torch.long)
         ids = input_ids.long()
         decoder = decoder_for(model, ids.shape[0], ids.shape[1] + max_new_tokens)
         logits = decoder.forward(ids)
         out, done = [], torch.zeros(ids.shape[0], dtype=torch.bool)
         for step in range(max_new_tokens):
             token = next_token(logits, do_sample, temperature, top_k, top_p, generator)
-            if eos:
+            if eos.numel():
                 pad = out[-1] if out else token
                 token = torch.where(done, pad, token)
-                done |= torch.isin(token, torch.tensor(sorted(eos)))
+                done |= torch.isin(token, eos)
             out.append(token)
             if bool(done.all()) or step == max_new_tokens - 1:
                 break

@@ -8,7 +8,7 @@ from torch import nn
 
 from lowbit.config import check_compute_dtype
 from lowbit.kernels import fast, ops
-from lowbit.kernels.matmul import GEMV_MAX_ROWS, LutWeight, gemm_dtype, lut_linear
+from lowbit.kernels.matmul import LutWeight, few_rows_call, gemm_dtype, lut_linear
 from lowbit.kernels.reference import dense_linear
 
 _scratch = threading.local()
@@ -162,27 +162,9 @@ class QuantLinear(nn.Module):
         return self.forward
 
     def _bound_gemv(self, gemv):
-        # x -> layer(x) through ``gemv(x2 float32 [rows, in]) -> float32 [rows, out]`` for a few rows, as
-        # quantized_forward computes them (same kernel, then _finish); more rows take the full forward.
-        # Every torch call here costs about 1-2 us against 10-30 us for a small layer's kernel: float32 inputs of a
-        # decode step take the shortest way (views, no casts), others the general one.
-        k, n, forward = self.in_features, self.out_features, self.forward
+        # gemv computes what quantized_forward computes for a few float32 rows (same kernel, then the bias)
         bias = None if self.bias is None else self.bias.float()
-        f32 = torch.float32
-
-        def call(x: torch.Tensor) -> torch.Tensor:
-            shape = x.shape
-            if x.dtype is not f32 or x.numel() > GEMV_MAX_ROWS * k or x.requires_grad or not x.is_contiguous():
-                if x.numel() > GEMV_MAX_ROWS * k or x.requires_grad:
-                    return forward(x)
-                y = gemv(x.reshape(-1, k).float())
-                y = y if bias is None else y + bias
-                return y.to(x.dtype).reshape(*shape[:-1], n)
-            y = gemv(x.view(-1, k))
-            if bias is not None:
-                y += bias
-            return y.view(*shape[:-1], n)
-        return call
+        return few_rows_call(gemv, self.in_features, self.out_features, bias, self.forward)
 
     def tile_rows(self, dtype: torch.dtype = torch.float32) -> int:
         """Rows of the weight in one backward tile (``BACKWARD_TILE_BYTES``)."""
