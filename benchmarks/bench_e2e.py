@@ -29,8 +29,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 LLAMA_PY = ROOT / ".venv-llamacpp" / "bin" / "python"
-METHODS = ("fp32", "bf16", "int8-weight", "llm-int8", "nf4", "nf4-dq", "native-q4_1", "ternary",
-           "nf4+int8-head", "native-q4_1+int8-head")
+METHODS = ("fp32", "bf16", "int8-weight", "llm-int8", "llm-int8-zp", "nf4", "nf4-dq", "nf4-bf16", "native-q4_1",
+           "ternary", "nf4+int8-head", "nf4-bf16+int8-head", "native-q4_1+int8-head")
+# nf4 is NF4 without double quantization (NF4Config's default turns it on: that is nf4-dq); nf4-bf16 computes in
+# bf16 (NF4Config(compute_dtype=torch.bfloat16)), which runs the bf16-dot kernel on CPUs with AVX512_BF16.
 # METHOD@transformers: the same model decoded by transformers' own forward and cache (HFDecoder), what lowbit's
 # speed figures measured before its lean decoder. METHOD@auto: decode threads chosen while decoding, as
 # lowbit.generate(threads="auto") does (ThreadChooser); the row's thread count is the most it may use.
@@ -103,7 +105,9 @@ def build(method: str, base):
     else:
         model = copy.deepcopy(base)
         configs = {"int8-weight": lowbit.Int8Config(weight_only=True), "llm-int8": lowbit.Int8Config(),
-                   "nf4": lowbit.NF4Config(), "nf4-dq": lowbit.NF4Config(double_quant=True),
+                   "llm-int8-zp": lowbit.Int8Config(activations="zeropoint"),
+                   "nf4": lowbit.NF4Config(double_quant=False), "nf4-dq": lowbit.NF4Config(double_quant=True),
+                   "nf4-bf16": lowbit.NF4Config(double_quant=False, compute_dtype=torch.bfloat16),
                    "ternary": lowbit.TernaryConfig()}
         if name == "bf16":
             model = model.to(torch.bfloat16)
@@ -125,7 +129,7 @@ def build(method: str, base):
 def time_lowbit(model, prompt, new: int, repeats: int, transformers: bool = False, auto: bool = False) -> dict:
     import torch
 
-    from lowbit.decode import HFDecoder, StaticDecoder, ThreadChooser
+    from lowbit.decode import HFDecoder, StaticDecoder, ThreadChooser, paused_gc
 
     prefill, decode = [], []
     for run in range(repeats + 1):
@@ -135,12 +139,13 @@ def time_lowbit(model, prompt, new: int, repeats: int, transformers: bool = Fals
         tp = time.perf_counter() - t
         most, chooser = torch.get_num_threads(), ThreadChooser() if auto else None
         t = time.perf_counter()
-        for step in range(new):
-            if chooser:
-                chooser.before(step)
-            logits = decoder.forward(logits.argmax(-1)[:, None])
-            if chooser:
-                chooser.after(step)
+        with paused_gc():  # as lowbit.generate decodes
+            for step in range(new):
+                if chooser:
+                    chooser.before(step)
+                logits = decoder.forward(logits.argmax(-1)[:, None])
+                if chooser:
+                    chooser.after(step)
         torch.set_num_threads(most)
         if run:
             prefill.append(tp)

@@ -113,6 +113,7 @@ def kernel_rows(n: int, k: int, repeats: int, rounds: int) -> tuple[list[dict], 
         "spqr 4-bit b16 stats/32 (0.5% outliers)": synthetic_spqr(n, k, 4, 32),
         "int8 weight-only": Int8Linear.from_linear(lin, weight_only=True),
         "LLM.int8 t=6": Int8Linear.from_linear(lin, threshold=6.0),
+        "LLM.int8 t=6 zero-point": Int8Linear.from_linear(lin, threshold=6.0, activations="zeropoint"),
         "ternary 2-bit": BitLinear.from_linear(lin),
     }
     peers = bnb_layers(w)
@@ -147,7 +148,7 @@ def kernel_rows(n: int, k: int, repeats: int, rounds: int) -> tuple[list[dict], 
                 (lambda l=layer: l(xp)) if name == "nf4" else (lambda l=layer: l(xp.half())))
         for name, layer in lowbit_layers.items():
             for dtype in (torch.float32, torch.bfloat16):
-                if name.startswith(("int8", "LLM", "ternary")) and dtype == torch.bfloat16:
+                if name.startswith(("LLM", "ternary")) and dtype == torch.bfloat16:
                     continue
                 lay = copy.deepcopy(layer)
                 lay.compute_dtype = dtype if not name.startswith(("LLM", "ternary")) else lay.compute_dtype

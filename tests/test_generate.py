@@ -144,6 +144,43 @@ def test_bitnet_model_runs_on_the_lean_decoder():
     assert torch.equal(lowbit.generate(model, ids, 12), hf_greedy(model, ids, 12))
 
 
+def test_garbage_collector_is_paused_while_decoding_and_restored(monkeypatch):
+    import gc
+
+    from lowbit.decode import decoder as decoder_module
+
+    model = random_model("llama")
+    seen = []
+    forward = decoder_module.StaticDecoder.forward
+    monkeypatch.setattr(decoder_module.StaticDecoder, "forward", lambda self, ids: seen.append(gc.isenabled())
+                        or forward(self, ids))
+    ids = torch.zeros(1, 3, dtype=torch.long)
+    lowbit.generate(model, ids, max_new_tokens=3)
+    assert seen == [False] * 3 and gc.isenabled()
+    gc.disable()  # a caller's own choice stays
+    try:
+        lowbit.generate(model, ids, max_new_tokens=2)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_fused_projections_equal_the_layers_own_calls(arch):
+    # q/k/v and gate/up of a lowbit LUT model run as one kernel call each: the same logits as one call per layer
+    # (qwen2: with q/k/v biases).
+    model = lowbit.quantize(random_model(arch), lowbit.IntConfig(bits=4, group_size=32), progress=False)
+    fused, plain = StaticDecoder(model, 2, 12), StaticDecoder(model, 2, 12)
+    assert all(blk["qkv"] and blk["gate_up"] for blk in fused.blocks)
+    for blk in plain.blocks:
+        blk["qkv"] = blk["gate_up"] = None
+    ids = torch.randint(0, 300, (2, 5), generator=torch.Generator().manual_seed(2))
+    for _ in range(4):
+        a, b = fused.forward(ids), plain.forward(ids)
+        assert torch.equal(a, b)
+        ids = a.argmax(-1)[:, None]
+
+
 @pytest.mark.parametrize("config", [lowbit.NF4Config(), lowbit.IntConfig(bits=4, group_size=32),
                                     lowbit.Int8Config(weight_only=True), lowbit.Int8Config(),
                                     lowbit.NF4Config(compute_dtype=torch.bfloat16),

@@ -1,6 +1,8 @@
 """The compiled matmul kernels equal their plain-torch references, on odd shapes, decode and prefill sizes."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -72,6 +74,48 @@ def test_lut_layers_fast_equals_reference(name, n, k, dtype):
         layer.compute_dtype = torch.bfloat16
     assert layer.lut_weight() is not None and layer.lut_weight().fits_kernel()
     _compare(layer, k, dtype)
+
+
+@pytest.mark.parametrize("name", ["nf4", "nf4-dq", "int4-g64", "int4-gptq-g128", "int2-g16", "int2-g256"])
+@pytest.mark.parametrize("k", [576, 320])  # 320: a partly padded last chunk
+def test_bf16_dot_kernel_equals_a_bf16_rounded_reference(name, k):
+    # Builds with AVX512_BF16 run bf16-compute GEMVs of 4- and 2-bit codes on the bf16-dot kernel: x and the code
+    # table rounded to bf16, float32 sums. The reference rounds the same two things and multiplies in float32.
+    if not kernels.fast().bf16_dot:
+        pytest.skip("this build has no bf16-dot kernel")
+    layer = LUT_LAYERS[name](_linear(37, k))
+    layer.compute_dtype = torch.bfloat16
+    w = layer.lut_weight()
+    rounded = dataclasses.replace(w, lut=w.lut.bfloat16().float())
+    call = layer.decode_call()
+    for m in (1, 3, 5, 8):
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+        with torch.no_grad():
+            got, forward = call(x), layer(x)
+        want = reference.lut_linear(x.bfloat16().float(), rounded, torch.float32, layer.bias)
+        assert torch.equal(got, forward)
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+        # and it is not the float32 kernel: rounding x to bf16 moves the outputs by about 1e-3
+        exact = reference.lut_linear(x, w, torch.float32, layer.bias)
+        assert (got - exact).abs().max() > 1e-4 * exact.abs().max()
+
+
+def test_plans_and_one_call_for_several_weights_equal_the_layers():
+    # A decode loop binds each weight once (LutPlan) and runs q/k/v in one call: each output is the layer's own.
+    ext = kernels.fast()
+    layers = [LUT_LAYERS[name](_linear(n, 576, seed)) for seed, (name, n) in
+              enumerate([("nf4", 37), ("spqr4-b16-stats32", 20), ("int2-g16", 9), ("int3-g64", 50)])]
+    layers[0].compute_dtype = torch.bfloat16  # the bf16-dot kernel where the build has it, beside float32 ones
+    plans = [layer.decode_plan() for layer in layers]
+    for m in (1, 3, 8):
+        x = torch.randn(m, 576, generator=torch.Generator().manual_seed(m))
+        many = ext.lut_gemv_many(plans, x)
+        for layer, plan, y in zip(layers, plans, many):
+            with torch.no_grad():
+                assert torch.equal(plan.gemv(x), y) and torch.equal(y + layer.bias.float(), layer(x))
+    other_k = LUT_LAYERS["nf4"](_linear(8, 320)).decode_plan()
+    with pytest.raises(RuntimeError, match="share K"):
+        ext.lut_gemv_many([plans[0], other_k], x)
 
 
 @pytest.mark.parametrize("name", ["int4-g64", "int4-gptq-g128", "int2-g16", "int3-gptq-g128", "spqr3-b16"])
@@ -158,9 +202,10 @@ def test_int8_layers_fast_equals_reference(mode):
 
 
 @pytest.mark.parametrize("rows", [1, 3, 8])
-def test_fused_llm_int8_equals_torch_ops(rows):
+@pytest.mark.parametrize("activations", ["absmax", "zeropoint"])
+def test_fused_llm_int8_equals_torch_ops(rows, activations):
     # The fused decode call against the torch-op path, with outlier feature columns split out (|x| >= 6).
-    layer = Int8Linear.from_linear(_linear(70, 200), threshold=6.0)
+    layer = Int8Linear.from_linear(_linear(70, 200), threshold=6.0, activations=activations)
     x = torch.randn(rows, 200, generator=torch.Generator().manual_seed(rows))
     x[:, 3] *= 10
     x[0, 17] = -7.5
@@ -172,6 +217,10 @@ def test_fused_llm_int8_equals_torch_ops(rows):
         exact = layer(x, reference=True)
     torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fast, exact, rtol=1e-5, atol=1e-5)
+    # the layer's output is the fused call's (not a fallback to the torch ops)
+    fused = matmul.q8_gemv(x, layer.weight_codes, layer._code_sums(), (layer.weight_absmax / 127).float(), 6.0, 70,
+                           zero_point=activations == "zeropoint")
+    assert fused is not None and torch.equal(layer._finish(fused[0], torch.float32), fast)
     x[0, 5] = float("nan")
     with pytest.raises(ValueError, match="NaN or Inf"), torch.no_grad():
         layer(x)

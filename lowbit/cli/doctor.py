@@ -32,7 +32,8 @@ def doctor(
     console.print(f"CPU: {cpu.cpu_model()} ({platform.machine()})")
     decides = {"avx512f": "kernel build avx512*", "avx512bw": "kernel build avx512*",
                "avx512_vnni": "kernel build avx512_vnni (int8/ternary dot products)",
-               "avx512_bf16": "bf16 prefill GEMMs; bitsandbytes' fused 4-bit kernel",
+               "avx512_bf16": "kernel build avx512_bf16 (bf16-dot 4-bit GEMV); bf16 prefill GEMMs; "
+                              "bitsandbytes' fused 4-bit kernel",
                "amx_bf16": "bf16 prefill GEMMs (torch's AMX GEMM)", "amx_int8": "torch's int8 GEMMs (AMX)",
                "amx_tile": "AMX", "avx2": "", "fma": "", "f16c": "", "avx512vl": "", "avx512dq": ""}
     table = Table("feature", "present", "decides")
@@ -47,7 +48,7 @@ def doctor(
         builds.add_row(v, "yes" if ok else "no", cpu_ext.status(v), "<-" if kernels.kernel_path() == v else "")
     console.print(builds)
     console.print(f"paths now: {kernels.describe()} "
-                  "(force with LOWBIT_KERNELS=avx512_vnni|avx512|scalar|reference, LOWBIT_GEMM=bf16|fp32)")
+                  "(force with LOWBIT_KERNELS=avx512_bf16|avx512_vnni|avx512|scalar|reference, LOWBIT_GEMM=bf16|fp32)")
     try:
         import bitsandbytes as bnb
 

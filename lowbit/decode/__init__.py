@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lowbit.decode.decoder import StaticDecoder, supports
+from lowbit.decode.decoder import StaticDecoder, paused_gc, supports
 from lowbit.decode.sampling import next_token
 from lowbit.decode.threads import ThreadChooser
 
@@ -73,26 +73,27 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int = 32
         torch.set_num_threads(threads)
     chooser = ThreadChooser() if threads == "auto" else None
     try:
-        eos = torch.tensor(sorted(_eos_ids(model, eos_token_id)), dtype=torch.long)
-        ids = input_ids.long()
-        decoder = decoder_for(model, ids.shape[0], ids.shape[1] + max_new_tokens)
-        logits = decoder.forward(ids)
-        out, done = [], torch.zeros(ids.shape[0], dtype=torch.bool)
-        for step in range(max_new_tokens):
-            token = next_token(logits, do_sample, temperature, top_k, top_p, generator)
-            if eos.numel():
-                pad = out[-1] if out else token
-                token = torch.where(done, pad, token)
-                done |= torch.isin(token, eos)
-            out.append(token)
-            if bool(done.all()) or step == max_new_tokens - 1:
-                break
-            if chooser is not None:
-                chooser.before(step)
-            logits = decoder.forward(token[:, None])
-            if chooser is not None:
-                chooser.after(step)
-        return torch.cat([ids, torch.stack(out, 1)], dim=1)
+        with paused_gc():
+            eos = torch.tensor(sorted(_eos_ids(model, eos_token_id)), dtype=torch.long)
+            ids = input_ids.long()
+            decoder = decoder_for(model, ids.shape[0], ids.shape[1] + max_new_tokens)
+            logits = decoder.forward(ids)
+            out, done = [], torch.zeros(ids.shape[0], dtype=torch.bool)
+            for step in range(max_new_tokens):
+                token = next_token(logits, do_sample, temperature, top_k, top_p, generator)
+                if eos.numel():
+                    pad = out[-1] if out else token
+                    token = torch.where(done, pad, token)
+                    done |= torch.isin(token, eos)
+                out.append(token)
+                if bool(done.all()) or step == max_new_tokens - 1:
+                    break
+                if chooser is not None:
+                    chooser.before(step)
+                logits = decoder.forward(token[:, None])
+                if chooser is not None:
+                    chooser.after(step)
+            return torch.cat([ids, torch.stack(out, 1)], dim=1)
     finally:
         model.train(was_training)
         torch.set_num_threads(saved_threads)

@@ -20,7 +20,7 @@ def machine() -> str:
 def speed(model, prompt_tokens: int = 128, new_tokens: int = 16, repeats: int = 3, vocab: int | None = None) -> dict:
     """Median prefill tokens/s over ``prompt_tokens`` and greedy decode tokens/s over ``new_tokens``, on the decode
     loop ``lowbit.generate`` uses (lowbit's lean decoder where it runs the architecture, else transformers')."""
-    from lowbit.decode import decoder_for
+    from lowbit.decode import decoder_for, paused_gc
 
     vocab = vocab or model.config.vocab_size
     ids = torch.randint(0, vocab, (1, prompt_tokens), generator=torch.Generator().manual_seed(0))
@@ -32,8 +32,9 @@ def speed(model, prompt_tokens: int = 128, new_tokens: int = 16, repeats: int = 
         logits = decoder.forward(ids)
         prefill.append(time.perf_counter() - t)
         t = time.perf_counter()
-        for _ in range(new_tokens):
-            logits = decoder.forward(logits.argmax(-1)[:, None])
+        with paused_gc():  # as lowbit.generate decodes
+            for _ in range(new_tokens):
+                logits = decoder.forward(logits.argmax(-1)[:, None])
         decode.append(time.perf_counter() - t)
     return {"prefill_tok_s": prompt_tokens / statistics.median(prefill),
             "decode_tok_s": new_tokens / statistics.median(decode),

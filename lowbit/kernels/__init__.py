@@ -2,7 +2,7 @@
 
 Both follow the CPU's features by default, and each can be forced on any machine (tests run every path):
 
-    LOWBIT_KERNELS=auto | avx512_vnni | avx512 | scalar | reference   (a build this CPU cannot run is an error)
+    LOWBIT_KERNELS=auto | avx512_bf16 | avx512_vnni | avx512 | scalar | reference   (a build this CPU cannot run is an error)
     LOWBIT_GEMM=auto | bf16 | fp32      (prefill GEMMs of bf16-compute layers: bf16 even where the CPU emulates it)
 
 or ``with lowbit.kernels.force(kernels="scalar", gemm="bf16"): ...``.

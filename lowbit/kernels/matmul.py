@@ -106,9 +106,37 @@ def few_rows_call(gemv: Callable[[torch.Tensor], torch.Tensor], k: int, n: int, 
     return call
 
 
+def few_rows_many(ext, plans: list, k: int, biases: list, fallbacks: list) -> Callable[[torch.Tensor], list]:
+    """x -> [x @ W_i^T (+ bias_i)] for LUT plans sharing K, in one kernel call for a few float32 rows without
+    autograd (q, k and v of a decode step: one parallel region instead of three), else each ``fallbacks[i](x)``.
+    Each output equals that plan's own GEMV: the rows are the same sums."""
+    def call(x: torch.Tensor) -> list:
+        if x.dtype is not torch.float32 or x.numel() > GEMV_MAX_ROWS * k or x.requires_grad:
+            return [f(x) for f in fallbacks]
+        ys = ext.lut_gemv_many(plans, x.reshape(-1, k))
+        for y, bias in zip(ys, biases):
+            if bias is not None:
+                y += bias
+        return [y.view(*x.shape[:-1], y.shape[1]) for y in ys]
+    return call
+
+
 def _cpu_ext(x: torch.Tensor):
     """The compiled kernels for a CPU tensor, else None (other devices take the reference path)."""
     return fast() if x.device.type == "cpu" else None
+
+
+def bf16_dot(ext, w: LutWeight, compute_dtype: torch.dtype) -> bool:
+    """Whether ``w``'s GEMVs take the bf16-dot kernel: bf16 compute, 4- or 2-bit codes, and a build that has it (CPUs
+    with AVX512_BF16). x and the code table are then rounded to bf16 and summed in float32, as bitsandbytes' fused
+    CPU kernel does; elsewhere bf16-compute GEMVs run in float32."""
+    return compute_dtype == torch.bfloat16 and w.bits in (2, 4) and ext.bf16_dot
+
+
+def lut_plan(ext, w: LutWeight, compute_dtype: torch.dtype):
+    """``w`` bound once: ``plan.gemv(x)`` is its GEMV (float32 x, a few rows), with the checks and arguments taken
+    here, and ``ext.lut_gemv_many(plans, x)`` runs several plans of one K in one call."""
+    return ext.LutPlan(bf16_dot(ext, w, compute_dtype), *w.args())
 
 
 def lut_linear(x: torch.Tensor, w: LutWeight, compute_dtype: torch.dtype,
@@ -118,7 +146,7 @@ def lut_linear(x: torch.Tensor, w: LutWeight, compute_dtype: torch.dtype,
     if ext is None or not w.fits_kernel():
         return reference.lut_linear(x, w, compute_dtype, bias)
     if x.shape[0] <= GEMV_MAX_ROWS:
-        y = ext.lut_gemv(x.float(), *w.args())
+        y = lut_plan(ext, w, compute_dtype).gemv(x.float())
     else:  # prefill: x in the kernel's lane order meets tiles of W dequantized in that same order
         dtype = gemm_dtype(compute_dtype)
         xp = ext.lut_permute_x(x.float(), w.bits).to(dtype)
@@ -150,15 +178,15 @@ def int8_int8(xq: torch.Tensor, codes: torch.Tensor, code_sums: torch.Tensor) ->
 
 
 def q8_gemv(x: torch.Tensor, weight: torch.Tensor, code_sums: torch.Tensor | None, row_scale: torch.Tensor,
-            threshold: float, n: int) -> tuple[torch.Tensor, torch.Tensor, bool] | None:
-    """Per-token absmax int8 x times int8 codes [n, K] (LLM.int8, outlier columns |x| >= threshold in float) or
-    packed ternary weights, for a few float32 rows of x in one compiled call: (y float32, x's row absmax, whether
-    it is finite), or None where the torch-op path must run."""
+            threshold: float, n: int, zero_point: bool = False) -> tuple[torch.Tensor, torch.Tensor, bool] | None:
+    """Per-token int8 x (absmax, or ``zero_point`` for int8 weights) times int8 codes [n, K] (LLM.int8, outlier
+    columns |x| >= threshold in float) or packed ternary weights, for a few float32 rows of x in one compiled call:
+    (y float32, x's row absmax, whether it is finite), or None where the torch-op path must run."""
     ext = _cpu_ext(x)
     ternary = weight.dtype == torch.uint8
     if ext is None or x.dtype != torch.float32 or x.shape[0] > GEMV_MAX_ROWS or (ternary and x.shape[1] % 4):
         return None
-    return ext.q8_gemv(x, weight, code_sums, row_scale, threshold, n)
+    return ext.q8_gemv(x, weight, code_sums, row_scale, threshold, n, zero_point)
 
 
 def ternary_int8(xq: torch.Tensor, packed: torch.Tensor, N: int, trits) -> torch.Tensor:

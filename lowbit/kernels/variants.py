@@ -18,6 +18,7 @@ _AVX512_FEATURES = ("avx2", "fma", "f16c", "bmi1", "bmi2", "avx512f", "avx512bw"
 
 # name -> (compiler flags, CPU features it needs), best first. "scalar" is plain C++ for any CPU.
 X86 = {
+    "avx512_bf16": (_AVX512 + ["-mavx512vnni", "-mavx512bf16"], _AVX512_FEATURES + ("avx512_vnni", "avx512_bf16")),
     "avx512_vnni": (_AVX512 + ["-mavx512vnni"], _AVX512_FEATURES + ("avx512_vnni",)),
     "avx512": (_AVX512, _AVX512_FEATURES),
     "scalar": ([], ()),
@@ -32,8 +33,8 @@ def variants() -> dict[str, tuple[list[str], tuple[str, ...]]]:
 def digest(variant: str) -> str:
     """What a build of ``variant`` is made of (sources, target, flags): a build whose digest differs is stale."""
     h = hashlib.sha256()
-    for name in SOURCES:
-        h.update((CSRC / name).read_bytes())
+    for path in sorted(p for p in CSRC.iterdir() if p.suffix in (".cpp", ".h")):  # sources and their headers
+        h.update(path.read_bytes())
     # The CPU that compiles is not part of it: no build assumes that CPU.
     h.update(f"{platform.machine()} {BASE_FLAGS} {variants()[variant][0]}".encode())
     return h.hexdigest()[:12]

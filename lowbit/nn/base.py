@@ -8,7 +8,7 @@ from torch import nn
 
 from lowbit.config import check_compute_dtype
 from lowbit.kernels import fast, ops
-from lowbit.kernels.matmul import LutWeight, few_rows_call, gemm_dtype, lut_linear
+from lowbit.kernels.matmul import LutWeight, few_rows_call, gemm_dtype, lut_linear, lut_plan
 from lowbit.kernels.reference import dense_linear
 
 _scratch = threading.local()
@@ -259,13 +259,16 @@ class DequantLinear(QuantLinear):
             ext.lut_dequant_rows(*lut.args(), r0, r1, tile)
             yield r0, r1, tile[:r1 - r0]
 
-    def decode_call(self):
+    def decode_plan(self):
+        """The kernel's plan of this layer's weight for a decode loop (``lowbit.kernels.matmul.lut_plan``), or None
+        where the kernels do not take it."""
         lut = self.lut_weight() if self.qweight.device.type == "cpu" else None
         ext = fast() if lut is not None and lut.fits_kernel() else None
-        if ext is None:
-            return self.forward
-        args = lut.args()
-        return self._bound_gemv(lambda x2: ext.lut_gemv(x2, *args))
+        return None if ext is None else lut_plan(ext, lut, self.compute_dtype)
+
+    def decode_call(self):
+        plan = self.decode_plan()
+        return self.forward if plan is None else self._bound_gemv(plan.gemv)
 
     def _dequantize_whole(self, x: torch.Tensor) -> bool:
         # From 128 rows of x, with a weight of at most BACKWARD_TILE_BYTES: dequantizing it whole (in column order)

@@ -84,8 +84,9 @@ class Int8Linear(QuantLinear):
             else:
                 y = int8_linear(x2, self.weight_codes, self.weight_absmax / 127, self.compute_dtype)
             return self._finish(y, dtype).reshape(*shape[:-1], self.out_features)
-        if self.activations == "absmax" and self.compute_dtype == torch.float32 and not reference and not needs_autograd(x):
-            fused = q8_gemv(x2, self.weight_codes, self._code_sums(), row_scale, self.threshold, self.out_features)
+        if self.compute_dtype == torch.float32 and not reference and not needs_autograd(x):
+            fused = q8_gemv(x2, self.weight_codes, self._code_sums(), row_scale, self.threshold, self.out_features,
+                            zero_point=self.activations == "zeropoint")
             if fused is not None:
                 y, x_absmax, finite = fused
                 if not finite:

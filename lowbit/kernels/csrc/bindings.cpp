@@ -2,6 +2,8 @@
 #include <torch/types.h>
 #include <torch/csrc/utils/pybind.h>  // lighter than torch/extension.h: a third less build time
 
+#include "lut_plan.h"
+
 #include <string>
 #include <vector>
 
@@ -14,12 +16,6 @@ torch::Tensor dequantize_blockwise(torch::Tensor q, torch::Tensor absmax, torch:
 std::vector<torch::Tensor> quantize_rowwise_int8(torch::Tensor x);
 torch::Tensor quantize_ternary_2bit(torch::Tensor x, double divisor);
 
-torch::Tensor lut_gemv(torch::Tensor x, torch::Tensor packed, int64_t N, int64_t K, int64_t bits, torch::Tensor lut,
-                       int64_t block, torch::Tensor scale, c10::optional<torch::Tensor> zero,
-                       c10::optional<torch::Tensor> nested_absmax, c10::optional<torch::Tensor> nested_table,
-                       double offset, int64_t nested_block, c10::optional<torch::Tensor> stat_scale,
-                       c10::optional<torch::Tensor> stat_zero, int64_t stat_group, c10::optional<torch::Tensor> rowptr,
-                       c10::optional<torch::Tensor> cols, c10::optional<torch::Tensor> values);
 torch::Tensor lut_permute_x(torch::Tensor x, int64_t bits);
 void lut_dequant_rows(torch::Tensor packed, int64_t N, int64_t K, int64_t bits, torch::Tensor lut, int64_t block,
                       torch::Tensor scale, c10::optional<torch::Tensor> zero,
@@ -33,7 +29,7 @@ torch::Tensor float_gemv(torch::Tensor x, torch::Tensor w);
 torch::Tensor int8_int8_gemv(torch::Tensor xq, torch::Tensor codes, torch::Tensor code_sums);
 std::tuple<torch::Tensor, torch::Tensor, bool> q8_gemv(torch::Tensor x, torch::Tensor weight,
                                                        c10::optional<torch::Tensor> code_sums, torch::Tensor row_scale,
-                                                       double threshold, int64_t N);
+                                                       double threshold, int64_t N, bool zero_point);
 torch::Tensor ternary_gemv(torch::Tensor xq, torch::Tensor packed, int64_t N);
 void ternary_unpack_rows(torch::Tensor packed, int64_t K, int64_t r0, int64_t r1, torch::Tensor out);
 int64_t read_probe(torch::Tensor t);
@@ -52,7 +48,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequantize_blockwise", &dequantize_blockwise);
   m.def("quantize_rowwise_int8", &quantize_rowwise_int8);
   m.def("quantize_ternary_2bit", &quantize_ternary_2bit);
-  m.def("lut_gemv", &lut_gemv);
+  // whether LutPlan(bf16_dot=True) runs: bf16-compute 4- and 2-bit GEMVs on vdpbf16ps (the avx512_bf16 build)
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+  m.attr("bf16_dot") = true;
+#else
+  m.attr("bf16_dot") = false;
+#endif
+  // module_local: each kernel build (several may load in one process) has its own LutPlan type
+  pybind11::class_<LutPlan, std::shared_ptr<LutPlan>>(m, "LutPlan", pybind11::module_local())
+      .def(pybind11::init<bool, torch::Tensor, int64_t, int64_t, int64_t, torch::Tensor, int64_t, torch::Tensor,
+                          c10::optional<torch::Tensor>, c10::optional<torch::Tensor>, c10::optional<torch::Tensor>,
+                          double, int64_t, c10::optional<torch::Tensor>, c10::optional<torch::Tensor>, int64_t,
+                          c10::optional<torch::Tensor>, c10::optional<torch::Tensor>, c10::optional<torch::Tensor>>())
+      .def("gemv", &LutPlan::gemv);
+  m.def("lut_gemv_many", &lut_gemv_many);
   m.def("lut_permute_x", &lut_permute_x);
   m.def("lut_dequant_rows", &lut_dequant_rows);
   m.def("int8_gemv", &int8_gemv);

@@ -16,6 +16,8 @@
 #include <c10/util/Half.h>
 #include <immintrin.h>
 
+#include "lut_plan.h"
+
 #include <algorithm>
 #include <cmath>
 #include <atomic>
@@ -53,6 +55,40 @@ void for_x_blocks(int64_t M, F&& f) {
   }
 }
 
+#ifdef LOWBIT_AVX512
+// The GEMVs sum into several independent chains of FMAs: an FMA waits 4 cycles for its accumulator, and with two
+// chains a one-row GEMV ran at half the FMA rate, latency-bound (CPU C, 1 thread: NF4 at K = 576 took 37 ns a row,
+// the same as at K = 1024). Each of MB rows of x has its own chains, so fewer are needed per row as MB grows.
+template <int MB>
+constexpr int fma_chains() { return MB <= 2 ? 4 : 2; }
+
+template <int CH, int MB>
+inline __m512 add_chains(const __m512 (&sum)[CH][MB], int m) {
+  __m512 t = sum[0][m];
+  for (int h = 1; h < CH; ++h) t = _mm512_add_ps(t, sum[h][m]);
+  return t;
+}
+
+#endif
+
+#ifdef LOWBIT_AVX512
+// t[idx] for 16 indices in 0..255 of a 256-float table: eight two-register permutes (each looks up 32 entries by
+// the low 5 bits), then a tree of blends on bits 5, 6 and 7. A gather of the same (vgatherdps) took 57% of the
+// double-quantized row constants' samples on CPU C.
+inline __m512 lookup256(const float* t, __m512i idx) {
+  __m512 r[8];
+  for (int j = 0; j < 8; ++j)
+    r[j] = _mm512_permutex2var_ps(_mm512_loadu_ps(t + 32 * j), idx, _mm512_loadu_ps(t + 32 * j + 16));
+  const __mmask16 b5 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(32));
+  const __mmask16 b6 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(64));
+  const __mmask16 b7 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(128));
+  for (int j = 0; j < 8; j += 2) r[j] = _mm512_mask_blend_ps(b5, r[j], r[j + 1]);
+  r[0] = _mm512_mask_blend_ps(b6, r[0], r[2]);
+  r[4] = _mm512_mask_blend_ps(b6, r[4], r[6]);
+  return _mm512_mask_blend_ps(b7, r[0], r[4]);
+}
+#endif
+
 // Everything a kernel needs to know about a LUT-quantized [N, K] weight.
 struct LutFormat {
   const uint8_t* packed;
@@ -85,6 +121,38 @@ struct LutFormat {
   int64_t padded_k() const { return (K + chunk() - 1) / chunk() * chunk(); }
   bool zero_term = false;  // set by make_format: zero points (or SpQR statistics) add -scale * zero
   bool has_zero() const { return zero_term; }
+  int64_t scale_bytes = 0, zero_bytes = 0;  // bytes of one row's scales and zeros (0: not prefetched)
+
+  // The scales and zeros (SpQR: their codes and the outliers) of row n + 8, asked for ahead as the codes are: they
+  // are streams of their own, and without this the first load of each row's scales waited on memory (61% of the
+  // row constants' samples in a SmolLM2 decode on CPU C, where the rows are short).
+  void prefetch_constants(int64_t n) const {
+    const int64_t ahead = n + 8;
+    if (ahead >= N) return;
+    if (scale_bytes) {
+      const char* p = static_cast<const char*>(scale_p) + ahead * scale_bytes;
+      _mm_prefetch(p, _MM_HINT_T0);
+      _mm_prefetch(p + scale_bytes - 1, _MM_HINT_T0);
+    }
+    if (zero_bytes) {
+      const char* p = static_cast<const char*>(zero_p) + ahead * zero_bytes;
+      _mm_prefetch(p, _MM_HINT_T0);
+      _mm_prefetch(p + zero_bytes - 1, _MM_HINT_T0);
+    }
+    if (stat_group) {  // SpQR: the row's 3-bit scale and zero codes, and its outliers
+      const char* codes = static_cast<const char*>(scale_p);
+      for (const int64_t i : {ahead * groups, (N + ahead) * groups}) {
+        _mm_prefetch(codes + 3 * i / 8, _MM_HINT_T0);
+        _mm_prefetch(codes + 3 * (i + groups) / 8, _MM_HINT_T0);
+      }
+    }
+    if (rowptr_p) {
+      const int32_t j = rowptr_p[ahead];
+      _mm_prefetch(reinterpret_cast<const char*>(values_p + j), _MM_HINT_T0);
+      _mm_prefetch(cols16_p ? reinterpret_cast<const char*>(cols16_p + j) : reinterpret_cast<const char*>(cols32_p + j),
+                   _MM_HINT_T0);
+    }
+  }
 
   // The float scale and -scale*zero of each block of row n (buffers hold groups + 32 floats).
   void row_constants(int64_t n, float* s, float* nz) const {
@@ -140,7 +208,7 @@ struct LutFormat {
         sv = _mm512_maskz_mov_ps(mk, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, static_cast<const c10::Half*>(scale_p) + g0 + g)));
       } else {
         const __m512i codes = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mk, static_cast<const uint8_t*>(scale_p) + g0 + g));
-        const __m512 t = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mk, codes, nested_table_p, 4);
+        const __m512 t = lookup256(nested_table_p, codes);
         const int64_t first = (g0 + g) >> nested_shift, last = (g0 + g + 15) >> nested_shift;
         const __m512i nidx = _mm512_srli_epi32(_mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(g0 + g)), iota), nested_shift);
         const __m512 na = first == last || left <= 0  // 16 blocks almost always share their nested absmax
@@ -350,6 +418,8 @@ LutFormat make_format(torch::Tensor packed, int64_t N, int64_t K, int64_t bits, 
   f.zero_term = f.zero.defined() || f.stat_group;
   f.scale_p = f.scale.data_ptr();
   f.zero_p = f.zero.defined() ? f.zero.data_ptr() : nullptr;
+  if (!f.stat_group) f.scale_bytes = f.groups * static_cast<int64_t>(f.scale.element_size());
+  if (f.zero.defined()) f.zero_bytes = f.groups * static_cast<int64_t>(f.zero.element_size());
   if (f.nested_absmax.defined()) {
     f.nested_absmax_p = f.nested_absmax.data_ptr<float>();
     f.nested_table_p = f.nested_table.data_ptr<float>();
@@ -430,8 +500,6 @@ struct LaneConstants {
   }
 };
 
-// Rows [n0, n1) of y[M, N] for MB rows of x at once (the weights are decoded once for all MB). Even and odd
-// shifts sum apart, so that two chains of FMAs overlap.
 // Chunk c of a row's codes as 16 int32 lanes: 64 bytes (2-, 4-bit), or 48 bytes whose 24-bit words are spread one
 // to a lane (3-bit); bytes past the row read as 0.
 template <int BITS>
@@ -450,41 +518,93 @@ inline __m512i load_chunk(const uint8_t* row, int64_t c, int64_t row_bytes) {
   return _mm512_shuffle_epi8(spread, order);
 }
 
-template <int MB, int BITS>
-void lut_rows(const LutFormat& f, const float* xp, const float* ls, int64_t Kp, const float* x, float* y, int64_t ldy,
+// Rows [n0, n1) of y[M, N] for MB rows of x at once (the weights are decoded once for all MB). Shift sh sums into
+// chain sh % CH (fma_chains).
+template <int MB, int BITS, typename XT>
+void lut_rows(const LutFormat& f, const XT* xp, const float* ls, int64_t Kp, const float* x, float* y, int64_t ldy,
               int64_t n0, int64_t n1, float* s, float* nz) {
-  constexpr int S = BITS == 3 ? 8 : 32 / BITS;
-  const int64_t E = 16 * S, chunks = Kp / E;
+  // XT float: the float32 kernel, S shifts of 16 weights per chunk; XT uint16_t: the bf16-dot kernel (below), S
+  // shifts of 32. Either way float32 lane j of a chunk sums the same L weights, so constants and lane sums agree.
+  constexpr bool BF = std::is_same<XT, uint16_t>::value;
+  constexpr int S = BF ? 16 / BITS : (BITS == 3 ? 8 : 32 / BITS), CH = fma_chains<MB>();
+  constexpr int64_t W = BF ? 32 : 16;  // weights a shift decodes
+  const int64_t E = W * S, chunks = Kp / E, L = f.lane_elems();
+  alignas(64) uint16_t table[32];
+  for (int i = 0; i < 32; ++i) table[i] = c10::BFloat16(f.lut[i % (1 << BITS)]).x;
+  const __m512i lut16 = _mm512_load_si512(table);
   const __m512 lutv = _mm512_loadu_ps(f.lut);
   const LaneConstants lanes(f);
   const bool zero = f.has_zero();
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = f.packed + n * f.row_bytes;
+    f.prefetch_constants(n);
     f.row_constants(n, s, nz);
     __m512 acc[MB];
     for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
     for (int64_t c = 0; c < chunks; ++c) {
       prefetch_ahead(row + c * (BITS == 3 ? 48 : 64));
       const __m512i v = load_chunk<BITS>(row, c, f.row_bytes);
-      __m512 sum[2][MB];
-      for (int m = 0; m < MB; ++m) sum[0][m] = sum[1][m] = _mm512_setzero_ps();
+      __m512 sum[CH][MB];
+      for (int h = 0; h < CH; ++h)
+        for (int m = 0; m < MB; ++m) sum[h][m] = _mm512_setzero_ps();
 #pragma GCC unroll 16
       for (int sh = 0; sh < S; ++sh) {
-        const __m512 w = _mm512_permutexvar_ps(_mm512_srli_epi32(v, BITS * sh), lutv);
-        for (int m = 0; m < MB; ++m)
-          sum[sh & 1][m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xp + m * Kp + c * E + sh * 16), sum[sh & 1][m]);
+        const XT* xs = xp + c * E + sh * W;
+        if constexpr (BF) {
+#ifdef __AVX512BF16__
+          const __m512bh w = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, BITS * sh), lut16);
+          for (int m = 0; m < MB; ++m)
+            sum[sh % CH][m] = _mm512_dpbf16_ps(sum[sh % CH][m], w, (__m512bh)_mm512_loadu_si512(xs + m * Kp));
+#endif
+        } else {
+          const __m512 w = _mm512_permutexvar_ps(_mm512_srli_epi32(v, BITS * sh), lutv);
+          for (int m = 0; m < MB; ++m) sum[sh % CH][m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xs + m * Kp), sum[sh % CH][m]);
+        }
       }
       const __m512 sv = lanes.get(s, c);
-      for (int m = 0; m < MB; ++m) acc[m] = _mm512_fmadd_ps(_mm512_add_ps(sum[0][m], sum[1][m]), sv, acc[m]);
+      for (int m = 0; m < MB; ++m) acc[m] = _mm512_fmadd_ps(add_chains<CH>(sum, m), sv, acc[m]);
       if (zero) {
         const __m512 zv = lanes.get(nz, c);
-        for (int m = 0; m < MB; ++m) acc[m] = _mm512_fmadd_ps(zv, _mm512_loadu_ps(ls + m * (Kp / S) + c * 16), acc[m]);
+        for (int m = 0; m < MB; ++m) acc[m] = _mm512_fmadd_ps(zv, _mm512_loadu_ps(ls + m * (Kp / L) + c * 16), acc[m]);
       }
     }
     for (int m = 0; m < MB; ++m) y[m * ldy + n] = _mm512_reduce_add_ps(acc[m]);
     if (f.has_outliers()) f.add_outliers(n, row, s, nz, x, MB, y, ldy);
   }
 }
+#endif
+
+#if defined(LOWBIT_AVX512) && defined(__AVX512BF16__)
+// The bf16-dot variant for layers that compute in bf16 (4- and 2-bit codes): a chunk's 64 bytes read as 32 16-bit
+// words, vpermw looks up 32 weights at once in a 32-entry bf16 table (the 16 or 4 codes repeated, so the bits above
+// a code are ignored), and vdpbf16ps multiplies 32 pairs with bf16 x into float32 lanes: half the instructions of
+// the float32 kernel per weight, which is compute-bound at decode sizes on CPUs without wide shuffle units. Weight
+// lane j of the float32 kernel (its lane_elems weights) is float32 lane j here too, so the block constants and lane
+// sums are the same; x and the table are rounded to bf16 (bitsandbytes' fused CPU kernel does the same).
+// x [M, K] -> bf16 [M, Kp]: word w of shift s of chunk c is weight c*E + w*P + lane_elem(s), P codes a word; and the
+// lane sums of the rounded x (the zero-point term then rounds x as the codes' term does: the two nearly cancel).
+void permute_x_bf16(const LutFormat& f, const float* x, int64_t M, uint16_t* xp, float* lane_sum) {
+  const int64_t P = 16 / f.bits, E = f.chunk(), Kp = f.padded_k(), L = f.lane_elems();
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x + m * f.K;
+    uint16_t* out = xp + m * Kp;
+    float* ls = lane_sum + m * (Kp / L);
+    for (int64_t c = 0; c < Kp; c += E) {
+      float sums[16] = {};
+      for (int64_t sh = 0; sh < P; ++sh) {
+        const int64_t e = f.lane_elem(sh);
+        for (int64_t w = 0; w < 32; ++w) {
+          const int64_t k = c + w * P + e;
+          const c10::BFloat16 v(k < f.K ? xr[k] : 0.f);  // round to nearest even
+          out[c + sh * 32 + w] = v.x;
+          sums[w / 2] += static_cast<float>(v);
+        }
+      }
+      std::memcpy(ls + c / L, sums, sizeof(sums));
+    }
+  }
+}
+
 #endif
 
 // Plain C++ for machines without AVX-512: the same sums in the natural order.
@@ -513,45 +633,117 @@ void lut_rows_scalar(const LutFormat& f, const float* x, int64_t M, float* y, in
 
 }  // namespace
 
-// y[M, N] = x[M, K] @ W^T for a LUT-quantized W (float32 x and y).
-torch::Tensor lut_gemv(torch::Tensor x, torch::Tensor packed, int64_t N, int64_t K, int64_t bits, torch::Tensor lut,
-                       int64_t block, torch::Tensor scale, c10::optional<torch::Tensor> zero,
-                       c10::optional<torch::Tensor> nested_absmax, c10::optional<torch::Tensor> nested_table,
-                       double offset, int64_t nested_block, c10::optional<torch::Tensor> stat_scale,
-                       c10::optional<torch::Tensor> stat_zero, int64_t stat_group, c10::optional<torch::Tensor> rowptr,
-                       c10::optional<torch::Tensor> cols, c10::optional<torch::Tensor> values) {
-  const LutFormat f = make_format(packed, N, K, bits, lut, block, scale, zero, nested_absmax, nested_table, offset,
-                                  nested_block, stat_scale, stat_zero, stat_group, rowptr, cols, values);
+namespace {
+// y_i [M, N_i] = x [M, K] @ W_i^T for several weights of the same K in one parallel region over all their rows
+// (q, k and v, or gate and up, of a decoder layer: one fork and join instead of three), each on the float32
+// kernel or (bf16_dot) the bf16-dot one.
+std::vector<torch::Tensor> lut_gemv_impl(const std::vector<const LutFormat*>& fs, const std::vector<bool>& bf16,
+                                         torch::Tensor x) {
+  const int64_t K = fs[0]->K;
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.size(1) == K, "x must be float32 [M, K]");
   x = x.contiguous();
-  const int64_t M = x.size(0), Kp = f.padded_k();
-  auto y = torch::empty({M, N}, torch::kFloat32);
-  float* py = y.data_ptr<float>();
+  const int64_t M = x.size(0), P = static_cast<int64_t>(fs.size());
+  std::vector<torch::Tensor> ys;
+  std::vector<int64_t> first(P + 1, 0);  // weight i's rows are [first[i], first[i + 1]) of all rows
+  for (int64_t i = 0; i < P; ++i) {
+    TORCH_CHECK(fs[i]->K == K, "the weights of one call must share K");
+    ys.push_back(torch::empty({M, fs[i]->N}, torch::kFloat32));
+    first[i + 1] = first[i] + fs[i]->N;
+  }
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1));
-#ifdef LOWBIT_AVX512
-  std::vector<float> xp(M * Kp), ls(M * Kp / f.lane_elems());
-  permute_x(f, x.data_ptr<float>(), M, xp.data(), ls.data());
-  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-    std::vector<float> s(f.groups + 32), nz(f.groups + 32);
-    for_x_blocks(M, [&](int64_t m0, auto mb) {
-      constexpr int MB = decltype(mb)::value;
-      const float* xm = xp.data() + m0 * Kp;
-      const float* lm = ls.data() + m0 * (Kp / f.lane_elems());
-      const float* xo = x.data_ptr<float>() + m0 * K;
-      float* ym = py + m0 * N;
-      if (bits == 4) lut_rows<MB, 4>(f, xm, lm, Kp, xo, ym, N, n0, n1, s.data(), nz.data());
-      else if (bits == 3) lut_rows<MB, 3>(f, xm, lm, Kp, xo, ym, N, n0, n1, s.data(), nz.data());
-      else lut_rows<MB, 2>(f, xm, lm, Kp, xo, ym, N, n0, n1, s.data(), nz.data());
-    });
-  });
-#else
   const float* px = x.data_ptr<float>();
-  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-    std::vector<float> s(f.groups + 32), nz(f.groups + 32);
-    lut_rows_scalar(f, px, M, py, N, n0, n1, s.data(), nz.data());
-  });
+#ifdef LOWBIT_AVX512
+  // x in each weight's lane order (shared by weights of one layout), and its lane sums
+  std::vector<std::vector<float>> xp(P), ls(P);
+  std::vector<std::vector<uint16_t>> xb(P);
+  for (int64_t i = 0; i < P; ++i) {
+    const LutFormat& f = *fs[i];
+    const int64_t Kp = f.padded_k();
+    ls[i].resize(M * Kp / f.lane_elems());
+#ifdef __AVX512BF16__
+    if (bf16[i]) {
+      xb[i].resize(M * Kp);
+      permute_x_bf16(f, px, M, xb[i].data(), ls[i].data());
+      continue;
+    }
 #endif
-  return y;
+    TORCH_CHECK(!bf16[i], "this build has no bf16-dot kernel");
+    xp[i].resize(M * Kp);
+    permute_x(f, px, M, xp[i].data(), ls[i].data());
+  }
+#endif
+  at::parallel_for(0, first[P], grain, [&](int64_t r0, int64_t r1) {
+    for (int64_t i = 0; i < P; ++i) {
+      const LutFormat& f = *fs[i];
+      const int64_t n0 = std::max(r0, first[i]) - first[i], n1 = std::min(r1, first[i + 1]) - first[i];
+      if (n0 >= n1) continue;
+      const int64_t N = f.N;
+      float* py = ys[i].data_ptr<float>();
+      std::vector<float> s(f.groups + 32), nz(f.groups + 32);
+#ifdef LOWBIT_AVX512
+      const int64_t Kp = f.padded_k();
+      for_x_blocks(M, [&](int64_t m0, auto mb) {
+        constexpr int MB = decltype(mb)::value;
+        const float* lm = ls[i].data() + m0 * (Kp / f.lane_elems());
+        const float* xo = px + m0 * K;
+        float* ym = py + m0 * N;
+#ifdef __AVX512BF16__
+        if (bf16[i]) {
+          const uint16_t* xm = xb[i].data() + m0 * Kp;
+          if (f.bits == 4) lut_rows<MB, 4>(f, xm, lm, Kp, xo, ym, N, n0, n1, s.data(), nz.data());
+          else lut_rows<MB, 2>(f, xm, lm, Kp, xo, ym, N, n0, n1, s.data(), nz.data());
+          return;
+        }
+#endif
+        const float* xm = xp[i].data() + m0 * Kp;
+        if (f.bits == 4) lut_rows<MB, 4>(f, xm, lm, Kp, xo, ym, N, n0, n1, s.data(), nz.data());
+        else if (f.bits == 3) lut_rows<MB, 3>(f, xm, lm, Kp, xo, ym, N, n0, n1, s.data(), nz.data());
+        else lut_rows<MB, 2>(f, xm, lm, Kp, xo, ym, N, n0, n1, s.data(), nz.data());
+      });
+#else
+      lut_rows_scalar(f, px, M, py, N, n0, n1, s.data(), nz.data());
+#endif
+    }
+  });
+  return ys;
+}
+
+torch::Tensor lut_gemv_one(const LutFormat& f, torch::Tensor x, bool bf16_dot) {
+  return lut_gemv_impl({&f}, {bf16_dot}, x)[0];
+}
+}  // namespace
+
+// A LUT weight bound once for the GEMVs of a decode loop: lut_gemv's checks and its 18 arguments are taken at
+// construction, and each call passes x only (a small layer's call took 4.7 us through lut_gemv, 2 of them there).
+// The layer's buffers must stay as they are while the plan is used.
+LutPlan::LutPlan(bool bf16_dot, torch::Tensor packed, int64_t N, int64_t K, int64_t bits, torch::Tensor lut,
+                 int64_t block, torch::Tensor scale, c10::optional<torch::Tensor> zero,
+                 c10::optional<torch::Tensor> nested_absmax, c10::optional<torch::Tensor> nested_table, double offset,
+                 int64_t nested_block, c10::optional<torch::Tensor> stat_scale, c10::optional<torch::Tensor> stat_zero,
+                 int64_t stat_group, c10::optional<torch::Tensor> rowptr, c10::optional<torch::Tensor> cols,
+                 c10::optional<torch::Tensor> values)
+    : format(std::make_shared<const LutFormat>(make_format(packed, N, K, bits, lut, block, scale, zero, nested_absmax,
+                                                     nested_table, offset, nested_block, stat_scale, stat_zero,
+                                                     stat_group, rowptr, cols, values))),
+      packed(packed),
+      bf16_dot(bf16_dot) {
+#if !(defined(LOWBIT_AVX512) && defined(__AVX512BF16__))
+  TORCH_CHECK(!bf16_dot, "this build has no bf16-dot kernel");
+#endif
+  TORCH_CHECK(!bf16_dot || bits == 4 || bits == 2, "the bf16-dot kernel takes 4- or 2-bit codes");
+}
+
+torch::Tensor LutPlan::gemv(torch::Tensor x) const {
+  return lut_gemv_one(*static_cast<const LutFormat*>(format.get()), x, bf16_dot);
+}
+
+// The plans' products with one x in one parallel region: [x @ W_i^T for each plan].
+std::vector<torch::Tensor> lut_gemv_many(const std::vector<std::shared_ptr<LutPlan>>& plans, torch::Tensor x) {
+  TORCH_CHECK(!plans.empty(), "no plans");
+  std::vector<const LutFormat*> fs;
+  std::vector<bool> bf16;
+  for (const auto& p : plans) fs.push_back(static_cast<const LutFormat*>(p->format.get())), bf16.push_back(p->bf16_dot);
+  return lut_gemv_impl(fs, bf16, x);
 }
 
 // x [M, K] float32 in the lane order of a LUT format with these bits (for lut_dequant_rows tiles).
@@ -647,24 +839,25 @@ void int8_rows(const float* px, const int8_t* pw, const float* ps, float* py, in
   for (int64_t n = n0; n < n1; ++n) {
     const int8_t* w = pw + n * K;
 #ifdef LOWBIT_AVX512
-    __m512 a0[MB], a1[MB];  // two chains of FMAs
-    for (int m = 0; m < MB; ++m) a0[m] = a1[m] = _mm512_setzero_ps();
+    constexpr int CH = fma_chains<MB>();
+    __m512 a[CH][MB];
+    for (int h = 0; h < CH; ++h)
+      for (int m = 0; m < MB; ++m) a[h][m] = _mm512_setzero_ps();
     int64_t k = 0;
-    for (; k + 32 <= K; k += 32) {
+    for (; k + 16 * CH <= K; k += 16 * CH) {
       if (k % 64 == 0) prefetch_ahead(w + k);
-      const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k))));
-      const __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k + 16))));
-      for (int m = 0; m < MB; ++m) {
-        a0[m] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(px + m * K + k), a0[m]);
-        a1[m] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(px + m * K + k + 16), a1[m]);
+      for (int h = 0; h < CH; ++h) {
+        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k + 16 * h));
+        const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+        for (int m = 0; m < MB; ++m) a[h][m] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(px + m * K + k + 16 * h), a[h][m]);
       }
     }
     for (; k < K; k += 16) {
       const __mmask16 mk = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
       const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mk, w + k)));
-      for (int m = 0; m < MB; ++m) a0[m] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mk, px + m * K + k), a0[m]);
+      for (int m = 0; m < MB; ++m) a[0][m] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mk, px + m * K + k), a[0][m]);
     }
-    for (int m = 0; m < MB; ++m) py[m * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(a0[m], a1[m])) * ps[n];
+    for (int m = 0; m < MB; ++m) py[m * N + n] = _mm512_reduce_add_ps(add_chains<CH>(a, m)) * ps[n];
 #else
     for (int m = 0; m < MB; ++m) {
       float acc = 0.f;
@@ -682,24 +875,24 @@ void float_rows(const float* px, const float* pw, float* py, int64_t K, int64_t 
   for (int64_t n = n0; n < n1; ++n) {
     const float* w = pw + n * K;
 #ifdef LOWBIT_AVX512
-    __m512 a0[MB], a1[MB];
-    for (int m = 0; m < MB; ++m) a0[m] = a1[m] = _mm512_setzero_ps();
+    constexpr int CH = fma_chains<MB>();
+    __m512 a[CH][MB];
+    for (int h = 0; h < CH; ++h)
+      for (int m = 0; m < MB; ++m) a[h][m] = _mm512_setzero_ps();
     int64_t k = 0;
-    for (; k + 32 <= K; k += 32) {
-      prefetch_ahead(w + k);
-      prefetch_ahead(w + k + 16);
-      const __m512 w0 = _mm512_loadu_ps(w + k), w1 = _mm512_loadu_ps(w + k + 16);
-      for (int m = 0; m < MB; ++m) {
-        a0[m] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(px + m * K + k), a0[m]);
-        a1[m] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(px + m * K + k + 16), a1[m]);
+    for (; k + 16 * CH <= K; k += 16 * CH) {
+      for (int h = 0; h < CH; ++h) {
+        prefetch_ahead(w + k + 16 * h);
+        const __m512 wv = _mm512_loadu_ps(w + k + 16 * h);
+        for (int m = 0; m < MB; ++m) a[h][m] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(px + m * K + k + 16 * h), a[h][m]);
       }
     }
     for (; k < K; k += 16) {
       const __mmask16 mk = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
       const __m512 wv = _mm512_maskz_loadu_ps(mk, w + k);
-      for (int m = 0; m < MB; ++m) a0[m] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mk, px + m * K + k), a0[m]);
+      for (int m = 0; m < MB; ++m) a[0][m] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mk, px + m * K + k), a[0][m]);
     }
-    for (int m = 0; m < MB; ++m) py[m * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(a0[m], a1[m]));
+    for (int m = 0; m < MB; ++m) py[m * N + n] = _mm512_reduce_add_ps(add_chains<CH>(a, m));
 #else
     for (int m = 0; m < MB; ++m) {
       float acc = 0.f;
@@ -777,18 +970,21 @@ torch::Tensor int8_int8_gemv(torch::Tensor xq, torch::Tensor codes, torch::Tenso
       for (int64_t m = 0; m < M; ++m) {
 #if defined(__AVX512VNNI__) && defined(LOWBIT_AVX512)
         const uint8_t* xm = xu.data() + m * K;
-        __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();  // two chains
+        __m512i a[4];  // four chains, as the float GEMVs (integer sums: any order gives the same)
+        for (int h = 0; h < 4; ++h) a[h] = _mm512_setzero_si512();
         int64_t k = 0;
-        for (; k + 128 <= K; k += 128) {
-          if (m == 0) prefetch_ahead(w + k), prefetch_ahead(w + k + 64);
-          a0 = _mm512_dpbusd_epi32(a0, _mm512_loadu_si512(xm + k), _mm512_loadu_si512(w + k));
-          a1 = _mm512_dpbusd_epi32(a1, _mm512_loadu_si512(xm + k + 64), _mm512_loadu_si512(w + k + 64));
+        for (; k + 256 <= K; k += 256) {
+          for (int h = 0; h < 4; ++h) {
+            if (m == 0) prefetch_ahead(w + k + 64 * h);
+            a[h] = _mm512_dpbusd_epi32(a[h], _mm512_loadu_si512(xm + k + 64 * h), _mm512_loadu_si512(w + k + 64 * h));
+          }
         }
-        for (; k < K; k += 64) {
+        for (int h = 0; k < K; k += 64, h = (h + 1) % 4) {
           const __mmask64 mk = K - k >= 64 ? ~0ULL : ((1ULL << (K - k)) - 1);
-          a0 = _mm512_dpbusd_epi32(a0, _mm512_maskz_loadu_epi8(mk, xm + k), _mm512_maskz_loadu_epi8(mk, w + k));
+          a[h] = _mm512_dpbusd_epi32(a[h], _mm512_maskz_loadu_epi8(mk, xm + k), _mm512_maskz_loadu_epi8(mk, w + k));
         }
-        pa[m * N + n] = _mm512_reduce_add_epi32(_mm512_add_epi32(a0, a1)) - 128 * sums[n];
+        const __m512i t = _mm512_add_epi32(_mm512_add_epi32(a[0], a[1]), _mm512_add_epi32(a[2], a[3]));
+        pa[m * N + n] = _mm512_reduce_add_epi32(t) - 128 * sums[n];
 #else
         int32_t a = 0;
         for (int64_t k = 0; k < K; ++k) a += static_cast<int32_t>(px[m * K + k]) * w[k];
@@ -801,6 +997,7 @@ torch::Tensor int8_int8_gemv(torch::Tensor xq, torch::Tensor codes, torch::Tenso
 }
 
 std::vector<torch::Tensor> quantize_rowwise_int8(torch::Tensor x);
+std::vector<torch::Tensor> quantize_rowwise_zeropoint(torch::Tensor x);
 
 torch::Tensor ternary_gemv(torch::Tensor xq, torch::Tensor packed, int64_t N);
 
@@ -809,10 +1006,13 @@ torch::Tensor ternary_gemv(torch::Tensor xq, torch::Tensor packed, int64_t N);
 // Int8 with threshold > 0: the feature columns where any |x| >= threshold are taken out of the int8 product and
 // multiplied in float32 with the dequantized weight columns. Returns y [M, N] = acc * x_absmax / 127 *
 // row_scale (one per row, or one for all), plus the outlier product; x's row absmax; whether all are finite.
+// zero_point (int8 weights): x rows quantized with a zero point instead (quantize_rowwise_zeropoint), y = (acc +
+// (128 - zero) * code_sum) * x_scale * row_scale.
 std::tuple<torch::Tensor, torch::Tensor, bool> q8_gemv(torch::Tensor x, torch::Tensor weight,
                                                        c10::optional<torch::Tensor> code_sums, torch::Tensor row_scale,
-                                                       double threshold, int64_t N) {
+                                                       double threshold, int64_t N, bool zero_point) {
   const bool ternary = weight.scalar_type() == torch::kUInt8;
+  TORCH_CHECK(!(ternary && zero_point), "zero-point activations take int8 weights");
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2, "x must be float32 [M, K]");
   TORCH_CHECK(ternary || (weight.scalar_type() == torch::kInt8 && weight.dim() == 2 && weight.size(0) == N &&
                           weight.size(1) == x.size(1) && code_sums.has_value()),
@@ -836,11 +1036,15 @@ std::tuple<torch::Tensor, torch::Tensor, bool> q8_gemv(torch::Tensor x, torch::T
     for (int64_t m = 0; m < M; ++m)
       for (size_t j = 0; j < cols.size(); ++j) xo[m * cols.size() + j] = px[m * K + cols[j]], px[m * K + cols[j]] = 0.f;
   }
-  auto q = quantize_rowwise_int8(xz);
-  const float* absmax = q[1].data_ptr<float>();
+  auto q = zero_point ? quantize_rowwise_zeropoint(xz) : quantize_rowwise_int8(xz);
+  auto stats = zero_point ? q[3] : q[1];
+  const float* absmax = stats.data_ptr<float>();
   bool finite = true;
   for (int64_t m = 0; m < M; ++m) finite &= std::isfinite(absmax[m]);
   auto acc = ternary ? ternary_gemv(q[0], weight, N) : int8_int8_gemv(q[0], weight, *code_sums);
+  const int32_t* shift = zero_point ? q[2].data_ptr<int32_t>() : nullptr;
+  const torch::Tensor sums_t = zero_point ? code_sums->contiguous() : torch::Tensor();
+  const int32_t* sums = zero_point ? sums_t.data_ptr<int32_t>() : nullptr;
   const int32_t* pa = acc.data_ptr<int32_t>();
   const float* rs = row_scale.data_ptr<float>();
   const int64_t rstride = row_scale.numel() == 1 ? 0 : 1, C = static_cast<int64_t>(cols.size());
@@ -848,10 +1052,11 @@ std::tuple<torch::Tensor, torch::Tensor, bool> q8_gemv(torch::Tensor x, torch::T
   auto y = torch::empty({M, N}, torch::kFloat32);
   float* py = y.data_ptr<float>();
   for (int64_t m = 0; m < M; ++m) {
-    const float xs = absmax[m] / 127.0f;
+    const float xs = zero_point ? q[1].data_ptr<float>()[m] : absmax[m] / 127.0f;
     for (int64_t n = 0; n < N; ++n) {
       const float r = rs[n * rstride];
-      float v = static_cast<float>(pa[m * N + n]) * xs * r;
+      const int32_t a = pa[m * N + n] + (shift ? shift[m] * sums[n] : 0);
+      float v = static_cast<float>(a) * xs * r;
       if (C) {
         float o = 0.f;
         for (int64_t j = 0; j < C; ++j) o += xo[m * C + j] * (static_cast<float>(pw[n * K + cols[j]]) * r);
@@ -860,13 +1065,13 @@ std::tuple<torch::Tensor, torch::Tensor, bool> q8_gemv(torch::Tensor x, torch::T
       py[m * N + n] = v;
     }
   }
-  return {y, q[1], finite};
+  return {y, stats, finite};
 }
 
 #if defined(__AVX512VNNI__) && defined(LOWBIT_AVX512)
 namespace {
 // Rows [n0, n1) of the ternary product for MB rows of x in lane order: 64 bytes hold 256 weights, shift 2s of
-// byte p is weight 4p + 3 - s. Even and odd shifts sum apart (two chains).
+// byte p is weight 4p + 3 - s.
 template <int MB>
 void ternary_rows(const uint8_t* pw, int64_t row_bytes, const int8_t* xp, int64_t Kp, const int32_t* xsum,
                   int32_t* acc, int64_t N, int64_t n0, int64_t n1) {
@@ -874,8 +1079,9 @@ void ternary_rows(const uint8_t* pw, int64_t row_bytes, const int8_t* xp, int64_
   const __m512i three = _mm512_set1_epi8(3);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = pw + n * row_bytes;
-    __m512i a[2][MB];
-    for (int m = 0; m < MB; ++m) a[0][m] = a[1][m] = _mm512_setzero_si512();
+    __m512i a[4][MB];  // one chain per shift (exact integer sums)
+    for (int s = 0; s < 4; ++s)
+      for (int m = 0; m < MB; ++m) a[s][m] = _mm512_setzero_si512();
     for (int64_t c = 0; c < Kp / 256; ++c) {
       prefetch_ahead(row + c * 64);
       const __m512i v = c < full ? _mm512_loadu_si512(row + c * 64)
@@ -884,10 +1090,13 @@ void ternary_rows(const uint8_t* pw, int64_t row_bytes, const int8_t* xp, int64_
       for (int s = 0; s < 4; ++s) {
         const __m512i codes = _mm512_and_si512(_mm512_srli_epi32(v, 2 * s), three);
         for (int m = 0; m < MB; ++m)
-          a[s & 1][m] = _mm512_dpbusd_epi32(a[s & 1][m], codes, _mm512_loadu_si512(xp + m * Kp + c * 256 + s * 64));
+          a[s][m] = _mm512_dpbusd_epi32(a[s][m], codes, _mm512_loadu_si512(xp + m * Kp + c * 256 + s * 64));
       }
     }
-    for (int m = 0; m < MB; ++m) acc[m * N + n] = _mm512_reduce_add_epi32(_mm512_add_epi32(a[0][m], a[1][m])) - xsum[m];
+    for (int m = 0; m < MB; ++m) {
+      const __m512i t = _mm512_add_epi32(_mm512_add_epi32(a[0][m], a[1][m]), _mm512_add_epi32(a[2][m], a[3][m]));
+      acc[m * N + n] = _mm512_reduce_add_epi32(t) - xsum[m];
+    }
   }
 }
 }  // namespace
@@ -987,7 +1196,9 @@ int64_t read_probe(torch::Tensor t) {
 
 // The instruction set this build was compiled for (lowbit/kernels/cpu_ext.py checks it against the variant).
 std::string compiled_isa() {
-#if defined(LOWBIT_AVX512) && defined(__AVX512VNNI__)
+#if defined(LOWBIT_AVX512) && defined(__AVX512VNNI__) && defined(__AVX512BF16__)
+  return "avx512_bf16";
+#elif defined(LOWBIT_AVX512) && defined(__AVX512VNNI__)
   return "avx512_vnni";
 #elif defined(LOWBIT_AVX512)
   return "avx512";

@@ -264,6 +264,38 @@ std::vector<torch::Tensor> quantize_rowwise_int8(torch::Tensor x) {
   return {q, absmax};
 }
 
+// Zero-point uint8 of each row of x, stored as the int8 u - 128, as lowbit.functional.quantize_affine(x, 8) does
+// it: lo = min(row, 0), hi = max(row, 0), scale = (hi - lo) / 255 (1 where 0), zero = round(-lo / scale), u =
+// clamp(round(x / scale) + zero, 0, 255), rounding half to even. Returns {codes, scale, 128 - zero (int32), absmax
+// (NaN where a row holds NaN or Inf)}.
+std::vector<torch::Tensor> quantize_rowwise_zeropoint(torch::Tensor x) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "x must be 2-D contiguous float32");
+  const int64_t rows = x.size(0), cols = x.size(1);
+  auto q = torch::empty({rows, cols}, torch::kInt8);
+  auto scale = torch::empty({rows}, torch::kFloat32), absmax = torch::empty({rows}, torch::kFloat32);
+  auto shift = torch::empty({rows}, torch::kInt32);
+  const float* px = x.data_ptr<float>();
+  int8_t* pq = q.data_ptr<int8_t>();
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* p = px + r * cols;
+    const float a = block_absmax(p, cols);
+    absmax.data_ptr<float>()[r] = a;
+    float lo = 0.f, hi = 0.f;
+    for (int64_t i = 0; i < cols; ++i) lo = p[i] < lo ? p[i] : lo, hi = p[i] > hi ? p[i] : hi;
+    float s = (hi - lo) / 255.0f;
+    s = s > 0.f ? s : 1.0f;
+    const float zero = std::isfinite(a) ? std::min(std::max(round_even(-lo / s), 0.f), 255.f) : 0.f;
+    scale.data_ptr<float>()[r] = s;
+    shift.data_ptr<int32_t>()[r] = 128 - static_cast<int32_t>(zero);
+    int8_t* o = pq + r * cols;
+    for (int64_t i = 0; i < cols; ++i) {
+      const float u = std::min(std::max(round_even(p[i] / s) + zero, 0.f), 255.f);
+      o[i] = static_cast<int8_t>(static_cast<int32_t>(u) - 128);
+    }
+  }
+  return {q, scale, shift, absmax};
+}
+
 // Ternary (BitNet b1.58) quantization and 2-bit packing: t = clamp(round_half_even(x / d), -1, 1),
 // stored as t + 1, four a byte, the first in the high bits.
 torch::Tensor quantize_ternary_2bit(torch::Tensor x, double divisor) {
