@@ -126,33 +126,6 @@ def build(method: str, base):
     return model.eval()
 
 
-def time_lowbit(model, prompt, new: int, repeats: int, transformers: bool = False, auto: bool = False) -> dict:
-    import torch
-
-    from lowbit.decode import HFDecoder, StaticDecoder, ThreadChooser, paused_gc
-
-    prefill, decode = [], []
-    for run in range(repeats + 1):
-        decoder = HFDecoder(model) if transformers else StaticDecoder(model, 1, prompt.shape[1] + new + 1)
-        t = time.perf_counter()
-        logits = decoder.forward(prompt)
-        tp = time.perf_counter() - t
-        most, chooser = torch.get_num_threads(), ThreadChooser() if auto else None
-        t = time.perf_counter()
-        with paused_gc():  # as lowbit.generate decodes
-            for step in range(new):
-                if chooser:
-                    chooser.before(step)
-                logits = decoder.forward(logits.argmax(-1)[:, None])
-                if chooser:
-                    chooser.after(step)
-        torch.set_num_threads(most)
-        if run:
-            prefill.append(tp)
-            decode.append(time.perf_counter() - t)
-    return {"prefill_s": statistics.median(prefill), "decode_s": statistics.median(decode)}
-
-
 def bandwidth(threads: int) -> float:
     """GB/s of the project's read probe (``bench_kernels.read_probe``: 256 MB, every thread reading) at ``threads``."""
     import torch
@@ -205,10 +178,12 @@ def run(args, busy: bool) -> list[dict]:
     import torch
 
     from lowbit.app.models import load_default_model
+    from lowbit.eval.speed import speed
 
     threads = [int(t) for t in args.threads.split(",")]
     base, tok = load_default_model()
-    prompt = torch.randint(100, 40000, (1, args.prompt), generator=torch.Generator().manual_seed(0))
+    # llama.cpp's prompt: the ids lowbit's speed() draws (its seed 0 over the vocabulary)
+    prompt = torch.randint(0, base.config.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(0))
     bw = {t: bandwidth(t) for t in threads}
     rows = []
     for method in args.methods.split(","):
@@ -216,9 +191,11 @@ def run(args, busy: bool) -> list[dict]:
         nbytes = weight_bytes_per_token(model)
         for t in threads:
             torch.set_num_threads(t)
-            r = time_lowbit(model, prompt, args.new, args.repeats, method.endswith("@transformers"),
-                            method.endswith("@auto"))
-            rows.append({"engine": "lowbit", "method": method, "threads": t, "bytes": nbytes, "bw": bw[t], **r})
+            r = speed(model, args.prompt, args.new, args.repeats,
+                      decoder="transformers" if method.endswith("@transformers") else "lean",
+                      threads="auto" if method.endswith("@auto") else None)
+            rows.append({"engine": "lowbit", "method": method, "threads": t, "bytes": nbytes, "bw": bw[t],
+                         "prefill_s": r["prefill_s"], "decode_s": r["decode_s"]})
         del model
     if not args.no_llamacpp and LLAMA_PY.exists():
         with tempfile.TemporaryDirectory() as work:

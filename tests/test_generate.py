@@ -242,3 +242,15 @@ def test_threads_option_restores_the_count_and_keeps_the_tokens():
     for bad in (0, "many", 1.5, True):
         with pytest.raises(ValueError, match="threads must be"):
             lowbit.generate(model, ids, 4, threads=bad)
+
+
+def test_speed_measures_the_decoder_it_is_asked_for():
+    from lowbit.eval.speed import speed
+
+    model = random_model("llama")
+    lean = speed(model, prompt_tokens=6, new_tokens=3, repeats=1, threads="auto")
+    hf = speed(model, prompt_tokens=6, new_tokens=3, repeats=1, decoder="transformers")
+    assert lean["decoder"] == "StaticDecoder" and hf["decoder"] == "HFDecoder"
+    assert lean["decode_tok_s"] == pytest.approx(3 / lean["decode_s"]) and hf["prefill_s"] > 0
+    with pytest.raises(ValueError, match="decoder must be"):
+        speed(model, decoder="compiled")
