@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.kernels import fast
-from lowbit.kernels.matmul import few_rows_call, few_rows_many
+from lowbit.kernels.matmul import cpu_kernels, few_rows_call, few_rows_many
 
 # Architectures whose decoder layer is: RMSNorm, q/k/v (biases allowed), RoPE, causal attention with grouped
 # kv heads, o, RMSNorm, gated MLP. Others (q/k norms, sliding windows, soft-capping...) run through transformers.
@@ -71,7 +71,7 @@ def _dense_call(module: nn.Linear) -> Callable[[torch.Tensor], torch.Tensor]:
     # torch's GEMV reads a row-major float32 weight at about half the bandwidth; lowbit's reads it at full speed
     # (SmolLM2's 113 MB tied head: 9.1 ms against 3.2 at 2 threads). Same sums in another order: float rounding.
     weight = module.weight
-    ext = fast() if weight.device.type == "cpu" else None
+    ext = cpu_kernels(weight)
     if ext is None or weight.dtype != torch.float32 or not weight.is_contiguous():
         return module.forward
     return few_rows_call(lambda x2: ext.float_gemv(x2, weight), weight.shape[1], weight.shape[0], module.bias,

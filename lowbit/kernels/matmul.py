@@ -121,7 +121,7 @@ def few_rows_many(ext, plans: list, k: int, biases: list, fallbacks: list) -> Ca
     return call
 
 
-def _cpu_ext(x: torch.Tensor):
+def cpu_kernels(x: torch.Tensor):
     """The compiled kernels for a CPU tensor, else None (other devices take the reference path)."""
     return fast() if x.device.type == "cpu" else None
 
@@ -142,7 +142,7 @@ def lut_plan(ext, w: LutWeight, compute_dtype: torch.dtype):
 def lut_linear(x: torch.Tensor, w: LutWeight, compute_dtype: torch.dtype,
                bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] @ W^T (+ bias) in float32 out, on the kernels when they apply."""
-    ext = _cpu_ext(x)
+    ext = cpu_kernels(x)
     if ext is None or not w.fits_kernel():
         return reference.lut_linear(x, w, compute_dtype, bias)
     if x.shape[0] <= GEMV_MAX_ROWS:
@@ -157,7 +157,7 @@ def lut_linear(x: torch.Tensor, w: LutWeight, compute_dtype: torch.dtype,
 
 def int8_linear(x: torch.Tensor, codes: torch.Tensor, row_scale: torch.Tensor, compute_dtype: torch.dtype) -> torch.Tensor:
     """x [M, K] @ (codes * row_scale[:, None])^T for int8 codes (weight-only int8), float32 out."""
-    ext = _cpu_ext(x)
+    ext = cpu_kernels(x)
     if ext is not None and x.shape[0] <= GEMV_MAX_ROWS:
         return ext.int8_gemv(x.float(), codes, row_scale.float())
     if x.device.type != "cpu":
@@ -171,7 +171,7 @@ def int8_linear(x: torch.Tensor, codes: torch.Tensor, row_scale: torch.Tensor, c
 
 def int8_int8(xq: torch.Tensor, codes: torch.Tensor, code_sums: torch.Tensor) -> torch.Tensor:
     """Exact int32 xq [M, K] @ codes [N, K]^T for int8 operands."""
-    ext = _cpu_ext(xq)
+    ext = cpu_kernels(xq)
     if ext is not None and xq.shape[0] <= GEMV_MAX_ROWS:
         return ext.int8_int8_gemv(xq, codes, code_sums)
     return torch._int_mm(xq, codes.t())
@@ -182,7 +182,7 @@ def q8_gemv(x: torch.Tensor, weight: torch.Tensor, code_sums: torch.Tensor | Non
     """Per-token int8 x (absmax, or ``zero_point`` for int8 weights) times int8 codes [n, K] (LLM.int8, outlier
     columns |x| >= threshold in float) or packed ternary weights, for a few float32 rows of x in one compiled call:
     (y float32, x's row absmax, whether it is finite), or None where the torch-op path must run."""
-    ext = _cpu_ext(x)
+    ext = cpu_kernels(x)
     ternary = weight.dtype == torch.uint8
     if ext is None or x.dtype != torch.float32 or x.shape[0] > GEMV_MAX_ROWS or (ternary and x.shape[1] % 4):
         return None
@@ -191,7 +191,7 @@ def q8_gemv(x: torch.Tensor, weight: torch.Tensor, code_sums: torch.Tensor | Non
 
 def ternary_int8(xq: torch.Tensor, packed: torch.Tensor, N: int, trits) -> torch.Tensor:
     """Exact int32 xq [M, K] @ T^T for ternary T packed 2 bits a weight; ``trits()`` unpacks T for other paths."""
-    ext = _cpu_ext(xq)
+    ext = cpu_kernels(xq)
     k = xq.shape[1]
     if ext is None or k % 4:
         return torch._int_mm(xq, trits().t())

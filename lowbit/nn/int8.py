@@ -6,8 +6,7 @@ from torch import nn
 
 from lowbit.functional import quantize_absmax, quantize_affine
 from lowbit.functional.validate import check_finite_stats
-from lowbit.kernels import fast
-from lowbit.kernels.matmul import int8_int8, int8_linear, q8_gemv
+from lowbit.kernels.matmul import cpu_kernels, int8_int8, int8_linear, q8_gemv
 from lowbit.nn.base import QuantLinear, linear_weight, needs_autograd
 
 
@@ -64,7 +63,7 @@ class Int8Linear(QuantLinear):
             yield r0, r1, self.weight_codes[r0:r1].to(dtype) * scale[r0:r1]
 
     def decode_call(self):
-        ext = fast() if self.weight_codes.device.type == "cpu" else None
+        ext = cpu_kernels(self.weight_codes)
         # LLM.int8's fused call checks its input's finiteness, and bf16 compute rounds the input first: both keep
         # their whole forward.
         if ext is None or not self.weight_only or self.compute_dtype != torch.float32:
