@@ -280,14 +280,18 @@ std::vector<torch::Tensor> quantize_rowwise_zeropoint(torch::Tensor x) {
     const float* p = px + r * cols;
     const float a = block_absmax(p, cols);
     absmax.data_ptr<float>()[r] = a;
+    int8_t* o = pq + r * cols;
+    if (!std::isfinite(a)) {  // the caller raises; no codes from NaN (a float -> int cast of NaN is undefined)
+      std::memset(o, 0, cols), scale.data_ptr<float>()[r] = 1.f, shift.data_ptr<int32_t>()[r] = 0;
+      continue;
+    }
     float lo = 0.f, hi = 0.f;
     for (int64_t i = 0; i < cols; ++i) lo = p[i] < lo ? p[i] : lo, hi = p[i] > hi ? p[i] : hi;
     float s = (hi - lo) / 255.0f;
     s = s > 0.f ? s : 1.0f;
-    const float zero = std::isfinite(a) ? std::min(std::max(round_even(-lo / s), 0.f), 255.f) : 0.f;
+    const float zero = std::min(std::max(round_even(-lo / s), 0.f), 255.f);
     scale.data_ptr<float>()[r] = s;
     shift.data_ptr<int32_t>()[r] = 128 - static_cast<int32_t>(zero);
-    int8_t* o = pq + r * cols;
     for (int64_t i = 0; i < cols; ++i) {
       const float u = std::min(std::max(round_even(p[i] / s) + zero, 0.f), 255.f);
       o[i] = static_cast<int8_t>(static_cast<int32_t>(u) - 128);
