@@ -81,11 +81,12 @@ def _dense_call(module: nn.Linear) -> Callable[[torch.Tensor], torch.Tensor]:
 def _fused(modules: tuple[nn.Module, ...]) -> Callable[[torch.Tensor], list] | None:
     # q, k and v (or gate and up) read one input: where each is a lowbit LUT layer with a decode plan, one kernel
     # call computes all of them, the same sums as their own calls, in one parallel region instead of several.
+    # Other inputs take each layer's forward, as the layers' own decode calls do.
     plans = [getattr(m, "decode_plan", lambda: None)() for m in modules]
     if any(p is None for p in plans):
         return None
     biases = [None if m.bias is None else m.bias.float() for m in modules]
-    return few_rows_many(fast(), plans, modules[0].in_features, biases, [_call(m) for m in modules])
+    return few_rows_many(fast(), plans, modules[0].in_features, biases, [m.forward for m in modules])
 
 
 class StaticDecoder:

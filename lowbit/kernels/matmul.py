@@ -91,13 +91,18 @@ def tiled_matmul(x: torch.Tensor, n: int, fill: Callable[[int, int, torch.Tensor
     return y
 
 
+def _few_rows(x: torch.Tensor, k: int) -> bool:
+    # a decode step's input: a few float32 rows of width k, no autograd
+    return x.dtype is torch.float32 and x.numel() <= GEMV_MAX_ROWS * k and not x.requires_grad
+
+
 def few_rows_call(gemv: Callable[[torch.Tensor], torch.Tensor], k: int, n: int, bias: torch.Tensor | None,
                   fallback: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
     """x -> x @ W^T (+ bias) through ``gemv(float32 [rows, k]) -> float32 [rows, n]`` for a few float32 rows without
     autograd (a decode step), else ``fallback(x)``. Each torch call costs 1-2 us against 10-30 us for a small
     layer's kernel, so the few-rows path makes as few as it can."""
     def call(x: torch.Tensor) -> torch.Tensor:
-        if x.dtype is not torch.float32 or x.numel() > GEMV_MAX_ROWS * k or x.requires_grad:
+        if not _few_rows(x, k):
             return fallback(x)
         y = gemv(x.reshape(-1, k))
         if bias is not None:
@@ -111,7 +116,7 @@ def few_rows_many(ext, plans: list, k: int, biases: list, fallbacks: list) -> Ca
     autograd (q, k and v of a decode step: one parallel region instead of three), else each ``fallbacks[i](x)``.
     Each output equals that plan's own GEMV: the rows are the same sums."""
     def call(x: torch.Tensor) -> list:
-        if x.dtype is not torch.float32 or x.numel() > GEMV_MAX_ROWS * k or x.requires_grad:
+        if not _few_rows(x, k):
             return [f(x) for f in fallbacks]
         ys = ext.lut_gemv_many(plans, x.reshape(-1, k))
         for y, bias in zip(ys, biases):

@@ -228,14 +228,18 @@ class DequantLinear(QuantLinear):
         """The weight as the LUT kernels take it, or None where they do not apply."""
         return None
 
+    def _lut_kernels(self):
+        """(LutWeight, compiled kernels) where the CPU kernels take this layer's weight, else None."""
+        lut = self.lut_weight() if self.qweight.device.type == "cpu" else None
+        ext = fast() if lut is not None and lut.fits_kernel() else None
+        return None if ext is None else (lut, ext)
+
     def _row_kernel(self):
         """(LutWeight, compiled kernels) where backward rebuilds rows on the kernels, else None: also for weights of
         one backward tile, which ``dequantize`` rebuilds whole in column order (no lane-order gather after)."""
         if self.in_features * self.out_features * 4 <= BACKWARD_TILE_BYTES:
             return None
-        lut = self.lut_weight() if self.qweight.device.type == "cpu" else None
-        ext = fast() if lut is not None and lut.fits_kernel() else None
-        return None if ext is None else (lut, ext)
+        return self._lut_kernels()
 
     def tile_column_order(self) -> torch.Tensor | None:
         # The compiled kernel rebuilds rows in its lane order (columns permuted): input_grad puts them back.
@@ -262,9 +266,8 @@ class DequantLinear(QuantLinear):
     def decode_plan(self):
         """The kernel's plan of this layer's weight for a decode loop (``lowbit.kernels.matmul.lut_plan``), or None
         where the kernels do not take it."""
-        lut = self.lut_weight() if self.qweight.device.type == "cpu" else None
-        ext = fast() if lut is not None and lut.fits_kernel() else None
-        return None if ext is None else lut_plan(ext, lut, self.compute_dtype)
+        kernels = self._lut_kernels()
+        return None if kernels is None else lut_plan(kernels[1], kernels[0], self.compute_dtype)
 
     def decode_call(self):
         plan = self.decode_plan()
