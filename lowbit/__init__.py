@@ -6,6 +6,7 @@ from lowbit.config import GPTQConfig, Int8Config, IntConfig, NF4Config, SpQRConf
 from lowbit.decode import generate  # noqa: E402
 from lowbit.eval.memory import memory_report  # noqa: E402
 from lowbit.quantize import quantize  # noqa: E402
+from lowbit.stream import quantize_checkpoint  # noqa: E402
 from lowbit.interop.hf_hook import register_with_transformers  # noqa: E402
 
 register_with_transformers()  # AutoModelForCausalLM.from_pretrained(dir) opens lowbit checkpoints from here on
@@ -21,4 +22,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'lowbit' has no attribute {name!r}")
 
 
-__all__ = ["prepare_for_training", "CheckpointError", "load", "load_tokenizer", "save", "GPTQConfig", "Int8Config", "IntConfig", "NF4Config", "SpQRConfig", "TernaryConfig", "config_from_dict", "config_from_json", "generate", "memory_report", "quantize"]
+__all__ = ["prepare_for_training", "CheckpointError", "load", "load_tokenizer", "save", "GPTQConfig", "Int8Config", "IntConfig", "NF4Config", "SpQRConfig", "TernaryConfig", "config_from_dict", "config_from_json", "generate", "memory_report", "quantize", "quantize_checkpoint"]

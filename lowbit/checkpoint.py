@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 import lowbit
@@ -26,10 +25,11 @@ from lowbit.config import _DTYPES, config_from_dict
 from lowbit.manifest import CONFIG_ERRORS, CheckpointError, check_config_scale, safe_file, validate
 from lowbit.nn import BitLinear, Int8Linear, IntLinear, Linear4bit, QuantLinear, SpQRLinear
 from lowbit.nn.base import is_linear_like, linear_weight
+from lowbit.shards import ShardError, ShardWriter, fsync, map_tensors
 
 FORMAT, FORMAT_VERSION, MANIFEST = "lowbit", 1, "lowbit.json"
 LAYER_TYPES = {cls.__name__: cls for cls in (Int8Linear, Linear4bit, BitLinear, IntLinear, SpQRLinear)}
-_OURS = ("model-*.safetensors", "model-*.safetensors.tmp", "tokenizer-*", f"{MANIFEST}.*.tmp")
+_OURS = ("model-*.safetensors", "model-*.tmp", "tokenizer-*", f"{MANIFEST}.*.tmp")
 _FLOAT_DTYPES = {**_DTYPES, "float64": torch.float64}
 __all__ = ["CheckpointError", "save", "load", "load_tokenizer", "read_manifest", "check_target"]
 
@@ -52,7 +52,7 @@ def _tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]
         if t.is_meta:
             raise CheckpointError(f"{name} is on the meta device: this model has no data to save")
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
-        if key in first:
+        if key in first and t.numel():  # empty tensors share no data, whatever their (null) pointer says
             tied[name] = first[key]
             continue
         first[key] = name
@@ -93,42 +93,6 @@ def _sha256_of(f) -> tuple[str, int]:
     return h.hexdigest(), f.tell()
 
 
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return _sha256_of(f)[0]
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _as_umask_allows(path: Path) -> None:
-    """Give a file the permissions an ordinary new file gets (safetensors writes its files 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
-def _write_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    save_file(tensors, str(path), metadata={"format": "pt", "writer": f"lowbit {lowbit.__version__}"})
-
-
-def _plan_shards(tensors: dict[str, torch.Tensor], limit: int) -> list[list[str]]:
-    shards, size = [[]], 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > limit:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes
-    return shards
-
-
 def check_target(directory: str | os.PathLike) -> Path:
     """Raise CheckpointError unless ``save`` could write to ``directory`` (run it before long work)."""
     directory = Path(directory)
@@ -160,80 +124,109 @@ def _previous_files(directory: Path) -> set[str]:
         return set()
 
 
-def save(model: nn.Module, directory: str | os.PathLike, tokenizer=None, max_shard_size: int | str = "2GB") -> Path:
-    """Write ``model`` (quantized by lowbit or not) and optionally its tokenizer to ``directory``, atomically."""
-    directory = check_target(directory)
+def shard_limit(max_shard_size: int | str) -> int:
+    """max_shard_size in bytes, or CheckpointError."""
     try:
         limit = _parse_size(max_shard_size)
     except ValueError:
         raise CheckpointError(f"max_shard_size must be a size such as 2GB, 500MB or a byte count, got {max_shard_size!r}") from None
     if limit <= 0:
         raise CheckpointError(f"max_shard_size must be positive, got {max_shard_size!r}")
+    return limit
+
+
+def save(model: nn.Module, directory: str | os.PathLike, tokenizer=None, max_shard_size: int | str = "2GB") -> Path:
+    """Write ``model`` (quantized by lowbit or not) and optionally its tokenizer to ``directory``, atomically."""
+    directory = check_target(directory)
+    limit = shard_limit(max_shard_size)
     tensors, tied = _tensors(model)
-    layers = layer_specs(model)
-    config = getattr(model, "config", None)
-    qconfig = getattr(model, "lowbit_config", None)
-    save_id = uuid.uuid4().hex[:12]
-    plan = _plan_shards(tensors, limit)
-    created = not directory.exists()
-    made: list[Path] = []
-    replaced: list[tuple[Path, bytes | None]] = []  # files at fixed names (config.json, tokenizer) and their old bytes
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        previous = _previous_files(directory)
-        shards = []
-        for i, names in enumerate(plan):
-            final = directory / f"model-{save_id}-{i + 1:05d}-of-{len(plan):05d}.safetensors"
-            tmp = final.with_name(final.name + ".tmp")
-            made += [tmp, final]
-            _write_shard({n: tensors[n] for n in names}, tmp)
-            _as_umask_allows(tmp)
-            _fsync(tmp)
-            os.replace(tmp, final)
-            shards.append({"file": final.name, "sha256": _sha256(final), "bytes": final.stat().st_size, "tensors": names})
+    with Saving(directory, limit) as saving:
+        for name, t in tensors.items():
+            saving.add(name, t)
+        saving.commit(model, tied, tokenizer)
+    return directory
+
+
+class Saving:
+    """One save into ``directory``: tensors are added in state-dict order (streamed to shards as they come), then
+    ``commit`` writes the tokenizer, transformers' files and the manifest, whose rename is the commit. Leaving the
+    ``with`` block by an exception removes everything this save wrote and puts back the files it replaced."""
+
+    def __init__(self, directory: Path, limit: int):
+        self.directory, self.limit = directory, limit
+        self.save_id = uuid.uuid4().hex[:12]
+        self.created = not directory.exists()
+        self.made: list[Path] = []
+        self.replaced: list[tuple[Path, bytes | None]] = []  # files at fixed names (config.json, ...) and old bytes
+        self.writer = None
+
+    def __enter__(self) -> "Saving":
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise CheckpointError(f"cannot write the checkpoint to {self.directory}: {e}") from None
+        self.previous = _previous_files(self.directory)
+        self.writer = ShardWriter(self.directory, f"model-{self.save_id}", self.limit,
+                                  {"format": "pt", "writer": f"lowbit {lowbit.__version__}"})
+        return self
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        self.writer.add(name, tensor)
+
+    def commit(self, model: nn.Module, tied: dict[str, str], tokenizer=None) -> dict:
+        """Write the shards and everything beside them, then the manifest; the manifest written."""
+        directory, save_id = self.directory, self.save_id
+        shards = self.writer.finish(lambda i, n: f"model-{save_id}-{i + 1:05d}-of-{n:05d}.safetensors")
         tok_file = None
         if tokenizer is not None:  # at the top of the folder, where AutoTokenizer.from_pretrained(dir) looks
             tok_dir = directory / f"tokenizer-{save_id}"
-            made.append(tok_dir)
-            tok_file = _save_tokenizer(tokenizer, tok_dir, directory, replaced)
-        _write_hf_files(model, shards, directory, made, replaced)
+            self.made.append(tok_dir)
+            tok_file = _save_tokenizer(tokenizer, tok_dir, directory, self.replaced)
+        _write_hf_files(model, shards, directory, self.made, self.replaced)
+        qconfig = getattr(model, "lowbit_config", None)
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "lowbit_version": lowbit.__version__,
             "quantization": qconfig.to_dict() if qconfig is not None else None,
             "architecture": type(model).__name__,
-            "model_config": _model_config(config),
-            "layers": layers, "tied": tied, "shards": shards, "buffer_dtypes": _unsaved_buffer_dtypes(model),
-            "tokenizer": tok_file,
+            "model_config": _model_config(getattr(model, "config", None)),
+            "layers": layer_specs(model), "tied": tied, "shards": shards,
+            "buffer_dtypes": _unsaved_buffer_dtypes(model), "tokenizer": tok_file,
         }
         tmp = directory / f"{MANIFEST}.{save_id}.tmp"
-        made.append(tmp)
+        self.made.append(tmp)
         tmp.write_text(json.dumps(manifest, indent=1))
-        _fsync(tmp)
+        fsync(tmp)
         os.replace(tmp, directory / MANIFEST)  # the commit
-    except BaseException as e:
-        for path, old in reversed(replaced):  # the previous checkpoint's config.json, index, tokenizer
+        self.manifest = manifest
+        return manifest
+
+    def __exit__(self, kind, e, tb) -> None:
+        directory = self.directory
+        if e is None:
+            fsync(directory)
+            # Leftovers of earlier saves, finished or not, go; the previous checkpoint's files stay until the next
+            # save, so that a load that read the previous manifest just before the commit still finds its shards.
+            keep = {s["file"] for s in self.manifest["shards"]} | {self.manifest["tokenizer"]} | self.previous
+            for p in directory.iterdir():
+                if p.name not in keep and any(fnmatch(p.name, pat) for pat in _OURS):
+                    shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            return
+        if self.writer is not None:
+            self.writer._close_part()
+        for path, old in reversed(self.replaced):  # the previous checkpoint's config.json, index, tokenizer
             try:
                 path.unlink(missing_ok=True) if old is None else path.write_bytes(old)
             except OSError:
                 pass
-        for p in made:
+        for p in self.made + (self.writer.made if self.writer is not None else []):
             if p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
             elif p.exists():
                 p.unlink()
-        if created and directory.is_dir() and not any(directory.iterdir()):
+        if self.created and directory.is_dir() and not any(directory.iterdir()):
             directory.rmdir()  # nothing half written: not even an empty folder
         if isinstance(e, (OSError, SafetensorError)):  # read-only file system, disk full, ...
             raise CheckpointError(f"cannot write the checkpoint to {directory}: {e}") from None
-        raise
-    _fsync(directory)
-    # Leftovers of earlier saves, finished or not, go; the previous checkpoint's files stay until the next save,
-    # so that a load that read the previous manifest just before the commit still finds its shards.
-    keep = {s["file"] for s in shards} | {manifest["tokenizer"]} | previous
-    for p in directory.iterdir():
-        if p.name not in keep and any(fnmatch(p.name, pat) for pat in _OURS):
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-    return directory
 
 
 def _model_config(config) -> dict | None:
@@ -253,7 +246,7 @@ def _replace_from_tmp(path: Path, text: str, made: list[Path], replaced: list) -
     tmp = path.with_name(path.name + ".tmp")
     made.append(tmp)
     tmp.write_text(text)
-    _fsync(tmp)
+    fsync(tmp)
     _keep_old(path, replaced)
     os.replace(tmp, path)
 
@@ -359,7 +352,8 @@ def _swap_layers(model: nn.Module, layers: dict) -> None:
         setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
-def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+def assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """Put ``tensor`` in place of the parameter or buffer called ``name`` (a parameter stays one)."""
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name) if module_name else model
     if attr in module._parameters:
@@ -421,8 +415,13 @@ def _manifest_stamp(directory: Path):
         return None
 
 
-def load(directory: str | os.PathLike, model: nn.Module | None = None, verify: bool = True) -> nn.Module:
+def load(directory: str | os.PathLike, model: nn.Module | None = None, verify: bool = True,
+         mmap: bool = False) -> nn.Module:
     """Rebuild a saved model without materializing full-precision weights; ``model`` for non-transformers ones.
+
+    With ``mmap`` the tensors are views of private (copy-on-write) memory maps of the shards: nothing is read until
+    used, and the pages can be dropped and read again under memory pressure, so a model larger than the memory
+    left runs (slower when it has to re-read).
 
     ``directory`` is a ``lowbit.save`` checkpoint or a transformers folder saved from a lowbit model
     (``save_pretrained``), which transformers' lowbit quantizer opens.
@@ -438,7 +437,7 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None, verify: b
     for attempt in range(5):
         stamp = _manifest_stamp(directory)
         try:
-            return _load_once(directory, model, verify)
+            return _load_once(directory, model, verify, mmap)
         except (CheckpointError, OSError) as e:
             if attempt == 4 or _manifest_stamp(directory) == stamp:  # not a race with a save: a real error
                 if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
@@ -447,17 +446,41 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None, verify: b
     raise AssertionError("unreachable")
 
 
-def _load_once(directory: Path, model: nn.Module | None, verify: bool) -> nn.Module:
+def _load_once(directory: Path, model: nn.Module | None, verify: bool, mmap: bool = False) -> nn.Module:
     manifest = read_manifest(directory)
     files = _open_shards(directory, manifest["shards"])
     try:
-        return _fill(directory, manifest, files, model, verify)
+        return _fill(directory, manifest, files, model, verify, mmap)
     finally:
         for f in files:
             f.close()
 
 
-def _fill(directory: Path, manifest: dict, files: list, model: nn.Module | None, verify: bool) -> nn.Module:
+class _Mapped:
+    """A shard's tensors as views of one private memory map of the file (safe_open's interface, for ``_fill``)."""
+
+    def __init__(self, path: str, size: int):
+        self.header, self.tensors = map_tensors(path, size)
+
+    def keys(self) -> list[str]:
+        return list(self.header)
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.tensors = None
+
+
+def _shard_reader(path: str, size: int, mmap: bool):
+    return _Mapped(path, size) if mmap else safe_open(path, framework="pt")
+
+
+def _fill(directory: Path, manifest: dict, files: list, model: nn.Module | None, verify: bool,
+          mmap: bool = False) -> nn.Module:
     if verify:
         _verify(files, manifest["shards"])
     model = _skeleton(manifest, sum(os.fstat(f.fileno()).st_size for f in files)) if model is None else model
@@ -467,7 +490,7 @@ def _fill(directory: Path, manifest: dict, files: list, model: nn.Module | None,
     seen = set()
     for shard, file in zip(manifest["shards"], files):
         try:
-            with safe_open(_fd_path(file, directory / shard["file"]), framework="pt") as f:
+            with _shard_reader(_fd_path(file, directory / shard["file"]), os.fstat(file.fileno()).st_size, mmap) as f:
                 names = list(f.keys())
                 if sorted(names) != sorted(shard["tensors"]):
                     raise CheckpointError(f"shard {shard['file']} holds other tensors than lowbit.json lists")
@@ -476,9 +499,9 @@ def _fill(directory: Path, manifest: dict, files: list, model: nn.Module | None,
                         raise CheckpointError(f"the checkpoint has a tensor {name} that this model does not have")
                     t = f.get_tensor(name)
                     _check_tensor(model, name, t, expected[name])
-                    _assign(model, name, t)
+                    assign(model, name, t)
                     seen.add(name)
-        except SafetensorError as e:
+        except (SafetensorError, ShardError) as e:
             raise CheckpointError(f"shard {shard['file']} cannot be read ({e}): the file is damaged") from None
     for alias, target in tied.items():
         if alias not in expected or target not in seen or alias in seen:

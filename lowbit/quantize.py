@@ -64,6 +64,26 @@ def build_layer(module: nn.Module, config: QuantConfig) -> QuantLinear:
                     f"calibration), got {type(config).__name__}")
 
 
+def check_config(config) -> None:
+    """TypeError unless ``config`` is one of lowbit's quantization configs."""
+    if not isinstance(config, (Int8Config, NF4Config, TernaryConfig, IntConfig, *CALIBRATED)):
+        raise TypeError(f"config must be a lowbit config (NF4Config(), Int8Config(), ...) or a method name such as "
+                        f"'nf4', got {type(config).__name__}")
+
+
+def check_calibration(config, calibration) -> None:
+    """ValueError unless ``calibration`` is what GPTQ / SpQR need: token ids [sequences, length]."""
+    if calibration is None:
+        raise ValueError(f"{type(config).__name__} needs calibration data: quantize(model, config, calibration=ids), "
+                         "ids from lowbit.calibrate.calibration_batches(tokenizer, text)")
+    if not isinstance(calibration, torch.Tensor) or calibration.dim() != 2 or calibration.is_floating_point():
+        got = f"a {calibration.dim()}-D {calibration.dtype} tensor" if isinstance(calibration, torch.Tensor) else type(calibration).__name__
+        raise ValueError(f"calibration must be token ids of shape [sequences, length] (integers), got {got}: "
+                         "lowbit.calibrate.calibration_batches(tokenizer, text) makes them")
+    if calibration.numel() == 0:
+        raise ValueError("calibration holds no tokens")
+
+
 def quantize(model: nn.Module, config: QuantConfig | str, progress: bool = True,
              calibration: torch.Tensor | None = None) -> nn.Module:
     """Replace the model's eligible linear layers in place (LM head and tied embeddings kept); return it.
@@ -76,9 +96,7 @@ def quantize(model: nn.Module, config: QuantConfig | str, progress: bool = True,
     """
     if isinstance(config, str):
         config = config_from_name(config)
-    if not isinstance(config, (Int8Config, NF4Config, TernaryConfig, IntConfig, *CALIBRATED)):
-        raise TypeError(f"config must be a lowbit config (NF4Config(), Int8Config(), ...) or a method name such as "
-                        f"'nf4', got {type(config).__name__}")
+    check_config(config)
     if any(getattr(m, "input_norm", False) for m in model.modules()):
         raise ValueError("this model was trained as BitNet b1.58: its layers are ternary already (pack them with "
                          "lowbit.train.pack_bitnet)")
@@ -88,15 +106,7 @@ def quantize(model: nn.Module, config: QuantConfig | str, progress: bool = True,
     if not layers:
         raise ValueError("no nn.Linear or Conv1D layer to quantize (check the skip patterns)")
     if isinstance(config, CALIBRATED):
-        if calibration is None:
-            raise ValueError(f"{type(config).__name__} needs calibration data: quantize(model, config, calibration=ids), "
-                             "ids from lowbit.calibrate.calibration_batches(tokenizer, text)")
-        if not isinstance(calibration, torch.Tensor) or calibration.dim() != 2 or calibration.is_floating_point():
-            got = f"a {calibration.dim()}-D {calibration.dtype} tensor" if isinstance(calibration, torch.Tensor) else type(calibration).__name__
-            raise ValueError(f"calibration must be token ids of shape [sequences, length] (integers), got {got}: "
-                             "lowbit.calibrate.calibration_batches(tokenizer, text) makes them")
-        if calibration.numel() == 0:
-            raise ValueError("calibration holds no tokens")
+        check_calibration(config, calibration)
         from lowbit.calibrate.run import calibrate
 
         chosen = {name for name, _ in layers}

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import lowbit
+from lowbit.shards import ShardWriter
 from transformers import AutoModelForCausalLM
 from lowbit import checkpoint
 from lowbit.nn import BitLinear, Int8Linear, Linear4bit
@@ -106,14 +107,16 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     before = _files(ck)
     calls = []
 
-    def failing_write(tensors, path):
+    real_write = ShardWriter._write
+
+    def failing_write(self, part, path):
         calls.append(path)
         if len(calls) == 2:  # half a shard on disk, then the process is interrupted
             Path(path).write_bytes(b"\0" * 100)
             raise KeyboardInterrupt
-        checkpoint.save_file(tensors, str(path))
+        return real_write(self, part, path)
 
-    monkeypatch.setattr(checkpoint, "_write_shard", failing_write)
+    monkeypatch.setattr(ShardWriter, "_write", failing_write)
     with pytest.raises(KeyboardInterrupt):
         lowbit.save(second, ck, max_shard_size=20_000)
     assert _files(ck) == before
@@ -132,17 +135,19 @@ def test_killed_save_leaves_previous_checkpoint_and_next_save_cleans_up(tmp_path
 import os, sys, torch
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 import lowbit
-from lowbit import checkpoint
+from lowbit.shards import ShardWriter
 from test_checkpoint import tiny_llama
 n = []
-def dying_write(tensors, path):
+real_write = ShardWriter._write
+def dying_write(self, part, path):
     n.append(path)
-    checkpoint.save_file(tensors, str(path))
+    out = real_write(self, part, path)
     if len(n) == 2:
         with open(path, "r+b") as f:
             f.truncate(50)
         os._exit(9)
-checkpoint._write_shard = dying_write
+    return out
+ShardWriter._write = dying_write
 lowbit.save(lowbit.quantize(tiny_llama(), lowbit.TernaryConfig(), progress=False), {str(ck)!r}, max_shard_size=20_000)
 """
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)

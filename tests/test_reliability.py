@@ -86,12 +86,12 @@ def test_calibration_ids_must_be_two_dimensional():
 
 # Item 5: writes that fail leave nothing behind and say why in one line.
 def test_a_failing_write_leaves_no_folder_and_raises_checkpoint_error(tmp_path, monkeypatch):
-    from lowbit import checkpoint
+    from lowbit.shards import ShardWriter
 
-    def disk_full(tensors, path):
+    def disk_full(self, part, path):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(checkpoint, "_write_shard", disk_full)
+    monkeypatch.setattr(ShardWriter, "_write", disk_full)
     with pytest.raises(lowbit.CheckpointError, match="No space left on device"):
         lowbit.save(tiny_llama(), tmp_path / "ck")
     assert not (tmp_path / "ck").exists()

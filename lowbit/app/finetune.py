@@ -38,6 +38,7 @@ class FinetuneConfig:
     save_every: int = 50
     seed: int = 0
     checkpointing: bool = True
+    parallel: str = "ddp"  # how several processes (torchrun) share the work: ddp or fsdp (lowbit.train.distributed)
 
     def check(self) -> None:
         if self.steps < 1:
@@ -52,6 +53,8 @@ class FinetuneConfig:
             raise FinetuneError(f"--optimizer must be paged-adamw8bit, adamw8bit or adamw, got {self.optimizer!r}")
         if self.loftq and self.method not in ("nf4", "fp4", "int4"):
             raise FinetuneError("--loftq needs a 4-bit method (nf4, fp4, int4)")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise FinetuneError(f"--parallel must be ddp or fsdp, got {self.parallel!r}")
 
 
 def split_tokens(ids: torch.Tensor, heldout: float, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,58 +151,101 @@ def run(spec: str, text: str, out: Path, cfg: FinetuneConfig, progress: bool = T
 
 
 def train(spec: str, text: str, out: Path, cfg: FinetuneConfig, progress: bool = True):
-    """``run``, returning (summary, the trained PEFT model, the held-out token ids)."""
+    """``run``, returning (summary, the trained PEFT model, the held-out token ids).
+
+    Under torchrun each process trains on its rows of every batch (``cfg.parallel``: DDP, or FSDP with the
+    quantized base sharded); rank 0 writes the checkpoints and the results."""
+    from lowbit.eval.memory import peak_rss_bytes
+    from lowbit.train.distributed import Processes, held_bytes
+
     cfg.check()
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise FinetuneError(f"--out {out} exists and is not a folder")
+    procs = Processes.from_env(cfg.parallel)
+    try:
+        procs.rows(cfg.batch)
+    except ValueError as e:
+        raise FinetuneError(f"--batch: {e}") from None
     model, tok = build_model(spec, cfg)
     ids = tok(text, return_tensors="pt", verbose=False).input_ids[0]
     train, held = split_tokens(ids, cfg.heldout, cfg.seq)
     params = [p for p in model.parameters() if p.requires_grad]
+    net = _parallel(model, params, procs)  # what the steps call: the model, or torch's DDP / FSDP around it
+    model_bytes = held_bytes(model)  # this process's share: all of it, or about 1/N of the base under FSDP
     opt = make_optimizer(params, cfg)
-    out.mkdir(parents=True, exist_ok=True)
+    if procs.main:
+        out.mkdir(parents=True, exist_ok=True)
+    procs.barrier()
     step, losses, extra = load_checkpoint(out, model, opt)
     if step and {**extra.get("config", {}), "steps": cfg.steps} != asdict(cfg):  # more --steps may extend a run
         raise FinetuneError(f"{out}/checkpoint was written with other settings ({extra.get('config')}): use another --out")
+    if step and extra.get("processes", 1) != procs.world:
+        raise FinetuneError(f"{out}/checkpoint was written by {extra.get('processes', 1)} process(es), this run has "
+                            f"{procs.world}: resume with --nproc {extra.get('processes', 1)} (or use another --out)")
+    procs.agree(step)  # every process resumes from the same checkpoint
     if step == 0:
-        extra = {"config": asdict(cfg), "ppl_before": heldout_perplexity(model, held, cfg.seq, cfg.eval_tokens),
-                 "train_seconds": 0.0, "threads": torch.get_num_threads()}
+        extra = {"config": asdict(cfg), "ppl_before": heldout_perplexity(net, held, cfg.seq, cfg.eval_tokens),
+                 "train_seconds": 0.0, "threads": torch.get_num_threads(), "processes": procs.world}
     else:
         resume_threads(extra.get("threads"))
-    model.train()
-    bar = tqdm(total=cfg.steps, initial=step, desc="fine-tuning", disable=None if progress else True, dynamic_ncols=True)
+    net.train()
+    bar = tqdm(total=cfg.steps, initial=step, desc="fine-tuning", disable=None if progress and procs.main else True,
+               dynamic_ncols=True)
     t0 = time.perf_counter()
     step_times = []  # this process's steps only (a resumed run does not know the earlier ones)
     while step < cfg.steps:
         t_step = time.perf_counter()
-        batch = batch_at(train, step, cfg)
-        loss = model(batch, labels=batch).loss
-        if not torch.isfinite(loss):
+        batch = batch_at(train, step, cfg)[procs.rows(cfg.batch)]
+        loss = net(batch, labels=batch).loss
+        mean_loss = procs.mean(loss.detach())  # the single-process loss of the whole batch; every process sees it
+        if not torch.isfinite(mean_loss):
             bar.close()
             saved = out / "checkpoint" / "progress.json"
             kept = (f"the last checkpoint (step {json.loads(saved.read_text())['step']}) is in {out}/checkpoint"
                     if saved.exists() else "no checkpoint was written yet")
-            raise FinetuneError(f"the loss became {loss.item()} at step {step + 1}: stopped ({kept}; try a lower --lr)")
+            raise FinetuneError(f"the loss became {mean_loss.item()} at step {step + 1}: stopped ({kept}; try a lower --lr)")
         loss.backward()
+        if procs.parallel == "fsdp":
+            procs.average_gradients(params)  # the adapters live outside FSDP's shards (DDP averages its own)
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        losses.append(loss.item())
+        losses.append(mean_loss.item())
         step_times.append(time.perf_counter() - t_step)
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         if step % cfg.save_every == 0 or step == cfg.steps:
             extra["train_seconds"] += time.perf_counter() - t0
             t0 = time.perf_counter()
-            save_checkpoint(out, model, opt, step, losses, extra)
+            if procs.main:
+                save_checkpoint(out, model, opt, step, losses, extra)
+            procs.barrier()
     bar.close()
-    ppl_after = heldout_perplexity(model, held, cfg.seq, cfg.eval_tokens)
-    model.save_pretrained(out / "adapter")
-    plot_losses(losses, out / "loss.png", f"{spec}, {cfg.method}, rank {cfg.rank}")
+    ppl_after = heldout_perplexity(net, held, cfg.seq, cfg.eval_tokens)
+    memory = procs.gather({"model_bytes": model_bytes, "peak_rss_bytes": peak_rss_bytes()})
     summary = {"model": spec, **extra, "ppl_after": ppl_after, "steps": step, "final_loss": losses[-1], "losses": losses,
                "train_tokens": train.numel(), "heldout_tokens": min(held.numel(), cfg.eval_tokens),
                "trainable_params": sum(p.numel() for p in params),
-               "step_seconds": extra["train_seconds"] / max(1, step), "step_times": step_times}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+               "step_seconds": extra["train_seconds"] / max(1, step), "step_times": step_times,
+               "process_memory": memory}
+    if procs.main:
+        model.save_pretrained(out / "adapter")
+        plot_losses(losses, out / "loss.png", f"{spec}, {cfg.method}, rank {cfg.rank}")
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    procs.barrier()
     return summary, model, held
+
+
+def _parallel(model, params: list, procs):
+    """The module the training steps call: torch's DistributedDataParallel around the model, the model sharded in
+    place by FSDP's fully_shard, or the model itself in a single process."""
+    if procs.world == 1:
+        return model
+    if procs.parallel == "fsdp":
+        return procs.shard(model, params)
+    from torch.nn.parallel import DistributedDataParallel
+
+    # The quantized base is the same on every process (each quantized it from the same weights): it is not
+    # broadcast before each forward; only the adapters' gradients are averaged.
+    return DistributedDataParallel(model, forward_sync_buffers=False)

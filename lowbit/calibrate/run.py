@@ -9,7 +9,8 @@ from lowbit.calibrate.sequential import quantize_sequential
 from lowbit.calibrate.spqr import spqr_quantize
 
 
-def calibrate(model: nn.Module, config, batches: torch.Tensor, skip=lambda name: False, progress: bool = True) -> dict:
+def calibrate(model: nn.Module, config, batches: torch.Tensor, skip=lambda name: False, progress: bool = True,
+              before_block=None, after_block=None) -> dict:
     """Quantize the linear layers inside the model's blocks by GPTQ or SpQR, block by block; return timing stats."""
     from lowbit.config import GPTQConfig, SpQRConfig
     from lowbit.nn import IntLinear, SpQRLinear
@@ -31,4 +32,5 @@ def calibrate(model: nn.Module, config, batches: torch.Tensor, skip=lambda name:
     else:
         raise TypeError(f"calibrate takes GPTQConfig or SpQRConfig, got {type(config).__name__}")
     return quantize_sequential(model, batches, layer, skip, progress, desc,
-                               token_clip=config.token_clip, true_sequential=config.true_sequential)
+                               token_clip=config.token_clip, true_sequential=config.true_sequential,
+                               before_block=before_block, after_block=after_block)

@@ -14,6 +14,7 @@ from lowbit.nn.base import is_linear_like, linear_weight, replace_module
 
 # quantize_layer(name, module, hessian) -> the replacement layer
 LayerQuantizer = Callable[[str, nn.Module, torch.Tensor], nn.Module]
+BlockHook = Callable[[int, nn.Module], None]
 
 
 class _Stop(Exception):
@@ -98,7 +99,8 @@ def _input_groups(block: nn.Module, linears: dict[str, nn.Module], args: tuple, 
 def quantize_sequential(model: nn.Module, batches: torch.Tensor, quantize_layer: LayerQuantizer,
                         skip: Callable[[str], bool] = lambda name: False, progress: bool = True,
                         desc: str = "calibrating", chunk: int = 8, token_clip: float | None = None,
-                        true_sequential: bool = False) -> dict:
+                        true_sequential: bool = False, before_block: BlockHook | None = None,
+                        after_block: BlockHook | None = None) -> dict:
     """Replace every linear layer inside the blocks, block after block, using Hessians of its real inputs.
 
     Layers that read the same input share one Hessian. With ``true_sequential`` (as in the GPTQ reference code)
@@ -111,12 +113,15 @@ def quantize_sequential(model: nn.Module, batches: torch.Tensor, quantize_layer:
     stats = {"layers": 0, "blocks": len(blocks), "samples": len(batches), "forward_s": 0.0, "quantize_s": 0.0}
     groups_of: dict[tuple[str, ...], list[list[str]]] = {}  # blocks alike share their grouping (one extra forward)
     for b, block in enumerate(tqdm(blocks, desc=desc, disable=None if progress else True)):
+        if before_block is not None:
+            before_block(b, block)
         linears = {n: m for n, m in block.named_modules() if is_linear_like(m) and not skip(f"{prefix}.{b}.{n}")}
         key = tuple(linears)
         if linears and key not in groups_of:
             groups_of[key] = _input_groups(block, linears, *inputs[0])
         groups = groups_of.get(key, [])
         passes = [[g] for g in groups] if true_sequential else [groups] if groups else []
+        hessians = None
         for i, pass_groups in enumerate(passes):
             hessians = {g[0]: torch.zeros(linear_weight(linears[g[0]]).shape[1], linear_weight(linears[g[0]]).shape[1])
                         for g in pass_groups}
@@ -162,6 +167,9 @@ def quantize_sequential(model: nn.Module, batches: torch.Tensor, quantize_layer:
         t = time.perf_counter()
         inputs = [_with_hidden(args, kwargs, _output(block(*args, **kwargs))) for args, kwargs in inputs]
         stats["forward_s"] += time.perf_counter() - t
+        linears = hessians = None  # the replaced layers' float weights and the Hessians go before the next block
+        if after_block is not None:
+            after_block(b, block)
     stats["seconds"] = time.perf_counter() - t0
     stats["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
     return stats

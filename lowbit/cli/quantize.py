@@ -7,7 +7,8 @@ from typing import Optional
 
 import typer
 
-from lowbit.cli.common import THREADS_HELP, app, friendly, MODEL_HELP, UserError, console, load, read_text, setup, use_threads, ensure_kernels
+from lowbit.cli.common import (THREADS_HELP, app, friendly, first_line, MODEL_HELP, UserError, console, load, read_text, setup,
+                               use_threads, ensure_kernels)
 
 
 @app.command()
@@ -24,8 +25,14 @@ def quantize(
     threshold: Optional[float] = typer.Option(None, help="LLM.int8 outlier threshold (default 6.0; 0 turns it off)"),
     max_shard_size: str = typer.Option("2GB", help="largest safetensors shard"),
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
+    stream: bool = typer.Option(True, "--stream/--in-memory",
+                                help="for a transformers folder: read, quantize and write one tensor at a time (the "
+                                     "full-precision model is never built; same output as --in-memory)"),
 ) -> None:
     """Quantize MODEL and save it (with its tokenizer) as a lowbit checkpoint.
+
+    A transformers folder with safetensors weights is quantized streamed, tensor by tensor (GPTQ and SpQR block by
+    block): peak memory is about the largest tensor, not the model.
 
     Example: lowbit quantize smollm2-135m --method nf4 --out smollm2-nf4
     """
@@ -57,6 +64,8 @@ def quantize(
         from lowbit.app.models import gguf_of
 
         gguf_of(model)  # a model that is no GGUF: said now, before anything loads
+    if stream and not native and method != "bf16" and _streamable(model):
+        return _quantize_streamed(Path(model), method, options, calib_text, out, max_shard_size)
     t = time.perf_counter()
     m, tok = load(model, native=native)
     calibration = None
@@ -74,3 +83,45 @@ def quantize(
     console.print(f"[green]saved[/] {out}: {method}, {r['total_bytes'] / 1e6:.1f} MB "
                   f"({r['bits_per_param']:.2f} bits/param over the whole model; fp32 {r['fp32_bytes'] / 1e6:.1f} MB), "
                   f"quantized in {seconds:.1f} s")
+
+
+def _streamable(model: str) -> bool:
+    """Whether MODEL is a transformers folder with safetensors weights (not a lowbit checkpoint)."""
+    path = Path(model)
+    return (path.is_dir() and (path / "config.json").is_file() and not (path / "lowbit.json").exists()
+            and ((path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()))
+
+
+def _quantize_streamed(src: Path, method: str, options: dict, calib_text: Optional[Path], out: Path,
+                       max_shard_size: str) -> None:
+    from transformers import AutoTokenizer
+
+    from lowbit.app.methods import method_config, needs_calibration
+    from lowbit.interop.hf import is_hf_lowbit_folder
+    from lowbit.stream import quantize_checkpoint
+
+    if is_hf_lowbit_folder(src):
+        raise UserError(f"{src} is quantized by lowbit already: quantize the full-precision model")
+    try:
+        tok = AutoTokenizer.from_pretrained(src)
+    except (OSError, ValueError, KeyError):
+        tok = None
+    calibration = None
+    if needs_calibration(method):
+        if tok is None:
+            raise UserError(f"{src} holds no tokenizer to make {method}'s calibration data with")
+        from lowbit.calibrate import calibration_batches
+
+        body, _ = read_text(calib_text)
+        calibration = calibration_batches(tok, body, skip_tokens=0 if calib_text else 8192)
+    config = method_config(method, **options)
+    try:
+        stats = quantize_checkpoint(src, out, config, calibration=calibration, tokenizer=tok,
+                                    max_shard_size=max_shard_size)
+    except NotImplementedError as e:  # an architecture the streamed GPTQ / SpQR cannot walk
+        raise UserError(f"{first_line(e)} (or pass --in-memory)") from None
+    gb = stats["source_bytes"] / 1e9
+    console.print(f"[green]saved[/] {out}: {method}, {stats['written_bytes'] / 1e6:.1f} MB from {gb:.2f} GB "
+                  f"streamed in {stats['seconds']:.1f} s ({gb / stats['seconds']:.2f} GB/s); "
+                  f"peak RSS {stats['peak_rss_bytes'] / 1e9:.2f} GB")
+

@@ -35,3 +35,10 @@ def memory_report(model: nn.Module) -> dict:
         "fp32_bytes": params * 4,
         "bf16_bytes": params * 2,
     }
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far, in bytes (Linux's ru_maxrss is in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lowbit.checkpoint import _assign
+from lowbit.checkpoint import assign
 from lowbit.nn import IntLinear
 from lowbit.nn.base import is_linear_like, replace_module
 
@@ -161,7 +161,7 @@ def load_gguf(path: str | Path, native: bool = True, dtype: torch.dtype = torch.
                 replace_module(model, owners[hf], layer)
                 continue
             dequantized[t.name] = f"{kind}, more than one scale per tensor"
-        _assign(model, hf, w.to(dtype))
+        assign(model, hf, w.to(dtype))
     if dequantized and native:
         listed = ", ".join(f"{n} ({k})" for n, k in list(dequantized.items())[:4])
         more = f" and {len(dequantized) - 4} more" if len(dequantized) > 4 else ""
