@@ -171,6 +171,18 @@ def test_damaged_gguf_is_one_error_type(tmp_path_factory, small, data):
         pass
 
 
+def test_a_string_field_that_is_not_utf8_is_a_gguf_error(tmp_path, small):
+    # Found by the test above: a flipped byte in general.architecture's value raised UnicodeDecodeError.
+    blob = bytearray(small.read_bytes())
+    key = b"general.architecture"
+    value = blob.find(key) + len(key) + 4 + 8  # after the key: the value's type (u32) and length (u64)
+    blob[value] = 0xEC
+    path = tmp_path / "bad.gguf"
+    path.write_bytes(bytes(blob))
+    with pytest.raises(GGUFError, match="general.architecture is not valid UTF-8"):
+        load_gguf(path, progress=False)
+
+
 def test_a_vocabulary_its_merges_do_not_fit_is_a_gguf_error(tmp_path, small):
     # Found by the test above in CI: the tokenizers library raised a bare Exception ("Token `on` out of vocabulary").
     blob = bytearray(small.read_bytes())

@@ -58,7 +58,10 @@ def _first_line(e: BaseException) -> str:
 
 def _field(reader, key: str):
     f = reader.fields.get(key)
-    return None if f is None else f.contents()
+    try:
+        return None if f is None else f.contents()
+    except UnicodeDecodeError:  # a damaged string field (found by test_damaged_gguf_is_one_error_type)
+        raise GGUFError(f"GGUF field {key} is not valid UTF-8: the file is damaged") from None
 
 
 def _codes_scale_zero(t) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, str]:
