@@ -48,16 +48,25 @@ def empty_model(src: Path) -> nn.Module:
     return model.eval()
 
 
+def _read(source: SafetensorsFolder, name: str) -> torch.Tensor:
+    """The source's tensor ``name`` as the float32 model holds it (float tensors in float32)."""
+    if name not in source:
+        raise CheckpointError(f"{source.folder} has no tensor {name}, which the model needs")
+    value = source.read(name)
+    return value.float() if value.is_floating_point() else value
+
+
 def _materialize(module: nn.Module, prefix: str, source: SafetensorsFolder) -> None:
-    """Give ``module``'s parameters and persistent buffers (recursively) their values from the source, in float32."""
+    """Give ``module``'s parameters and persistent buffers (recursively) their values from the source."""
     for name, t in module.state_dict(keep_vars=True).items():
-        full = f"{prefix}.{name}" if prefix else name
-        if not t.is_meta:
-            continue  # a buffer computed at construction, or a tied weight already read
-        if full not in source:
-            raise CheckpointError(f"{source.folder} has no tensor {full}, which the model needs")
-        value = source.read(full)
-        assign(module, name, value.float() if value.is_floating_point() else value)
+        if t.is_meta:  # not a buffer computed at construction, nor a tied weight already read
+            assign(module, name, _read(source, f"{prefix}.{name}" if prefix else name))
+
+
+def _value(model: nn.Module, name: str, source: SafetensorsFolder) -> torch.Tensor:
+    """The state-dict entry ``name``: the model's own tensor where it has one (computed at build, or read), else read."""
+    t = _tensor(model, name)
+    return _read(source, name) if t.is_meta else t.detach()
 
 
 def _to_meta(module: nn.Module) -> None:
@@ -148,24 +157,16 @@ def _rtn(model: nn.Module, config: QuantConfig, layers: set[str], source: Safete
             del layer, module
             _trim_heap()
         else:
-            holder = _single(model, name, source)
-            saving.add(name, holder)
+            saving.add(name, _value(model, name, source))
         bar.update()
     bar.close()
     return {"tied": tied, "layers": len(done)}
 
 
-def _single(model: nn.Module, name: str, source: SafetensorsFolder) -> torch.Tensor:
-    """The value of the state-dict entry ``name`` as the float32 model would hold it (read, or computed at build)."""
+def _tensor(model: nn.Module, name: str) -> torch.Tensor:
     owner_name, _, attr = name.rpartition(".")
     owner = model.get_submodule(owner_name) if owner_name else model
-    t = owner._parameters.get(attr) if attr in owner._parameters else owner._buffers.get(attr)
-    if not t.is_meta:
-        return t.detach()
-    if name not in source:
-        raise CheckpointError(f"{source.folder} has no tensor {name}, which the model needs")
-    value = source.read(name)
-    return value.float() if value.is_floating_point() else value
+    return owner._parameters[attr] if attr in owner._parameters else owner._buffers[attr]
 
 
 def _calibrated(model: nn.Module, config, chosen: set[str], calibration: torch.Tensor, source: SafetensorsFolder,
@@ -191,12 +192,12 @@ def _calibrated(model: nn.Module, config, chosen: set[str], calibration: torch.T
             if first is not None:
                 tied[name] = first
             else:
-                saving.add(name, _single(model, name, source))
+                saving.add(name, _value(model, name, source))
 
     # Before the blocks: read into the model (the calibration forward uses them), then written.
     for name, t, owner, first in entries[:first_b]:
         if first is None and t.is_meta:
-            assign(model, name, _single(model, name, source))
+            assign(model, name, _value(model, name, source))
     write(entries[:first_b])
 
     def before(b: int, block: nn.Module) -> None:

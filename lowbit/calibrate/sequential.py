@@ -121,7 +121,6 @@ def quantize_sequential(model: nn.Module, batches: torch.Tensor, quantize_layer:
             groups_of[key] = _input_groups(block, linears, *inputs[0])
         groups = groups_of.get(key, [])
         passes = [[g] for g in groups] if true_sequential else [groups] if groups else []
-        hessians = None
         for i, pass_groups in enumerate(passes):
             hessians = {g[0]: torch.zeros(linear_weight(linears[g[0]]).shape[1], linear_weight(linears[g[0]]).shape[1])
                         for g in pass_groups}
