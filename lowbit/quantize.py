@@ -71,6 +71,13 @@ def check_config(config) -> None:
                         f"'nf4', got {type(config).__name__}")
 
 
+def warn_post_training_ternary(config) -> None:
+    """Warn that ternary weights made after training lose the model (they are for BitNet b1.58 training)."""
+    if isinstance(config, TernaryConfig):
+        warnings.warn("ternary weights made post-training lose most of what the model knew (SmolLM2-135M: perplexity "
+                      "from 12 to millions): BitNet b1.58 models are trained ternary from the start", stacklevel=3)
+
+
 def check_calibration(config, calibration) -> None:
     """ValueError unless ``calibration`` is what GPTQ / SpQR need: token ids [sequences, length]."""
     if calibration is None:
@@ -119,9 +126,7 @@ def quantize(model: nn.Module, config: QuantConfig | str, progress: bool = True,
         _own_memory(model)
         model.lowbit_config = config
         return model
-    if isinstance(config, TernaryConfig):
-        warnings.warn("ternary weights made post-training lose most of what the model knew (SmolLM2-135M: perplexity "
-                      "from 12 to millions): BitNet b1.58 models are trained ternary from the start", stacklevel=2)
+    warn_post_training_ternary(config)
     # Build every replacement first and swap them in only when all succeeded: a layer that cannot be quantized
     # (an inf weight) leaves the model as it was, not half converted.
     built = []

@@ -20,7 +20,7 @@ from lowbit.checkpoint import CheckpointError, Saving, assign, check_target, sha
 from lowbit.eval.memory import peak_rss_bytes
 from lowbit.config import CALIBRATED, QuantConfig, config_from_name
 from lowbit.nn.base import replace_module
-from lowbit.quantize import build_layer, check_calibration, check_config, eligible_layers
+from lowbit.quantize import build_layer, check_calibration, check_config, eligible_layers, warn_post_training_ternary
 from lowbit.shards import SafetensorsFolder, ShardError
 
 __all__ = ["quantize_checkpoint"]
@@ -112,6 +112,7 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: 
             if isinstance(config, CALIBRATED):
                 stats = _calibrated(model, config, set(chosen), calibration, source, saving, progress)
             else:
+                warn_post_training_ternary(config)
                 stats = _rtn(model, config, set(chosen), source, saving, progress)
             model.lowbit_config = config
             manifest = saving.commit(model, stats.pop("tied"), tokenizer)

@@ -236,3 +236,9 @@ def test_mmap_load_gives_the_same_model_and_maps_the_file(tmp_path):
         assert torch.equal(mapped(x).logits, copied(x).logits)
     layer = mapped.model.layers[0].self_attn.q_proj
     assert layer.weight_packed.untyped_storage().nbytes() > layer.weight_packed.numel()  # a view of the whole shard
+
+
+def test_streamed_ternary_warns_as_the_in_memory_path_does(tmp_path):
+    src = _random_folder(tmp_path / "src")
+    with pytest.warns(UserWarning, match="ternary weights made post-training"):
+        quantize_checkpoint(src, tmp_path / "t", "ternary", progress=False)
