@@ -89,3 +89,16 @@ def test_a_dying_process_ends_the_run_with_an_error_not_a_hang(runs):
     assert proc.returncode != 0
     assert time.perf_counter() - t < 150
     assert "exitcode  : 9" in proc.stderr or "exit code 9" in proc.stderr.lower(), proc.stderr[-2000:]
+
+
+def test_finetune_refuses_a_batch_that_does_not_split_over_the_processes(tmp_path):
+    from typer.testing import CliRunner
+
+    from lowbit.cli import app
+
+    text = tmp_path / "t.txt"
+    text.write_text("some text " * 100)
+    result = CliRunner().invoke(app, ["finetune", "no-such-model", "--data", str(text), "--batch", "3", "--nproc", "2",
+                                      "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert "--batch 3 must split evenly over --nproc 2 processes" in result.output
