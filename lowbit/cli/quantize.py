@@ -122,6 +122,6 @@ def _quantize_streamed(src: Path, method: str, options: dict, calib_text: Option
         raise UserError(f"{first_line(e)} (or pass --in-memory)") from None
     gb = stats["source_bytes"] / 1e9
     console.print(f"[green]saved[/] {out}: {method}, {stats['written_bytes'] / 1e6:.1f} MB from {gb:.2f} GB "
-                  f"streamed in {stats['seconds']:.1f} s ({gb / stats['seconds']:.2f} GB/s); "
+                  f"streamed in {stats['seconds']:.1f} s ({stats['source_bytes'] / stats['seconds'] / 1e6:.0f} MB/s of input); "
                   f"peak RSS {stats['peak_rss_bytes'] / 1e9:.2f} GB")
 
