@@ -102,9 +102,6 @@ class SafetensorsFolder:
     def __contains__(self, name: str) -> bool:
         return name in self._where
 
-    def names(self) -> list[str]:
-        return list(self._where)
-
     def nbytes(self) -> int:
         """Bytes of tensor data in the folder's shards."""
         return sum(e["data_offsets"][1] - e["data_offsets"][0] for _, e, _ in self._where.values())

@@ -53,8 +53,10 @@ class FinetuneConfig:
             raise FinetuneError(f"--optimizer must be paged-adamw8bit, adamw8bit or adamw, got {self.optimizer!r}")
         if self.loftq and self.method not in ("nf4", "fp4", "int4"):
             raise FinetuneError("--loftq needs a 4-bit method (nf4, fp4, int4)")
-        if self.parallel not in ("ddp", "fsdp"):
-            raise FinetuneError(f"--parallel must be ddp or fsdp, got {self.parallel!r}")
+        from lowbit.train.distributed import PARALLEL
+
+        if self.parallel not in PARALLEL:
+            raise FinetuneError(f"--parallel must be {' or '.join(PARALLEL)}, got {self.parallel!r}")
 
 
 def split_tokens(ids: torch.Tensor, heldout: float, seq: int) -> tuple[torch.Tensor, torch.Tensor]:

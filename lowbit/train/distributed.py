@@ -114,10 +114,6 @@ class Processes:
         fully_shard(model, mesh=mesh, ignored_params=ignored)
         return model
 
-    def close(self) -> None:
-        if self.world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
-
 
 def frozen_as_parameters(model: nn.Module) -> None:
     """Turn the quantized layers' stored tensors (buffers) into frozen parameters, which FSDP shards; scalars stay
