@@ -23,12 +23,13 @@ from torch import nn
 import lowbit
 from lowbit.config import _DTYPES, config_from_dict
 from lowbit.manifest import CONFIG_ERRORS, CheckpointError, check_config_scale, safe_file, validate
-from lowbit.nn import BitLinear, Int8Linear, IntLinear, Linear4bit, QuantLinear, SpQRLinear
+from lowbit.nn import BitLinear, HalfLinear, Int8Linear, IntLinear, Linear4bit, QuantEmbedding, QuantLinear, SpQRLinear
 from lowbit.nn.base import is_linear_like, linear_weight
 from lowbit.shards import ShardError, ShardWriter, fsync, map_tensors
 
 FORMAT, FORMAT_VERSION, MANIFEST = "lowbit", 1, "lowbit.json"
-LAYER_TYPES = {cls.__name__: cls for cls in (Int8Linear, Linear4bit, BitLinear, IntLinear, SpQRLinear)}
+LAYER_TYPES = {cls.__name__: cls for cls in (Int8Linear, Linear4bit, BitLinear, IntLinear, SpQRLinear, HalfLinear,
+                                              QuantEmbedding)}
 _OURS = ("model-*.safetensors", "model-*.tmp", "tokenizer-*", f"{MANIFEST}.*.tmp")
 _FLOAT_DTYPES = {**_DTYPES, "float64": torch.float64}
 __all__ = ["CheckpointError", "save", "load", "load_tokenizer", "read_manifest", "check_target"]
@@ -62,8 +63,15 @@ def _tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]
 
 def layer_specs(model: nn.Module) -> dict[str, dict]:
     """Each lowbit layer's type and constructor arguments, by module name: what rebuilds the layers empty."""
-    return {name: {"type": type(m).__name__, **m.init_kwargs()}
-            for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    specs, embeddings = {}, []
+    # Every name of a module shared by two (a head that is the embedding's rows layer): each place is rebuilt.
+    for name, m in model.named_modules(remove_duplicate=False):
+        if isinstance(m, QuantEmbedding):
+            embeddings.append(name + ".")
+        elif not isinstance(m, QuantLinear) or any(name.startswith(e) for e in embeddings):
+            continue  # the rows of an embedding are rebuilt by the embedding
+        specs[name] = {"type": type(m).__name__, **m.init_kwargs()}
+    return specs
 
 
 def restore_buffer_dtypes(model: nn.Module, dtypes: dict[str, str]) -> None:
@@ -332,7 +340,9 @@ def _swap_layers(model: nn.Module, layers: dict) -> None:
             old = model.get_submodule(name)
         except AttributeError:
             raise CheckpointError(f"the checkpoint quantized a layer {name} that this model does not have") from None
-        if isinstance(old, QuantLinear):
+        if cls is QuantEmbedding:
+            _check_embedding(name, old, spec)
+        elif isinstance(old, QuantLinear):
             if type(old) is not cls or old.init_kwargs() != {k: spec[k] for k in old.init_kwargs()}:
                 raise CheckpointError(f"layer {name} is already a different lowbit layer")
         elif is_linear_like(old):
@@ -342,7 +352,8 @@ def _swap_layers(model: nn.Module, layers: dict) -> None:
                                       f"{spec['out_features']} features, the model {in_f} -> {out_f}")
         else:
             raise CheckpointError(f"layer {name} is a {type(old).__name__} in this model, not a linear layer")
-        spec["compute_dtype"] = _DTYPES[spec["compute_dtype"]]
+        if "compute_dtype" in spec:
+            spec["compute_dtype"] = _DTYPES[spec["compute_dtype"]]
         try:
             with torch.device("meta"):
                 new = cls(**spec)
@@ -350,6 +361,18 @@ def _swap_layers(model: nn.Module, layers: dict) -> None:
             raise CheckpointError(f"lowbit.json: layers[{name!r}] cannot be built: {e}") from None
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def _check_embedding(name: str, old: nn.Module, spec: dict) -> None:
+    if isinstance(old, QuantEmbedding):
+        if old.init_kwargs() != {k: spec.get(k) for k in old.init_kwargs()}:
+            raise CheckpointError(f"{name} is already a different lowbit embedding")
+    elif isinstance(old, nn.Embedding):
+        if tuple(old.weight.shape) != (spec.get("num_embeddings"), spec.get("embedding_dim")):
+            raise CheckpointError(f"shape mismatch at {name}: the checkpoint has {spec.get('num_embeddings')} x "
+                                  f"{spec.get('embedding_dim')} embeddings, the model {tuple(old.weight.shape)}")
+    else:
+        raise CheckpointError(f"{name} is a {type(old).__name__} in this model, not an embedding")
 
 
 def assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -201,18 +202,42 @@ _NAMED = {
     "rtn": (IntConfig, {}), "gptq": (GPTQConfig, {}), "spqr": (SpQRConfig, {}),
 }
 NAMES = tuple(_NAMED) + ("rtn2", "rtn3", "rtn8", "gptq2", "gptq3", "gptq8", "spqr2", "spqr4")
+_NAME = re.compile(r"^(?P<base>rtn|gptq|spqr)(?P<bits>[2348])?(?:-g(?P<group>[1-9][0-9]*))?$")
+
+
+def format_name(config: QuantConfig) -> str:
+    """A short name of a config's weight format, one ``config_from_name`` reads back where it can ("gptq3-g64")."""
+    d, method = config.to_dict(), config.to_dict()["method"]
+    if method in ("int", "gptq", "spqr"):
+        base = {"int": "rtn"}.get(method, method)
+        default = {"int": 128, "gptq": 128, "spqr": 16}[method]
+        return f"{base}{d['bits']}" + ("" if d["group_size"] == default else f"-g{d['group_size']}")
+    if method == "4bit":
+        return d["quant_type"] + ("" if d["blocksize"] == 64 else f"-b{d['blocksize']}")
+    if method == "int8":
+        return "int8-weight" if d["weight_only"] else "int8" if d["activations"] == "absmax" else "int8-zp"
+    return method
 
 
 def config_from_name(name: str, **overrides) -> QuantConfig:
     """The config of a method by name, as the ``lowbit`` command names them (nf4, int8, gptq3, ...); ``overrides``
     set fields (``config_from_name("nf4", blocksize=128)``)."""
-    base, bits = (name[:-1], int(name[-1])) if name[-1:].isdigit() and name[:-1] in ("rtn", "gptq", "spqr") else (name, None)
-    if base not in _NAMED:
+    if isinstance(name, str) and name in _NAMED:
+        cls, fields = _NAMED[name]
+        return _build(name, cls, fields, overrides)
+    m = _NAME.match(name) if isinstance(name, str) else None
+    if m is None:
         raise ValueError(f"unknown quantization method {name!r}; choose from {', '.join(_NAMED)} (rtn, gptq and spqr "
-                         "take their bits as a suffix: gptq3)")
-    cls, fields = _NAMED[base]
-    if bits is not None:
-        fields = {**fields, "bits": bits}
+                         "take their bits and group size as suffixes: gptq3, rtn4-g64)")
+    cls, fields = _NAMED[m.group("base")]
+    if m.group("bits"):
+        fields = {**fields, "bits": int(m.group("bits"))}
+    if m.group("group"):
+        fields = {**fields, "group_size": int(m.group("group"))}
+    return _build(name, cls, fields, overrides)
+
+
+def _build(name: str, cls, fields: dict, overrides: dict) -> QuantConfig:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(overrides) - known)
     if unknown:
@@ -225,6 +250,10 @@ def config_from_dict(d: dict) -> QuantConfig:
     """Rebuild a config from ``to_dict`` output (or a ``config_from_name`` name as its method: "nf4");
     unknown methods or fields raise ValueError."""
     d = dict(d)
+    if d.get("method") == "plan":
+        from lowbit.plan import Plan
+
+        return Plan.from_dict(d)
     method = d.pop("method", None)
     if method not in _CLASS_OF and isinstance(method, str) and method in _NAMED:
         method, named = METHOD_OF[_NAMED[method][0]], _NAMED[method][1]

@@ -91,24 +91,31 @@ def check_calibration(config, calibration) -> None:
         raise ValueError("calibration holds no tokens")
 
 
-def quantize(model: nn.Module, config: QuantConfig | str, progress: bool = True,
+def quantize(model: nn.Module, config: "QuantConfig | str | lowbit.plan.Plan", progress: bool = True,
              calibration: torch.Tensor | None = None) -> nn.Module:
     """Replace the model's eligible linear layers in place (LM head and tied embeddings kept); return it.
 
     ``config`` is a config object or a method's name with its defaults ("nf4", "int8", "gptq3": see
     ``lowbit.config.config_from_name``).
 
+    A ``lowbit.plan.Plan`` gives each layer its own format (and the embeddings theirs): a mixed-format model.
+
     GPTQConfig and SpQRConfig need ``calibration``: token ids [sequences, length], for example from
     ``lowbit.calibrate.calibration_batches(tokenizer, text)``.
     """
     if isinstance(config, str):
         config = config_from_name(config)
-    check_config(config)
+    from lowbit.plan import Plan, apply_plan
+
+    if not isinstance(config, Plan):
+        check_config(config)
     if any(getattr(m, "input_norm", False) for m in model.modules()):
         raise ValueError("this model was trained as BitNet b1.58: its layers are ternary already (pack them with "
                          "lowbit.train.pack_bitnet)")
     if any(isinstance(m, QuantLinear) for m in model.modules()):
         raise ValueError("this model is already quantized by lowbit; load or build the full-precision model to quantize again")
+    if isinstance(config, Plan):
+        return apply_plan(model, config, calibration, progress)
     layers = eligible_layers(model, config)
     if not layers:
         raise ValueError("no nn.Linear or Conv1D layer to quantize (check the skip patterns)")

@@ -13,14 +13,15 @@ from lowbit.eval.memory import memory_report
 from lowbit.eval.perplexity import perplexity
 from lowbit.eval.speed import speed
 from lowbit.app.methods import LOADED, apply_method, check_method, describe, needs_calibration
-from lowbit.nn import QuantLinear
+from lowbit.nn import QuantEmbedding, QuantLinear
 from lowbit.quantize import eligible_layers
 from lowbit.config import NF4Config
 
 
 def linear_bits_per_param(model: nn.Module) -> float:
     """Stored bits per weight of the layers a method quantizes (codes and every constant); 32 or 16 if none are."""
-    q = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    rows = {id(m.rows) for m in model.modules() if isinstance(m, QuantEmbedding)}  # an embedding table, not a layer
+    q = [m for m in model.modules() if isinstance(m, QuantLinear) and id(m) not in rows]
     if q:
         return sum(m.stored_bits() for m in q) / sum(m.in_features * m.out_features for m in q)
     layers = eligible_layers(model, NF4Config())

@@ -148,8 +148,27 @@ def _outlier_markdown(s: dict) -> str:
     return "\n".join(lines)
 
 
+def _advisor_markdown(advisor: dict | None) -> list[str]:
+    if not advisor:
+        return []
+    lines = ["## Per-layer formats within a budget (`lowbit advise`)", "",
+             "Each linear layer's sensitivity to each format (" + ", ".join(advisor["formats"]) + ") was estimated "
+             "by its Fisher-weighted output error on calibration text past the scored part; an exact knapsack chose "
+             "the formats of least predicted loss within each budget. Same protocol as the table above.", "",
+             "| budget | bits/param layers | perplexity | vs fp32 | predicted vs fp32 | formats chosen |",
+             "|---|---|---|---|---|---|"]
+    for p in advisor["plans"]:
+        formats = ", ".join(f"{k} {v}" for k, v in p["formats"].items())
+        lines.append(f"| {p['budget_bits']} bits | {p['bits']:.3f} | {p['perplexity']:.3f} | "
+                     f"{100 * (p['ratio'] - 1):+.2f}% | {100 * (p['predicted_ratio'] - 1):+.2f}% | {formats} |")
+    lines += ["", f"![advised plans beside uniform methods]({advisor['plot']})", "",
+              "With GPTQ and SpQR among the candidates (`lowbit advise --bits 4.5`) the plans do better: "
+              "docs/advisor.md.", ""]
+    return lines
+
+
 def write_report(out: Path, rows: list[dict], outlier_summaries: list[dict], protocol: str, machine: str,
-                 seconds: float, speed_protocol: str = "") -> Path:
+                 seconds: float, speed_protocol: str = "", advisor: dict | None = None) -> Path:
     """The demo's Markdown report: comparison table and plot, outlier analyses, protocol and machine."""
     from lowbit import __version__
 
@@ -175,9 +194,51 @@ def write_report(out: Path, rows: list[dict], outlier_summaries: list[dict], pro
         ">= 6% of the sequence positions. Ablation: perplexity (or, for the encoder, the cosine similarity of "
         "sentence embeddings to the unablated model's) when those dimensions are zeroed in every such input, "
         "against zeroing as many random dimensions.", "",
+        *_advisor_markdown(advisor),
         *[_outlier_markdown(s) for s in outlier_summaries],
         "Every figure is also in `compare.json` and `outliers-*.json` beside this file.", "",
     ]
     path = out / "README.md"
     path.write_text("\n".join(parts))
+    return path
+
+
+def plot_frontier(sens, grid: list[float], cost: str, embeddings: str, reference: float, path: Path, title: str,
+                  chosen: tuple[float, float] | None = None, measured: list[dict] | None = None) -> Path:
+    """Predicted perplexity vs bits per linear weight: the advised plans' frontier, each uniform format's point, and
+    measured points where given."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lowbit.app.advisor import UNIFORM, frontier, uniform
+
+    plans = frontier(sens, grid, cost, embeddings)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot([a.bits for a in plans], [a.predicted_perplexity(reference) / reference for a in plans], "o-",
+            label="advised plans (predicted)")
+    fmts = [f for f in UNIFORM if all(f in v for v in sens.layers.values())]
+    for f in fmts:
+        u = uniform(sens, f, cost, embeddings)
+        ax.plot(u.bits, u.predicted_perplexity(reference) / reference, "s", color="gray",
+                label="uniform formats (predicted)" if f == fmts[0] else None)
+        ax.annotate(f, (u.bits, u.predicted_perplexity(reference) / reference), fontsize=8,
+                    xytext=(4, 2), textcoords="offset points")
+    labels = {"*": "advised plans (measured)", "^": "uniform methods (measured)"}
+    for row in measured or []:
+        marker = row.get("marker", "^")
+        ax.plot(row["bits"], row["ratio"], marker, color=row.get("color", "C3"), markersize=9,
+                label=labels.pop(marker, None))
+    if chosen is not None:
+        ax.plot(chosen[0], chosen[1] / reference, "*", markersize=14, color="C3", label="this plan (measured)")
+    ax.set_xlabel("bits per weight (linear layers)")
+    ax.set_ylabel("perplexity / full precision")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
     return path

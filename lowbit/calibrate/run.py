@@ -5,13 +5,12 @@ import torch
 from torch import nn
 
 from lowbit.calibrate.gptq import gptq_quantize
-from lowbit.calibrate.sequential import quantize_sequential
+from lowbit.calibrate.sequential import LayerQuantizer, quantize_sequential
 from lowbit.calibrate.spqr import spqr_quantize
 
 
-def calibrate(model: nn.Module, config, batches: torch.Tensor, skip=lambda name: False, progress: bool = True,
-              before_block=None, after_block=None) -> dict:
-    """Quantize the linear layers inside the model's blocks by GPTQ or SpQR, block by block; return timing stats."""
+def layer_quantizer(config) -> LayerQuantizer:
+    """The function that quantizes one layer from its Hessian by GPTQ or SpQR, as ``config`` says."""
     from lowbit.config import GPTQConfig, SpQRConfig
     from lowbit.nn import IntLinear, SpQRLinear
     from lowbit.nn.base import linear_weight
@@ -22,15 +21,21 @@ def calibrate(model: nn.Module, config, batches: torch.Tensor, skip=lambda name:
                                                config.act_order, config.damp,
                                                clip_search=config.clip_search)
             return IntLinear.from_codes(codes, scale, zero, module.bias, config.bits, config.group_size, config.compute_dtype)
-        desc = f"GPTQ {config.bits}-bit"
-    elif isinstance(config, SpQRConfig):
+        return layer
+    if isinstance(config, SpQRConfig):
         def layer(name, module, H):
             q = spqr_quantize(linear_weight(module), H, config.bits, config.group_size, 3, config.stat_group,
                               config.outlier_threshold, config.max_outliers, config.damp)
             return SpQRLinear.from_spqr(q, module.bias, config.bits, config.group_size, config.stat_group, config.compute_dtype)
-        desc = f"SpQR {config.bits}-bit"
-    else:
-        raise TypeError(f"calibrate takes GPTQConfig or SpQRConfig, got {type(config).__name__}")
+        return layer
+    raise TypeError(f"calibrate takes GPTQConfig or SpQRConfig, got {type(config).__name__}")
+
+
+def calibrate(model: nn.Module, config, batches: torch.Tensor, skip=lambda name: False, progress: bool = True,
+              before_block=None, after_block=None) -> dict:
+    """Quantize the linear layers inside the model's blocks by GPTQ or SpQR, block by block; return timing stats."""
+    layer = layer_quantizer(config)
+    desc = f"{'GPTQ' if type(config).__name__ == 'GPTQConfig' else 'SpQR'} {config.bits}-bit"
     return quantize_sequential(model, batches, layer, skip, progress, desc,
                                token_clip=config.token_clip, true_sequential=config.true_sequential,
                                before_block=before_block, after_block=after_block)

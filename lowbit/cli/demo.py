@@ -20,7 +20,8 @@ def demo(
     speed: bool = typer.Option(True, "--speed/--no-speed", help="measure prefill and decode tokens/s"),
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
 ) -> None:
-    """The main job: compare every method on the bundled SmolLM2-135M, find its outlier features, write a report.
+    """The main job: compare every method on the bundled SmolLM2-135M, advise per-layer formats, find its outlier
+    features, write a report.
 
     Example: lowbit demo      (writes ./lowbit-report/README.md with the table and plots)
     """
@@ -34,8 +35,11 @@ def demo(
     use_threads(threads)
     t = time.perf_counter()
     rows = run_compare("smollm2-135m", list(DEFAULT_COMPARE), None, tokens, 512, None, out, speed)
+    from lowbit.cli.advise import run_advisor
+
+    advisor = run_advisor("smollm2-135m", tokens, out, rows)
     lm = run_outliers("smollm2-135m", 6.0, None, 2048, out, True)
     enc = run_outliers("all-minilm-l6-v2", 6.0, None, 2048, out, True)
     path = write_report(out, rows, [lm, enc], describe_protocol(tokens, 512, None, "python-tutorial.txt (bundled)"), machine(),
-                        time.perf_counter() - t, SPEED_PROTOCOL)
+                        time.perf_counter() - t, SPEED_PROTOCOL, advisor)
     console.print(f"[green]report:[/] {path}  ({time.perf_counter() - t:.0f} s)")

@@ -15,8 +15,12 @@ from lowbit.cli.common import (THREADS_HELP, app, friendly, first_line, MODEL_HE
 @friendly
 def quantize(
     model: str = typer.Argument(..., help=MODEL_HELP),
-    method: str = typer.Option("nf4", "--method", "-m",
-                               help="int8 | int8-zp | int8-weight | nf4 | fp4 | int4 | ternary | rtn | gptq | spqr | bf16"),
+    method: Optional[str] = typer.Option(None, "--method", "-m",
+                                         help="int8 | int8-zp | int8-weight | nf4 | fp4 | int4 | ternary | rtn | gptq | "
+                                              "spqr | bf16 (default nf4)"),
+    plan: Optional[Path] = typer.Option(None, help="a per-layer plan (JSON, from lowbit advise) instead of --method"),
+    embeddings: Optional[str] = typer.Option(None, help="the token embeddings (and a head tied to them): float32 "
+                                                        "(default: kept), bfloat16, int8 or int4 rows"),
     bits: Optional[int] = typer.Option(None, help="bits of rtn / gptq / spqr (2, 3, 4 or 8; default 4, spqr 3)"),
     calib_text: Optional[Path] = typer.Option(None, help="calibration text of gptq / spqr (default: the bundled text past its first 8192 tokens)"),
     out: Path = typer.Option(..., "--out", "-o", help="folder for the lowbit checkpoint"),
@@ -40,8 +44,14 @@ def quantize(
     import lowbit
     from lowbit.app.methods import LOADED, apply_method, check_method, method_config, needs_calibration
     from lowbit.checkpoint import _parse_size, check_target
+    from lowbit.nn.embedding import EMBEDDING_FORMATS
 
     # Everything that can be checked is checked before the model loads (GPTQ can take minutes).
+    if embeddings is not None and embeddings not in EMBEDDING_FORMATS:
+        raise UserError(f"--embeddings must be one of {', '.join(EMBEDDING_FORMATS)}, got {embeddings!r}")
+    the_plan = _read_plan(plan, method, embeddings, dict(bits=bits, blocksize=blocksize, double_quant=double_quant,
+                                                          threshold=threshold))
+    method = method or "nf4"
     check_method(method)
     if method == "fp32":
         raise UserError("fp32 is the unquantized model: choose a method such as nf4 or int8")
@@ -64,7 +74,9 @@ def quantize(
         from lowbit.app.models import gguf_of
 
         gguf_of(model)  # a model that is no GGUF: said now, before anything loads
-    if stream and not native and method != "bf16" and _streamable(model):
+    if the_plan is not None:
+        return _quantize_by_plan(model, the_plan, calib_text, out, max_shard_size)
+    if stream and not native and method != "bf16" and embeddings in (None, "float32") and _streamable(model):
         return _quantize_streamed(Path(model), method, options, calib_text, out, max_shard_size)
     t = time.perf_counter()
     m, tok = load(model, native=native)
@@ -77,12 +89,61 @@ def quantize(
     if not native:  # native: the load is the quantization (the file's own codes)
         t = time.perf_counter()
         apply_method(m, method, calibration=calibration, **options)
+    if embeddings is not None:
+        from lowbit.embeddings import quantize_embeddings
+
+        quantize_embeddings(m, embeddings)
     seconds = time.perf_counter() - t
     lowbit.save(m, out, tokenizer=tok, max_shard_size=max_shard_size)
     r = lowbit.memory_report(m)
     console.print(f"[green]saved[/] {out}: {method}, {r['total_bytes'] / 1e6:.1f} MB "
                   f"({r['bits_per_param']:.2f} bits/param over the whole model; fp32 {r['fp32_bytes'] / 1e6:.1f} MB), "
                   f"quantized in {seconds:.1f} s")
+
+
+def _read_plan(path: Optional[Path], method: Optional[str], embeddings: Optional[str], options: dict):
+    """The plan in ``path`` (None without one), its embeddings set by --embeddings if given; options that a plan
+    replaces are one error line."""
+    if path is None:
+        return None
+    from lowbit.plan import Plan
+
+    given = [f"--{k.replace('_', '-')}" for k, v in options.items() if v is not None] + (["--method"] if method else [])
+    if given:
+        raise UserError(f"--plan sets every layer's format: drop {', '.join(given)}")
+    if not path.is_file():
+        raise UserError(f"--plan {path} is not a file")
+    try:
+        plan = Plan.load(path)
+        if embeddings is not None:
+            plan = Plan(plan.layers, plan.default, embeddings, plan.notes)
+    except ValueError as e:
+        raise UserError(f"--plan {path}: {first_line(e)}") from None
+    return plan
+
+
+def _quantize_by_plan(model: str, plan, calib_text: Optional[Path], out: Path, max_shard_size: str) -> None:
+    import lowbit
+
+    m, tok = load(model)
+    calibration = None
+    if plan.needs_calibration():
+        from lowbit.calibrate import calibration_batches
+
+        body, _ = read_text(calib_text)
+        calibration = calibration_batches(tok, body, skip_tokens=0 if calib_text else 8192)
+    t = time.perf_counter()
+    try:
+        lowbit.quantize(m, plan, calibration=calibration)
+    except ValueError as e:  # a plan that does not fit this model
+        raise UserError(f"the plan does not fit {model}: {first_line(e)}") from None
+    seconds = time.perf_counter() - t
+    lowbit.save(m, out, tokenizer=tok, max_shard_size=max_shard_size)
+    from lowbit.app.compare import linear_bits_per_param
+
+    r = lowbit.memory_report(m)
+    console.print(f"[green]saved[/] {out}: plan of {len(plan.layers)} layers, {r['total_bytes'] / 1e6:.1f} MB "
+                  f"({linear_bits_per_param(m):.3f} bits/param over the linear layers), quantized in {seconds:.1f} s")
 
 
 def _streamable(model: str) -> bool:

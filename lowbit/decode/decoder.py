@@ -103,7 +103,7 @@ class StaticDecoder:
         self.embed, self.head = inner.embed_tokens, _call(model.lm_head)
         self.final_norm = (inner.norm.weight, inner.norm.variance_epsilon)
         p = next(model.parameters())
-        self.dtype = inner.embed_tokens.weight.dtype
+        self.dtype = getattr(inner.embed_tokens, "compute_dtype", None) or inner.embed_tokens.weight.dtype
         positions = torch.arange(max_len, device=p.device)[None]
         cos, sin = inner.rotary_emb(torch.empty(0, dtype=self.dtype, device=p.device), positions)
         # transformers rotates by x * cos + cat(-x2, x1) * sin; cat(x2, x1) is x rolled by half, and the sign moves

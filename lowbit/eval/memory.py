@@ -15,6 +15,8 @@ def memory_report(model: nn.Module) -> dict:
     params = 0
     for module in model.modules():
         own = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
+        if isinstance(module, QuantLinear) and own and all(t is None or t.data_ptr() in seen for _, t in own):
+            continue  # a second module over the same tensors (a loaded head tied to quantized embeddings)
         for name, t in own:
             if t is None or t.data_ptr() in seen:
                 continue

@@ -86,6 +86,20 @@ class LowbitConfig(QuantizationConfigMixin):
             raise CheckpointError(f"{where}: {str(e).removeprefix('lowbit.json: ')}") from None
 
 
+def _quantized_tied_embeddings(model):
+    """The QuantEmbedding whose rows a tied head should be, or None: such a checkpoint holds the table once, under
+    the embeddings' name, so transformers reads no tensor for the head and has no float weight to tie by name."""
+    from lowbit.embeddings import embedding_pair
+    from lowbit.nn import QuantEmbedding
+
+    emb, head, _ = embedding_pair(model)
+    tie = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    if isinstance(emb, QuantEmbedding) and tie and type(head) is type(emb.rows) \
+            and head.init_kwargs() == emb.rows.init_kwargs():
+        return emb
+    return None
+
+
 def _mark_initialized(model, name: str) -> None:
     """Keep transformers' weight initialization off a lowbit layer (it has no float ``weight`` to initialize).
 
@@ -167,6 +181,8 @@ class LowbitHfQuantizer(HfQuantizer):
             _swap_layers(model, self.quantization_config.layers)
             for name in self.quantization_config.layers:
                 _mark_initialized(model, name)
+            if _quantized_tied_embeddings(model) is not None:
+                model.all_tied_weights_keys = {}  # tied below, once loaded: the head becomes the rows layer
             return
         from lowbit.quantize import eligible_layers
 
@@ -188,6 +204,10 @@ class LowbitHfQuantizer(HfQuantizer):
         left = [name for name in self.targets if name not in layers]
         if left:
             raise ValueError(f"transformers read no weight for {len(left)} layer(s) to quantize, e.g. {sorted(left)[:3]}")
+        emb = _quantized_tied_embeddings(model)
+        if emb is not None:  # the head read nothing (its tensors are the embeddings'): it is the rows layer
+            model.set_output_embeddings(emb.rows)
+            layers = layer_specs(model)
         self.quantization_config.layers = layers
         restore_buffer_dtypes(model, self.quantization_config.buffer_dtypes)
         model.config.quantization_config = self.quantization_config

@@ -10,3 +10,6 @@ from lowbit.nn.switchback import StableEmbedding, SwitchBackLinear, to_switchbac
 
 __all__ = ["QuantLinear", "Int8Linear", "Linear4bit", "BitLinear", "TrainableBitLinear", "IntLinear", "SpQRLinear", "SwitchBackLinear",
            "StableEmbedding", "to_switchback"]
+from lowbit.nn.embedding import HalfLinear, QuantEmbedding  # noqa: E402
+
+__all__ += ["HalfLinear", "QuantEmbedding"]

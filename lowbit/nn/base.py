@@ -59,7 +59,8 @@ def tied_to_embeddings(model: nn.Module) -> set[int]:
     """ids of weights shared with the model's input embedding (their layer must stay as it is)."""
     get = getattr(model, "get_input_embeddings", None)
     emb = get() if callable(get) else None
-    return set() if emb is None else {id(emb.weight)}
+    weight = getattr(emb, "weight", None)  # a lowbit QuantEmbedding has none: its head, if tied, is quantized
+    return set() if weight is None else {id(weight)}
 
 
 def check_plain_linear(module: nn.Module, name: str) -> None:
