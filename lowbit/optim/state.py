@@ -45,6 +45,9 @@ class PagedStore:
         fd, name = tempfile.mkstemp(prefix="lowbit-optim-", suffix=".state", dir=directory)
         self.path = Path(name)
         self._file = os.fdopen(fd, "r+b")
+        # The open file outlives its name: with the name gone at once, a process that is killed (a rank of a
+        # distributed run, an out-of-memory kill) leaves no state file behind; the system frees it on exit.
+        self.path.unlink()
         self._where: dict[str, tuple[int, torch.dtype, torch.Size]] = {}
         self._end = 0
 
@@ -78,7 +81,6 @@ class PagedStore:
     def close(self) -> None:
         if not self._file.closed:
             self._file.close()
-            self.path.unlink(missing_ok=True)
 
     def __del__(self) -> None:
         try:
