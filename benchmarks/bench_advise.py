@@ -5,7 +5,7 @@ fp32 compute; calibration on python-tutorial past its first 8192 tokens (the sen
 SpQR layers: 32 x 512, seed 0, as the uniform GPTQ rows). Also: the proxies' rank correlation with the measured KL
 (on a sample of layers, every format), and the additivity check (predicted against measured perplexity ratio).
 
-Usage: python benchmarks/bench_advise.py [--tokens 8192] [--kl-every 5] [--bits 3,3.5,4,4.2,4.5,5,6,8]
+Usage: python benchmarks/bench_advise.py [--tokens 8192] [--kl-every 5] [--bits 3.25,3.5,4,4.2,4.5,5,6,8]
 """
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--kl-every", type=int, default=5, help="measure the KL of every n-th layer (0: none)")
-    ap.add_argument("--bits", default="3,3.25,3.5,4,4.2,4.5,5,6,8")
+    ap.add_argument("--bits", default="3.25,3.5,4,4.2,4.5,5,6,8")
     ap.add_argument("--uniform", default=",".join(UNIFORM))
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "advise.json")
     ap.add_argument("--plot", type=Path, default=ROOT / "docs" / "img" / "advise-frontier.png")

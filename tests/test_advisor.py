@@ -182,3 +182,25 @@ def test_quantize_bad_plans(tiny_model_dir, tmp_path, plan, extra, message):
     code, out = run("quantize", tiny_model_dir, "--plan", path, *extra, "--out", tmp_path / "q")
     assert code == 2 and message in out and "Traceback" not in out, out
     assert not (tmp_path / "q").exists()
+
+
+def test_untied_head_is_a_candidate_of_a_bytes_budget():
+    model = tiny_llama(tied=False)
+    sens = S.measure_sensitivity(model, CALIB, ("nf4", "rtn3-g32"), kl=False, progress=False)
+    assert set(sens.head) == set(S.HEAD_CANDIDATES)
+    q = copy.deepcopy(model)
+    q.lm_head = build_layer(q.lm_head, config_from_name("rtn4-g64"))
+    assert sens.head["rtn4-g64"]["kl"] == pytest.approx(_kl(model, q, CALIB), rel=1e-3)
+    total = lowbit.memory_report(model)["total_bytes"]
+    assert sens.fixed_bytes + sum(f["float32"]["bytes"] for f in sens.layers.values()) \
+        + sens.embeddings["float32"]["bytes"] + sens.head["float32"]["bytes"] == total
+    b = bounds(sens, "fisher", None)
+    a = advise(sens, budget=int(b["min_bytes"] + 0.02 * (b["max_bytes"] - b["min_bytes"])))
+    assert a.plan.layers.get("lm_head") in ("bfloat16", "int8-weight", "rtn4-g64")
+    built = lowbit.quantize(copy.deepcopy(model), a.plan, progress=False)
+    assert lowbit.memory_report(built)["total_bytes"] == a.model_bytes <= a.plan.notes["budget_bytes"]
+    # a bits budget keeps the head in float32 and counts it in the model's bytes
+    kept = advise(sens, bits=4.0)
+    assert "lm_head" not in kept.plan.layers
+    assert lowbit.memory_report(lowbit.quantize(copy.deepcopy(model), kept.plan, progress=False))["total_bytes"] \
+        == kept.model_bytes

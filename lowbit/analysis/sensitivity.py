@@ -7,7 +7,8 @@ For every linear layer inside the blocks and every candidate format, the layer a
 - ``fisher``: 1/2 mean over tokens of (g . (Q - W) x)^2, g the gradient of the calibration loss with respect to the
   layer's output: the output error weighted by how much the loss cares (an empirical-Fisher estimate of the loss
   increase, as in Optimal Brain Surgeon and its successors), from one backward pass.
-The embeddings (with a head tied to them) are a candidate group too, always measured by KL (one forward each). Each entry also holds the
+The embeddings (with a head tied to them) are a candidate group too, and an untied LM head another; both always
+measured by KL (a forward each; the head's from its cached input). Each entry also holds the
 bytes the layer takes in that format, which the allocation (``lowbit.analysis.allocate``) counts.
 """
 from __future__ import annotations
@@ -31,6 +32,7 @@ from lowbit.nn.base import is_linear_like, linear_weight, replace_module
 FORMATS = ("int8-weight", "nf4", "rtn4", "rtn4-g64", "rtn3", "rtn3-g64", "gptq4", "gptq4-g64", "gptq3", "gptq3-g64",
            "spqr3")
 EMBEDDING_CANDIDATES = ("float32", "bfloat16", "int8", "int4")
+HEAD_CANDIDATES = ("float32", "bfloat16", "int8-weight", "rtn4-g64")  # an LM head not tied to the embeddings
 VERSION = 1  # of the measurement: a cached result of another version is measured again
 
 
@@ -40,7 +42,8 @@ class Sensitivity:
 
     layers: dict[str, dict[str, dict]] = field(default_factory=dict)  # layer -> format -> {bytes, kl, output, fisher}
     embeddings: dict[str, dict] = field(default_factory=dict)  # format -> {bytes, kl} (a tied head included)
-    fixed_bytes: int = 0  # norms, biases and anything else no candidate changes (an untied float head included)
+    head: dict[str, dict] = field(default_factory=dict)  # format -> {bytes, kl} of an untied LM head (else empty)
+    fixed_bytes: int = 0  # norms, biases and anything else no candidate changes
     linear_params: int = 0  # weights of the candidate layers: bits/param = 8 x bytes / linear_params
     reference: dict = field(default_factory=dict)  # fp model: calibration loss, tokens, seconds
     key: str = ""
@@ -116,7 +119,8 @@ def measure_sensitivity(model: nn.Module, calibration: torch.Tensor, formats: tu
     result.embeddings = _embedding_costs(model, run, bar)  # three forwards: measured always
     bar.close()
     result.linear_params = sum(linear_weight(m).numel() for b in run.blocks for m in b.modules() if is_linear_like(m))
-    emb_bytes = result.embeddings.get("float32", {}).get("bytes", 0)
+    result.head = _head_costs(model, run)
+    emb_bytes = result.embeddings.get("float32", {}).get("bytes", 0) + result.head.get("float32", {}).get("bytes", 0)
     result.fixed_bytes = memory_report(model)["total_bytes"] - emb_bytes - sum(
         linear_weight(m).numel() * linear_weight(m).element_size() for m in model.modules() if id(m) in quantized)
     result.reference["seconds"] = time.perf_counter() - t0
@@ -170,6 +174,24 @@ def _hidden_of(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
+def _head_costs(model: nn.Module, run: "_Runner") -> dict[str, dict]:
+    from lowbit.embeddings import embedding_pair
+    from lowbit.plan import HALF, KEEP, parse_format
+    from lowbit.nn.embedding import HalfLinear
+    from lowbit.quantize import build_layer
+
+    _, head, tied = embedding_pair(model)
+    if head is None or tied or not is_linear_like(head):
+        return {}
+    w = linear_weight(head)
+    out = {KEEP: {"bytes": w.numel() * w.element_size(), "kl": 0.0}}
+    for fmt in HEAD_CANDIDATES[1:]:
+        with torch.no_grad():
+            q = HalfLinear.from_linear(head) if fmt == HALF else build_layer(head, parse_format(fmt))
+        out[fmt] = {"bytes": q.stored_bits() // 8, "kl": run.kl_of_head(q)}
+    return out
+
+
 class _Runner:
     """The full-precision model's block inputs and next-token log-probabilities on the calibration tokens, and a
     forward from any block on (the blocks before it skipped, their cached outputs used instead)."""
@@ -184,7 +206,15 @@ class _Runner:
             for block in self.blocks[:-1]:  # each block's full-precision input, per chunk
                 self.inputs.append([_with_hidden(a, k, _output(block(*a, **k))) for a, k in self.inputs[-1]])
             self.chunks = [calibration[i:i + chunk] for i in range(0, len(calibration), chunk)]
-            logits = [model(c, use_cache=False).logits.float() for c in self.chunks]
+            head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+            self.head_inputs: list[torch.Tensor] = []
+            hook = None if head is None else head.register_forward_pre_hook(
+                lambda m, a: self.head_inputs.append(a[0].detach()))
+            try:
+                logits = [model(c, use_cache=False).logits.float() for c in self.chunks]
+            finally:
+                if hook is not None:
+                    hook.remove()
         self.logp = [lg.log_softmax(-1) for lg in logits]
         self.loss = float(sum(torch.nn.functional.cross_entropy(lg[:, :-1].flatten(0, 1), c[:, 1:].flatten(),
                                                                 reduction="sum") for lg, c in zip(logits, self.chunks))
@@ -210,6 +240,16 @@ class _Runner:
                 setattr(self.parent, self.attr, self.blocks)
                 if handle is not None:
                     handle.remove()
+            total += float((logp.exp() * (logp - lq)).sum())
+            count += logp.shape[0] * logp.shape[1]
+        return total / count
+
+    @torch.no_grad()
+    def kl_of_head(self, head: nn.Module) -> float:
+        """Mean KL(full model || this model) per token with ``head`` in place of the LM head (its inputs cached)."""
+        total, count = 0.0, 0
+        for x, logp in zip(self.head_inputs, self.logp):
+            lq = head(x).float().log_softmax(-1)
             total += float((logp.exp() * (logp - lq)).sum())
             count += logp.shape[0] * logp.shape[1]
         return total / count

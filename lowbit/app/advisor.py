@@ -15,6 +15,7 @@ from lowbit.analysis.sensitivity import Sensitivity
 from lowbit.plan import Plan
 
 EMBEDDINGS = "embeddings"  # the group name of the embedding table (with a tied head) in an allocation
+HEAD = "lm_head"  # the group of an untied LM head (the plan's layer name for it too, as in transformers' models)
 UNIFORM = ("int8-weight", "nf4", "rtn4", "gptq4", "gptq3", "spqr3", "rtn3")  # what the frontier plot sets beside
 DP_CELLS = 20_000  # budget resolution of the allocation: sizes round up to budget / DP_CELLS bytes
 
@@ -40,10 +41,15 @@ def bounds(sens: Sensitivity, cost: str, embeddings: str | None) -> dict[str, fl
     groups = _groups(sens, cost, embeddings)
     small = sum(min(c.nbytes for c in g) for g in groups.values())
     full = sum(max(c.nbytes for c in g) for g in groups.values())
-    extra = sens.fixed_bytes + (0 if embeddings is None else sens.embeddings[embeddings]["bytes"])
-    linear_small = sum(min(c.nbytes for c in g) for n, g in groups.items() if n != EMBEDDINGS)
+    extra = sens.fixed_bytes + (0 if embeddings is None else _kept_bytes(sens, embeddings))
+    linear_small = sum(min(c.nbytes for c in g) for n, g in groups.items() if n not in (EMBEDDINGS, HEAD))
     return {"min_bits": 8 * linear_small / sens.linear_params, "max_bits": 32.0,
             "min_bytes": small + extra, "max_bytes": full + extra}
+
+
+def _kept_bytes(sens: Sensitivity, embeddings: str) -> int:
+    """Bytes of the embeddings in the user's format and of an untied head kept float32 (a bits budget)."""
+    return sens.embeddings[embeddings]["bytes"] + sens.head.get("float32", {}).get("bytes", 0)
 
 
 def _groups(sens: Sensitivity, cost: str, embeddings: str | None) -> dict[str, list[Choice]]:
@@ -56,6 +62,8 @@ def _groups(sens: Sensitivity, cost: str, embeddings: str | None) -> dict[str, l
         groups[layer] = [Choice(f, e["bytes"], e[cost]) for f, e in formats.items()]
     if embeddings is None:  # a candidate: the embeddings' KL, the same quantity the layers' costs estimate
         groups[EMBEDDINGS] = [Choice(f, e["bytes"], e["kl"]) for f, e in sens.embeddings.items()]
+        if sens.head:
+            groups[HEAD] = [Choice(f, e["bytes"], e["kl"]) for f, e in sens.head.items()]
     return groups
 
 
@@ -80,12 +88,17 @@ def advise(sens: Sensitivity, bits: float | None = None, budget: int | None = No
         room = budget - sens.fixed_bytes
     choices = allocate(groups, room, unit=max(1, room // DP_CELLS))
     emb = choices.pop(EMBEDDINGS).format if EMBEDDINGS in choices else embeddings
+    head = choices.pop(HEAD, None)
     linear_bytes = sum(c.nbytes for c in choices.values())
-    total_cost = sum(c.cost for c in choices.values()) + (sens.embeddings[emb]["kl"] if emb in sens.embeddings else 0.0)
-    plan = Plan(layers={n: c.format for n, c in choices.items()}, embeddings=emb,
+    outside = sens.embeddings[emb]["bytes"] + (head.nbytes if head else sens.head.get("float32", {}).get("bytes", 0))
+    total_cost = sum(c.cost for c in choices.values()) + sens.embeddings[emb]["kl"] + (head.cost if head else 0.0)
+    layers = {n: c.format for n, c in choices.items()}
+    if head is not None and head.format != "float32":
+        layers[HEAD] = head.format
+    plan = Plan(layers=layers, embeddings=emb,
                 notes={"cost": cost, "predicted_cost": total_cost, "bits": 8 * linear_bytes / sens.linear_params,
                        **({"budget_bits": bits} if bits is not None else {"budget_bytes": budget})})
-    return Advice(plan, choices, linear_bytes, sens.fixed_bytes + linear_bytes + sens.embeddings[emb]["bytes"],
+    return Advice(plan, choices, linear_bytes, sens.fixed_bytes + linear_bytes + outside,
                   8 * linear_bytes / sens.linear_params, total_cost)
 
 
@@ -95,7 +108,7 @@ def uniform(sens: Sensitivity, fmt: str, cost: str = "fisher", embeddings: str =
     linear_bytes = sum(c.nbytes for c in choices.values())
     total = sum(c.cost for c in choices.values()) + sens.embeddings[embeddings]["kl"]
     return Advice(Plan(layers={n: fmt for n in choices}, embeddings=embeddings), choices, linear_bytes,
-                  sens.fixed_bytes + linear_bytes + sens.embeddings[embeddings]["bytes"],
+                  sens.fixed_bytes + linear_bytes + _kept_bytes(sens, embeddings),
                   8 * linear_bytes / sens.linear_params, total)
 
 

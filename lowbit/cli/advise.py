@@ -126,6 +126,10 @@ def _plan_table(advice, sens, title: str):
     for name, c in advice.choices.items():
         weights = sens.layers[name]["float32"]["bytes"] / 4
         t.add_row(name, c.format, f"{8 * c.nbytes / weights:.2f}", f"{c.cost:.2e}")
+    head = advice.plan.layers.get("lm_head")
+    if head is not None and head in sens.head:
+        t.add_row("lm_head", head, f"{32 * sens.head[head]['bytes'] / sens.head['float32']['bytes']:.2f}",
+                  f"{sens.head[head]['kl']:.2e}")
     emb = sens.embeddings[advice.plan.embeddings]
     t.add_row("embeddings", advice.plan.embeddings, f"{32 * emb['bytes'] / sens.embeddings['float32']['bytes']:.2f}",
               f"{emb['kl']:.2e}")
