@@ -6,6 +6,8 @@ from lowbit.config import GPTQConfig, Int8Config, IntConfig, NF4Config, SpQRConf
 from lowbit.decode import generate  # noqa: E402
 from lowbit.eval.memory import memory_report  # noqa: E402
 from lowbit.quantize import quantize  # noqa: E402
+from lowbit.embeddings import quantize_embeddings  # noqa: E402
+from lowbit.plan import Plan  # noqa: E402
 from lowbit.stream import quantize_checkpoint  # noqa: E402
 from lowbit.interop.hf_hook import register_with_transformers  # noqa: E402
 
@@ -22,4 +24,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'lowbit' has no attribute {name!r}")
 
 
-__all__ = ["prepare_for_training", "CheckpointError", "load", "load_tokenizer", "save", "GPTQConfig", "Int8Config", "IntConfig", "NF4Config", "SpQRConfig", "TernaryConfig", "config_from_dict", "config_from_json", "generate", "memory_report", "quantize", "quantize_checkpoint"]
+__all__ = ["prepare_for_training", "CheckpointError", "load", "load_tokenizer", "save", "GPTQConfig", "Int8Config", "IntConfig", "NF4Config", "SpQRConfig", "TernaryConfig", "config_from_dict", "config_from_json", "generate", "memory_report", "quantize", "quantize_checkpoint", "quantize_embeddings", "Plan"]

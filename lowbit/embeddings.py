@@ -24,11 +24,11 @@ def quantize_embeddings(model: nn.Module, format: str) -> nn.Module:
     """Store the model's token embeddings in ``format`` (float32: as they are); a head tied to them follows."""
     if format not in EMBEDDING_FORMATS:
         raise ValueError(f"embedding format must be one of {', '.join(EMBEDDING_FORMATS)}, got {format!r}")
+    if format == "float32":
+        return model
     emb, head, tied = embedding_pair(model)
     if isinstance(emb, QuantEmbedding):
         raise ValueError(f"the embeddings are {emb.format} already; load the full-precision model to choose again")
-    if format == "float32":
-        return model
     if not isinstance(emb, nn.Embedding):
         raise TypeError(f"the input embeddings are a {type(emb).__name__}, not an nn.Embedding")
     if tied and isinstance(head, QuantLinear):
