@@ -34,8 +34,10 @@ def layer_quantizer(config) -> LayerQuantizer:
 def calibrate(model: nn.Module, config, batches: torch.Tensor, skip=lambda name: False, progress: bool = True,
               before_block=None, after_block=None) -> dict:
     """Quantize the linear layers inside the model's blocks by GPTQ or SpQR, block by block; return timing stats."""
+    from lowbit.config import GPTQConfig
+
     layer = layer_quantizer(config)
-    desc = f"{'GPTQ' if type(config).__name__ == 'GPTQConfig' else 'SpQR'} {config.bits}-bit"
+    desc = f"{'GPTQ' if isinstance(config, GPTQConfig) else 'SpQR'} {config.bits}-bit"
     return quantize_sequential(model, batches, layer, skip, progress, desc,
                                token_clip=config.token_clip, true_sequential=config.true_sequential,
                                before_block=before_block, after_block=after_block)
