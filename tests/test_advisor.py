@@ -163,9 +163,14 @@ def test_advise_and_quantize_by_plan_through_the_cli(tmp_path, tiny_model_dir):
     (("--budget", "1KB", "--tokens", 256, "--calib-samples", 1, "--calib-len", 16), "outside what the formats reach"),
     (("--bits", 4, "--cost", "mse"), "--cost must be fisher or kl"),
     (("--bits", 4, "--tokens", 256, "--calib-len", 10**6), "calibration text too short"),
+    (("--bits", 4, "--tokens", 256, "--calib-samples", 1, "--calib-len", 16, "QUANTIZED"), "quantized already"),
 ])
 def test_advise_bad_input(tiny_model_dir, tmp_path, args, message):
-    code, out = run("advise", tiny_model_dir, *args, "--out", tmp_path / "p.json")
+    model = tiny_model_dir
+    if "QUANTIZED" in args:  # a lowbit checkpoint as MODEL
+        args, model = args[:-1], tmp_path / "q"
+        assert run("quantize", tiny_model_dir, "--method", "nf4", "--out", model)[0] == 0
+    code, out = run("advise", model, *args, "--out", tmp_path / "p.json")
     assert code == 2 and message in out and "Traceback" not in out, out
 
 

@@ -73,8 +73,11 @@ def measure_sensitivity(model: nn.Module, calibration: torch.Tensor, formats: tu
     """Sensitivity of every block linear layer to every format (and of the embeddings), cached in ``cache``.
 
     ``kl_layers``: measure the KL of these layers only (a sample, to check the proxies on), not of all."""
+    from lowbit.nn import QuantEmbedding, QuantLinear
     from lowbit.plan import parse_format
 
+    if any(isinstance(m, (QuantLinear, QuantEmbedding)) for m in model.modules()):
+        raise ValueError("this model is quantized already: measure the full-precision model's sensitivities")
     configs = {f: parse_format(f, "format") for f in formats}
     key = fingerprint(model, calibration, tuple(formats), kl if kl_layers is None else sorted(kl_layers))
     path = None if cache is None else Path(cache) / f"sensitivity-{key}.json"

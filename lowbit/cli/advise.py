@@ -68,7 +68,10 @@ def advise(
     from lowbit.analysis.sensitivity import measure_sensitivity
     from lowbit.cache import cache_dir
 
-    sens = measure_sensitivity(m, calibration, kl=cost == "kl", cache=cache_dir() / "sensitivity")
+    try:
+        sens = measure_sensitivity(m, calibration, kl=cost == "kl", cache=cache_dir() / "sensitivity")
+    except ValueError as e:  # a quantized checkpoint given as MODEL
+        raise UserError(f"{model}: {e}") from None
     try:
         advice = choose(sens, bits=bits, budget=budget_bytes, cost=cost, embeddings=embeddings)
     except ValueError as e:
