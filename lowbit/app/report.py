@@ -230,6 +230,9 @@ def plot_frontier(sens, grid: list[float], cost: str, embeddings: str, reference
         marker = row.get("marker", "^")
         ax.plot(row["bits"], row["ratio"], marker, color=row.get("color", "C3"), markersize=9,
                 label=labels.pop(marker, None))
+        if row.get("label"):
+            ax.annotate(row["label"], (row["bits"], row["ratio"]), fontsize=8, color=row.get("color", "C3"),
+                        xytext=(4, -10), textcoords="offset points")
     if chosen is not None:
         ax.plot(chosen[0], chosen[1] / reference, "*", markersize=14, color="C3", label="this plan (measured)")
     ax.set_xlabel("bits per weight (linear layers)")

@@ -183,7 +183,8 @@ def run_advisor(model: str, tokens: int, out: Path, compare_rows: list[dict], bi
                       f"(x{ppl / reference:.4f}; predicted x{plans[-1]['predicted_ratio']:.4f})")
     measured = [{"bits": p["bits"], "ratio": p["ratio"], "marker": "*", "color": "C3"} for p in plans]
     measured += [{"bits": r["bits_per_param_linear"], "ratio": r["perplexity"] / reference, "marker": "^",
-                  "color": "C2"} for r in compare_rows if r["method"] in ("nf4", "int4", "int8-weight", "fp4")]
+                  "color": "C2", "label": r["method"]}
+                 for r in compare_rows if r["method"] in ("nf4", "int4", "int8-weight", "fp4")]
     plot_frontier(sens, [3.25, 3.5, 4.0, 4.25, 4.5, 5.0, 6.0, 8.0], "fisher", "float32", reference,
                   out / "frontier.png", f"{model}: advised plans (RTN / NF4 / int8 formats)", measured=measured)
     return {"plans": plans, "formats": list(DEMO_FORMATS), "text": text_name, "plot": "frontier.png",
