@@ -115,9 +115,10 @@ def measure_sensitivity(model: nn.Module, calibration: torch.Tensor, formats: tu
                 result.layers.setdefault(name, {})[fmt] = entry
             bar.update(1)
         for n, module in linears.items():  # kept as it is: no cost, its float bytes
-            w = linear_weight(module)
-            result.layers[f"{run.prefix}.{b}.{n}"]["float32"] = {
-                "bytes": w.numel() * w.element_size(), "output": 0.0, "fisher": 0.0, **({"kl": 0.0} if kl else {})}
+            w, name = linear_weight(module), f"{run.prefix}.{b}.{n}"
+            measured = kl and (kl_layers is None or name in kl_layers)
+            result.layers[name]["float32"] = {"bytes": w.numel() * w.element_size(), "output": 0.0, "fisher": 0.0,
+                                              **({"kl": 0.0} if measured else {})}
     quantized = {id(m) for b in run.blocks for m in b.modules() if is_linear_like(m)}
     result.embeddings = _embedding_costs(model, run, bar)  # three forwards: measured always
     bar.close()
