@@ -80,12 +80,7 @@ def quantize(
         return _quantize_streamed(Path(model), method, options, calib_text, out, max_shard_size)
     t = time.perf_counter()
     m, tok = load(model, native=native)
-    calibration = None
-    if needs_calibration(method):
-        from lowbit.calibrate import calibration_batches
-
-        body, _ = read_text(calib_text)
-        calibration = calibration_batches(tok, body, skip_tokens=0 if calib_text else 8192)
+    calibration = _calibration(tok, calib_text) if needs_calibration(method) else None
     if not native:  # native: the load is the quantization (the file's own codes)
         t = time.perf_counter()
         apply_method(m, method, calibration=calibration, **options)
@@ -99,6 +94,14 @@ def quantize(
     console.print(f"[green]saved[/] {out}: {method}, {r['total_bytes'] / 1e6:.1f} MB "
                   f"({r['bits_per_param']:.2f} bits/param over the whole model; fp32 {r['fp32_bytes'] / 1e6:.1f} MB), "
                   f"quantized in {seconds:.1f} s")
+
+
+def _calibration(tok, calib_text: Optional[Path]):
+    """GPTQ / SpQR calibration ids: from --calib-text, else the bundled text past its first 8192 (scored) tokens."""
+    from lowbit.calibrate import calibration_batches
+
+    body, _ = read_text(calib_text)
+    return calibration_batches(tok, body, skip_tokens=0 if calib_text else 8192)
 
 
 def _read_plan(path: Optional[Path], method: Optional[str], embeddings: Optional[str], options: dict):
@@ -126,12 +129,7 @@ def _quantize_by_plan(model: str, plan, calib_text: Optional[Path], out: Path, m
     import lowbit
 
     m, tok = load(model)
-    calibration = None
-    if plan.needs_calibration():
-        from lowbit.calibrate import calibration_batches
-
-        body, _ = read_text(calib_text)
-        calibration = calibration_batches(tok, body, skip_tokens=0 if calib_text else 8192)
+    calibration = _calibration(tok, calib_text) if plan.needs_calibration() else None
     t = time.perf_counter()
     try:
         lowbit.quantize(m, plan, calibration=calibration)
@@ -171,10 +169,7 @@ def _quantize_streamed(src: Path, method: str, options: dict, calib_text: Option
     if needs_calibration(method):
         if tok is None:
             raise UserError(f"{src} holds no tokenizer to make {method}'s calibration data with")
-        from lowbit.calibrate import calibration_batches
-
-        body, _ = read_text(calib_text)
-        calibration = calibration_batches(tok, body, skip_tokens=0 if calib_text else 8192)
+        calibration = _calibration(tok, calib_text)
     config = method_config(method, **options)
     try:
         stats = quantize_checkpoint(src, out, config, calibration=calibration, tokenizer=tok,
