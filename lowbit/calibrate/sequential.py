@@ -2,7 +2,6 @@
 so memory holds one block's activations at a time."""
 from __future__ import annotations
 
-import resource
 import time
 from typing import Callable
 
@@ -10,6 +9,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from lowbit.eval.memory import peak_rss_bytes
 from lowbit.nn.base import is_linear_like, linear_weight, replace_module
 
 # quantize_layer(name, module, hessian) -> the replacement layer
@@ -170,5 +170,5 @@ def quantize_sequential(model: nn.Module, batches: torch.Tensor, quantize_layer:
         if after_block is not None:
             after_block(b, block)
     stats["seconds"] = time.perf_counter() - t0
-    stats["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
+    stats["peak_rss_mb"] = peak_rss_bytes() / 1e6
     return stats
