@@ -22,7 +22,7 @@ import torch
 
 import lowbit
 from lowbit.analysis.sensitivity import FORMATS, measure_sensitivity
-from lowbit.app.advisor import advise, uniform
+from lowbit.app.advisor import advise, format_counts, uniform
 from lowbit.app.models import load_default_model
 from lowbit.cache import cache_dir
 from lowbit.checkpoint import _parse_size
@@ -122,10 +122,7 @@ def main() -> None:
                "ratio": {k: ppl[k] / reference[k] for k in ppl}, "perplexity": ppl,
                "model_mb": lowbit.memory_report(q)["total_bytes"] / 1e6, "seconds": time.perf_counter() - t}
         if kind == "advised":
-            counts = {}
-            for c in adv.choices.values():
-                counts[c.format] = counts.get(c.format, 0) + 1
-            row["formats"] = counts
+            row["formats"] = format_counts(adv)
             row["embeddings"] = adv.plan.embeddings
         result["rows"].append(row)
         print(f"{kind:8s} {label:12s} {row['bits']:.3f} bits  predicted x{row['predicted_ratio']:.4f}  measured "
