@@ -29,7 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 LLAMA_PY = ROOT / ".venv-llamacpp" / "bin" / "python"
-METHODS = ("fp32", "bf16", "int8-weight", "llm-int8", "llm-int8-zp", "nf4", "nf4-dq", "nf4-bf16", "native-q4_1",
+METHODS = ("fp32", "bf16", "int8-weight", "llm-int8", "llm-int8-absmax", "nf4", "nf4-dq", "nf4-bf16", "native-q4_1",
            "ternary", "nf4+int8-head", "nf4-bf16+int8-head", "native-q4_1+int8-head")
 # nf4 is NF4 without double quantization (NF4Config's default turns it on: that is nf4-dq); nf4-bf16 computes in
 # bf16 (NF4Config(compute_dtype=torch.bfloat16)), which runs the bf16-dot kernel on CPUs with AVX512_BF16.
@@ -105,7 +105,7 @@ def build(method: str, base):
     else:
         model = copy.deepcopy(base)
         configs = {"int8-weight": lowbit.Int8Config(weight_only=True), "llm-int8": lowbit.Int8Config(),
-                   "llm-int8-zp": lowbit.Int8Config(activations="zeropoint"),
+                   "llm-int8-absmax": lowbit.Int8Config(activations="absmax"),
                    "nf4": lowbit.NF4Config(double_quant=False), "nf4-dq": lowbit.NF4Config(double_quant=True),
                    "nf4-bf16": lowbit.NF4Config(double_quant=False, compute_dtype=torch.bfloat16),
                    "ternary": lowbit.TernaryConfig()}

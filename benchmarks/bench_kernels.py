@@ -112,8 +112,8 @@ def kernel_rows(n: int, k: int, repeats: int, rounds: int) -> tuple[list[dict], 
         "spqr 3-bit b16 (0.5% outliers)": synthetic_spqr(n, k, 3, 16),
         "spqr 4-bit b16 stats/32 (0.5% outliers)": synthetic_spqr(n, k, 4, 32),
         "int8 weight-only": Int8Linear.from_linear(lin, weight_only=True),
-        "LLM.int8 t=6": Int8Linear.from_linear(lin, threshold=6.0),
-        "LLM.int8 t=6 zero-point": Int8Linear.from_linear(lin, threshold=6.0, activations="zeropoint"),
+        "LLM.int8 t=6 (zero-point activations)": Int8Linear.from_linear(lin, threshold=6.0),
+        "LLM.int8 t=6 absmax": Int8Linear.from_linear(lin, threshold=6.0, activations="absmax"),
         "ternary 2-bit": BitLinear.from_linear(lin),
     }
     peers = bnb_layers(w)
@@ -223,7 +223,7 @@ def e2e_rows(repeats: int) -> list[dict]:
         import sys
 
         sys.path.insert(0, str(Path(__file__).parent))
-        from bench_quality import bnb_swap
+        from lowbit.app.peers import bnb_swap
 
         variants["bitsandbytes nf4+dq (eval)"] = lambda m: bnb_swap(m, "nf4").eval()
         variants["bitsandbytes Linear8bitLt t=6 (eval)"] = lambda m: bnb_swap(m, "int8").eval()

@@ -336,6 +336,8 @@ def _swap_layers(model: nn.Module, layers: dict) -> None:
         cls = LAYER_TYPES.get(spec.pop("type", None))
         if cls is None:
             raise CheckpointError(f"layer {name}: unknown lowbit layer type; known: {', '.join(LAYER_TYPES)}")
+        if cls is Int8Linear:  # written before zero-point activations existed (and became the default): absmax
+            spec.setdefault("activations", "absmax")
         try:
             old = model.get_submodule(name)
         except AttributeError:
@@ -542,7 +544,10 @@ def _fill(directory: Path, manifest: dict, files: list, model: nn.Module | None,
         raise CheckpointError(f"the checkpoint lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:3]}")
     restore_buffer_dtypes(model, manifest.get("buffer_dtypes") or {})
     if manifest.get("quantization"):
-        model.lowbit_config = config_from_dict(manifest["quantization"])
+        quant = dict(manifest["quantization"])
+        if quant.get("method") == "int8" and "weight_only" in quant:  # a saved config, older than "activations"
+            quant.setdefault("activations", "absmax")
+        model.lowbit_config = config_from_dict(quant)
     return model.eval()
 
 

@@ -77,12 +77,16 @@ class Int8Config(_Config):
     threshold: float = 6.0
     weight_only: bool = False
     compute_dtype: torch.dtype = torch.float32
-    activations: str = "absmax"  # or "zeropoint": LLM.int8()'s asymmetric vector-wise variant
+    # "zeropoint": LLM.int8()'s asymmetric vector-wise activations (finer steps, same speed); "absmax": as
+    # bitsandbytes quantizes them. None: zeropoint, or absmax (unused) under weight_only.
+    activations: str | None = None
 
     def check(self) -> None:
         _number(self.threshold, "threshold", 0.0)  # 0 (or inf) turns the outlier split off
         _choice(self.weight_only, "weight_only", (True, False))
-        _choice(self.activations, "activations", ("absmax", "zeropoint"))
+        if self.activations is None:
+            self.activations = "absmax" if self.weight_only else "zeropoint"
+        _choice(self.activations, "activations", ("zeropoint", "absmax"))
         if self.weight_only and self.activations != "absmax":
             raise ValueError("activations applies to int8 activations: weight_only=True keeps them in float")
 
@@ -195,7 +199,8 @@ QuantConfig = Int8Config | NF4Config | TernaryConfig | IntConfig | GPTQConfig | 
 
 
 _NAMED = {
-    "int8": (Int8Config, {}), "int8-zp": (Int8Config, {"activations": "zeropoint"}),
+    "int8": (Int8Config, {}), "int8-absmax": (Int8Config, {"activations": "absmax"}),
+    "int8-zp": (Int8Config, {"activations": "zeropoint"}),
     "int8-weight": (Int8Config, {"weight_only": True}),
     "nf4": (NF4Config, {"quant_type": "nf4"}), "fp4": (NF4Config, {"quant_type": "fp4"}),
     "int4": (NF4Config, {"quant_type": "int4"}), "ternary": (TernaryConfig, {}),
@@ -215,7 +220,7 @@ def format_name(config: QuantConfig) -> str:
     if method == "4bit":
         return d["quant_type"] + ("" if d["blocksize"] == 64 else f"-b{d['blocksize']}")
     if method == "int8":
-        return "int8-weight" if d["weight_only"] else "int8" if d["activations"] == "absmax" else "int8-zp"
+        return "int8-weight" if d["weight_only"] else "int8" if d["activations"] == "zeropoint" else "int8-absmax"
     return method
 
 

@@ -100,6 +100,8 @@ def _layer_spec(name: str, spec, layer_types: dict) -> None:
         if p not in spec and default is not inspect.Parameter.empty:
             continue  # an argument added later, with its default: checkpoints written before it still load
         kind = {bool: bool, int: int, float: float, str: str}.get(type(default), int)  # in/out features: int
+        if default is None:  # an "X | None" argument the layer resolves: the saved value is X
+            kind = next((k for k in (str, bool, float) if k.__name__ in str(param.annotation)), int)
         v = _get(spec, p, kind, field)
         if kind is int and v < (1 if p in ("in_features", "out_features") else 0):
             raise _fail(f"{field}.{p}", f"must be {'positive' if p.endswith('features') else 'non-negative'}, got {v}")

@@ -18,7 +18,7 @@ from lowbit.nn import BitLinear, Int8Linear, Linear4bit
 
 CONFIGS = {
     "int8": lowbit.Int8Config(),
-    "int8-zeropoint": lowbit.Int8Config(activations="zeropoint"),
+    "int8-absmax": lowbit.Int8Config(activations="absmax"),
     "int8-weight": lowbit.Int8Config(weight_only=True),
     "nf4": lowbit.NF4Config(double_quant=False),
     "nf4-dq-bf16": lowbit.NF4Config(compute_dtype=torch.bfloat16),
@@ -55,6 +55,23 @@ def test_roundtrip_identical_outputs(tmp_path, name):
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
     assert lowbit.memory_report(loaded) == lowbit.memory_report(model)
     assert not any(t.is_meta for t in [*loaded.parameters(), *loaded.buffers()])
+
+
+def test_checkpoint_older_than_zero_point_activations_loads_as_absmax(tmp_path):
+    # Before zero-point activations existed (and then became the default), an int8 checkpoint recorded no
+    # "activations": it was written by, and must still load as, absmax LLM.int8.
+    model = lowbit.quantize(tiny_llama(), lowbit.Int8Config(activations="absmax"), progress=False)
+    lowbit.save(model, tmp_path / "ck")
+    path = tmp_path / "ck" / "lowbit.json"
+    manifest = json.loads(path.read_text())
+    del manifest["quantization"]["activations"]
+    for spec in manifest["layers"].values():
+        del spec["activations"]
+    path.write_text(json.dumps(manifest))
+    loaded = lowbit.load(tmp_path / "ck")
+    assert loaded.lowbit_config == lowbit.Int8Config(activations="absmax")
+    assert {m.activations for m in loaded.modules() if isinstance(m, Int8Linear)} == {"absmax"}
+    assert torch.equal(logits(model), logits(loaded))
 
 
 def test_real_model_sharded_roundtrip_with_tokenizer(tmp_path, smollm):

@@ -124,8 +124,9 @@ def test_int8_zeropoint_activations(linear):
     # Post-ReLU style inputs (all >= 0): absmax wastes the negative half of int8, zero-point does not.
     x = torch.rand(6, 200) * 3
     exact = linear(x)
-    zp = Int8Linear.from_linear(linear, threshold=6.0, activations="zeropoint")
-    am = Int8Linear.from_linear(linear, threshold=6.0)
+    zp = Int8Linear.from_linear(linear, threshold=6.0)  # zero-point is the default
+    am = Int8Linear.from_linear(linear, threshold=6.0, activations="absmax")
+    assert zp.activations == "zeropoint"
     assert torch.allclose(zp(x), zp(x, reference=True), atol=1e-5)
     exact = exact.detach()
     err = lambda layer: float((layer(x) - exact).norm() / exact.norm())

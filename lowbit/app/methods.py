@@ -12,8 +12,9 @@ from lowbit.quantize import quantize
 METHODS: dict[str, str] = {
     "fp32": "full precision, the reference",
     "bf16": "bfloat16 weights and compute",
-    "int8": "LLM.int8(): int8 weights, int8 absmax activations per token, |x| >= 6 columns in float",
-    "int8-zp": "LLM.int8() with zero-point activations per token (the paper's asymmetric variant)",
+    "int8": "LLM.int8(): int8 weights, int8 zero-point activations per token, |x| >= 6 columns in float",
+    "int8-absmax": "LLM.int8() with absmax activations per token, as bitsandbytes runs it",
+    "int8-zp": "the same as int8 (zero-point activations; its name from before they became the default)",
     "int8-weight": "int8 weights (absmax per output row), float activations",
     "nf4": "NF4 blocksize 64 + double quantization (QLoRA)",
     "fp4": "FP4 blocksize 64 + double quantization",
@@ -26,7 +27,7 @@ METHODS: dict[str, str] = {
 }
 LOADED = ("native",)  # methods that are a way of loading the model, not something done to a loaded one
 _WITH_BITS = re.compile(r"^(rtn|gptq|spqr)([2348])?$")
-DEFAULT_COMPARE = ("fp32", "bf16", "int8", "int8-zp", "int8-weight", "nf4", "fp4", "int4", "ternary")
+DEFAULT_COMPARE = ("fp32", "bf16", "int8", "int8-absmax", "int8-weight", "nf4", "fp4", "int4", "ternary")
 
 
 def check_method(name: str) -> str:
@@ -49,7 +50,8 @@ def needs_calibration(name: str) -> bool:
 _OPTION_FIELDS = {
     "rtn": {"bits": "bits", "blocksize": "group_size"}, "gptq": {"bits": "bits", "blocksize": "group_size"},
     "spqr": {"bits": "bits", "blocksize": "group_size"},
-    "int8": {"threshold": "threshold"}, "int8-zp": {"threshold": "threshold"}, "int8-weight": {},
+    "int8": {"threshold": "threshold"}, "int8-absmax": {"threshold": "threshold"},
+    "int8-zp": {"threshold": "threshold"}, "int8-weight": {},
     "nf4": {"blocksize": "blocksize", "double_quant": "double_quant"},
     "fp4": {"blocksize": "blocksize", "double_quant": "double_quant"}, "int4": {"blocksize": "blocksize"},
     "ternary": {}, "fp32": {}, "bf16": {}, "native": {},

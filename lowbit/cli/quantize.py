@@ -16,7 +16,7 @@ from lowbit.cli.common import (THREADS_HELP, app, friendly, first_line, MODEL_HE
 def quantize(
     model: str = typer.Argument(..., help=MODEL_HELP),
     method: Optional[str] = typer.Option(None, "--method", "-m",
-                                         help="int8 | int8-zp | int8-weight | nf4 | fp4 | int4 | ternary | rtn | gptq | "
+                                         help="int8 | int8-absmax | int8-weight | nf4 | fp4 | int4 | ternary | rtn | gptq | "
                                               "spqr | bf16 (default nf4)"),
     plan: Optional[Path] = typer.Option(None, help="a per-layer plan (JSON, from lowbit advise) instead of --method"),
     embeddings: Optional[str] = typer.Option(None, help="the token embeddings (and a head tied to them): float32 "

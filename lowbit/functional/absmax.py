@@ -33,6 +33,31 @@ def _rowwise(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return absmax, codes
 
 
+def outlier_columns(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    """LLM.int8()'s outlier feature dimensions of a 2-D input: the columns (ascending, int64) holding any |x| >=
+    ``threshold`` in any row (the same rule as bitsandbytes'); none where threshold is 0."""
+    if threshold <= 0:
+        return torch.zeros(0, dtype=torch.int64, device=x.device)
+    return (x.abs() >= threshold).any(dim=0).nonzero().squeeze(1)
+
+
+def quantize_zeropoint_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row zero-point int8 of a 2-D tensor, as LLM.int8()'s asymmetric variant quantizes activations: x ~
+    (codes + shift) * scale, codes int8, scale float32 [rows], shift int32 [rows] (128 minus the uint8 zero point).
+
+    The step (max(row, 0) - min(row, 0)) / 255 is never coarser than absmax's absmax / 127: a row's values use all
+    256 levels, not the half of them on one side of zero."""
+    check_float(x, finite=False)
+    if x.dim() != 2:
+        raise ValueError(f"quantize_zeropoint_rows takes a 2-D tensor, got shape {tuple(x.shape)}")
+    x = as_float32(x).contiguous()
+    ext = kernels.fast()
+    fn = ext.quantize_rowwise_zeropoint if ext is not None else reference.quantize_rowwise_zeropoint
+    codes, scale, shift, absmax = fn(x)
+    check_finite_stats(absmax)
+    return codes, scale, shift
+
+
 def dequantize_absmax(
     codes: torch.Tensor, absmax: torch.Tensor, dim: int | None = -1, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:

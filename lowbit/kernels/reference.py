@@ -69,6 +69,23 @@ def quantize_rowwise_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(x * scale.unsqueeze(1)).to(torch.int8), absmax
 
 
+def quantize_rowwise_zeropoint(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Zero-point uint8 u = clamp(round(x * (1 / scale)) + zero, 0, 255) per row of a 2-D float32 tensor, stored as the
+    int8 u - 128, with scale = (max(row, 0) - min(row, 0)) / 255 (1 where 0): (codes, scale, 128 - zero as int32,
+    row absmax). Non-finite rows get zero codes, scale 1 and shift 0 (the caller raises on their absmax)."""
+    absmax = x.abs().amax(dim=1)
+    finite = torch.isfinite(absmax).unsqueeze(1)
+    xf = torch.where(finite, x, torch.zeros_like(x))
+    lo, hi = xf.amin(dim=1).clamp(max=0), xf.amax(dim=1).clamp(min=0)
+    scale = (hi - lo) / 255.0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zero = torch.round(-lo / scale).clamp(0, 255)
+    u = torch.clamp(torch.round(xf * (1.0 / scale).unsqueeze(1)) + zero.unsqueeze(1), 0, 255)
+    codes = torch.where(finite, u - 128, torch.zeros_like(u)).to(torch.int8)
+    shift = torch.where(finite.squeeze(1), 128 - zero, torch.zeros_like(zero)).to(torch.int32)
+    return codes, scale, shift, absmax
+
+
 def quantize_ternary_2bit(x: torch.Tensor, divisor: float) -> torch.Tensor:
     """Trits clamp(round(x / divisor), -1, 1), packed 2 bits each."""
     d = torch.tensor(divisor, dtype=torch.float32)

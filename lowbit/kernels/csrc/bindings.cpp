@@ -14,6 +14,7 @@ torch::Tensor quantize_blockwise(torch::Tensor x, int64_t blocksize, torch::Tens
 torch::Tensor dequantize_blockwise(torch::Tensor q, torch::Tensor absmax, torch::Tensor code, int64_t blocksize,
                                    torch::Tensor out);
 std::vector<torch::Tensor> quantize_rowwise_int8(torch::Tensor x);
+std::vector<torch::Tensor> quantize_rowwise_zeropoint(torch::Tensor x);
 torch::Tensor quantize_ternary_2bit(torch::Tensor x, double divisor);
 
 torch::Tensor lut_permute_x(torch::Tensor x, int64_t bits);
@@ -47,6 +48,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize_blockwise", &quantize_blockwise);
   m.def("dequantize_blockwise", &dequantize_blockwise);
   m.def("quantize_rowwise_int8", &quantize_rowwise_int8);
+  m.def("quantize_rowwise_zeropoint", &quantize_rowwise_zeropoint);
   m.def("quantize_ternary_2bit", &quantize_ternary_2bit);
   // whether LutPlan(bf16_dot=True) runs: bf16-compute 4- and 2-bit GEMVs on vdpbf16ps (the avx512_bf16 build)
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)

@@ -41,6 +41,21 @@ inline float block_absmax(const float* p, int64_t len) {
   return bad == 0.f ? a : std::numeric_limits<float>::quiet_NaN();
 }
 
+// min(row, 0) and max(row, 0) of finite p[0..len), in 16 lanes (as block_absmax) so that the compiler vectorizes it.
+inline void block_minmax(const float* p, int64_t len, float& lo, float& hi) {
+  float los[16] = {0}, his[16] = {0};
+  int64_t i = 0;
+  for (; i + 16 <= len; i += 16)
+    for (int j = 0; j < 16; ++j) {
+      const float v = p[i + j];
+      los[j] = v < los[j] ? v : los[j];
+      his[j] = v > his[j] ? v : his[j];
+    }
+  lo = 0.f, hi = 0.f;
+  for (; i < len; ++i) lo = p[i] < lo ? p[i] : lo, hi = p[i] > hi ? p[i] : hi;
+  for (int j = 0; j < 16; ++j) lo = los[j] < lo ? los[j] : lo, hi = his[j] > hi ? his[j] : hi;
+}
+
 template <typename T>
 inline T from_float(float v) { return static_cast<T>(v); }
 template <>
@@ -240,6 +255,15 @@ torch::Tensor dequantize_blockwise(torch::Tensor q, torch::Tensor absmax, torch:
   return out;
 }
 
+// f(r) for each row r of a [rows, cols] tensor, rows split across threads in grains of about 16k elements.
+template <typename F>
+inline void for_each_row(int64_t rows, int64_t cols, F f) {
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) f(r);
+  });
+}
+
 // Vector-wise int8 absmax over the last dim: q = round_half_even(x * 127 * (1 / absmax)), 0 for a zero row.
 std::vector<torch::Tensor> quantize_rowwise_int8(torch::Tensor x) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "x must be 2-D contiguous float32");
@@ -249,24 +273,21 @@ std::vector<torch::Tensor> quantize_rowwise_int8(torch::Tensor x) {
   const float* px = x.data_ptr<float>();
   int8_t* pq = q.data_ptr<int8_t>();
   float* pa = absmax.data_ptr<float>();
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1));
-  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* p = px + r * cols;
-      const float a = block_absmax(p, cols);
-      pa[r] = a;
-      // 127 * (1 / a), not 127 / a: torch evaluates scalar / tensor this way, and so the reference.
-      const float s = a > 0.f ? 127.0f * (1.0f / a) : 0.f;
-      int8_t* o = pq + r * cols;
-      for (int64_t i = 0; i < cols; ++i) o[i] = static_cast<int8_t>(round_even(p[i] * s));
-    }
+  for_each_row(rows, cols, [&](int64_t r) {
+    const float* p = px + r * cols;
+    const float a = block_absmax(p, cols);
+    pa[r] = a;
+    // 127 * (1 / a), not 127 / a: torch evaluates scalar / tensor this way, and so the reference.
+    const float s = a > 0.f ? 127.0f * (1.0f / a) : 0.f;
+    int8_t* o = pq + r * cols;
+    for (int64_t i = 0; i < cols; ++i) o[i] = static_cast<int8_t>(round_even(p[i] * s));
   });
   return {q, absmax};
 }
 
-// Zero-point uint8 of each row of x, stored as the int8 u - 128, as lowbit.functional.quantize_affine(x, 8) does
-// it: lo = min(row, 0), hi = max(row, 0), scale = (hi - lo) / 255 (1 where 0), zero = round(-lo / scale), u =
-// clamp(round(x / scale) + zero, 0, 255), rounding half to even. Returns {codes, scale, 128 - zero (int32), absmax
+// Zero-point uint8 of each row of x, stored as the int8 u - 128, as lowbit.kernels.reference.quantize_rowwise_zeropoint
+// does it: lo = min(row, 0), hi = max(row, 0), scale = (hi - lo) / 255 (1 where 0), zero = round(-lo / scale), u =
+// clamp(round(x * (1 / scale)) + zero, 0, 255), rounding half to even. Returns {codes, scale, 128 - zero (int32), absmax
 // (NaN where a row holds NaN or Inf)}.
 std::vector<torch::Tensor> quantize_rowwise_zeropoint(torch::Tensor x) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "x must be 2-D contiguous float32");
@@ -276,27 +297,30 @@ std::vector<torch::Tensor> quantize_rowwise_zeropoint(torch::Tensor x) {
   auto shift = torch::empty({rows}, torch::kInt32);
   const float* px = x.data_ptr<float>();
   int8_t* pq = q.data_ptr<int8_t>();
-  for (int64_t r = 0; r < rows; ++r) {
+  float *ps = scale.data_ptr<float>(), *pa = absmax.data_ptr<float>();
+  int32_t* pz = shift.data_ptr<int32_t>();
+  for_each_row(rows, cols, [&](int64_t r) {
     const float* p = px + r * cols;
     const float a = block_absmax(p, cols);
-    absmax.data_ptr<float>()[r] = a;
+    pa[r] = a;
     int8_t* o = pq + r * cols;
     if (!std::isfinite(a)) {  // the caller raises; no codes from NaN (a float -> int cast of NaN is undefined)
-      std::memset(o, 0, cols), scale.data_ptr<float>()[r] = 1.f, shift.data_ptr<int32_t>()[r] = 0;
-      continue;
+      std::memset(o, 0, cols), ps[r] = 1.f, pz[r] = 0;
+      return;
     }
-    float lo = 0.f, hi = 0.f;
-    for (int64_t i = 0; i < cols; ++i) lo = p[i] < lo ? p[i] : lo, hi = p[i] > hi ? p[i] : hi;
+    float lo, hi;
+    block_minmax(p, cols, lo, hi);
     float s = (hi - lo) / 255.0f;
     s = s > 0.f ? s : 1.0f;
     const float zero = std::min(std::max(round_even(-lo / s), 0.f), 255.f);
-    scale.data_ptr<float>()[r] = s;
-    shift.data_ptr<int32_t>()[r] = 128 - static_cast<int32_t>(zero);
+    ps[r] = s;
+    pz[r] = 128 - static_cast<int32_t>(zero);
+    const float inv = 1.0f / s;  // a multiply per element, not a divide; the reference does the same
     for (int64_t i = 0; i < cols; ++i) {
-      const float u = std::min(std::max(round_even(p[i] / s) + zero, 0.f), 255.f);
+      const float u = std::min(std::max(round_even(p[i] * inv) + zero, 0.f), 255.f);
       o[i] = static_cast<int8_t>(static_cast<int32_t>(u) - 128);
     }
-  }
+  });
   return {q, scale, shift, absmax};
 }
 
