@@ -2,8 +2,7 @@
 architectures where no trained weights can be downloaded.
 
 Trained LLMs put their large activations in a few fixed feature dimensions (Dettmers et al., 2022: magnitudes up
-to 20x the rest from 6.7B parameters on; Gemma's are larger still). A random model has none: its norms are all
-ones. ``outlier_model`` gives a few dimensions of every block's norm a gain of ``gain`` (e.g. 10-40), so each
+to 20x the other dimensions'). A random model has none: its norms are all ones. ``outlier_model`` gives a few dimensions of every block's norm a gain of ``gain`` (e.g. 10-40), so each
 linear layer that reads a normed input sees those columns at |x| >= 6 on most tokens, as LLM.int8's outlier
 decomposition must handle; layers reading other inputs (o_proj, down_proj) keep the architecture's own statistics.
 """

@@ -35,7 +35,7 @@ def _rowwise(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def outlier_columns(x: torch.Tensor, threshold: float) -> torch.Tensor:
     """LLM.int8()'s outlier feature dimensions of a 2-D input: the columns (ascending, int64) holding any |x| >=
-    ``threshold`` in any row (the same rule as bitsandbytes'); none where threshold is 0."""
+    ``threshold`` in any row (bitsandbytes' rule, which it applies to fp16(x): docs/int8.md); none where threshold is 0."""
     if threshold <= 0:
         return torch.zeros(0, dtype=torch.int64, device=x.device)
     return (x.abs() >= threshold).any(dim=0).nonzero().squeeze(1)
