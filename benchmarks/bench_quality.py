@@ -138,6 +138,8 @@ def main() -> None:
     ap.add_argument("--extra-text", action="append", default=[], type=Path,
                     help="another text file to score SmolLM2 on (repeatable; e.g. the Python docs' sources of "
                          "apt-get install python3.11-doc, /usr/share/doc/python3.11/html/_sources/...)")
+    ap.add_argument("--bf16-model", action="store_true",
+                    help="cast SmolLM2 to bfloat16 before each method (the fp32 model stays the reference)")
     args = ap.parse_args()
     from lowbit.eval.speed import machine
 
@@ -163,7 +165,10 @@ def main() -> None:
             variants["bitsandbytes NF4 + DQ (eval)"] = lambda m: bnb_swap(m, "nf4")
             # In training mode bitsandbytes' CPU path dequantizes the weight and never quantizes activations.
             variants["bitsandbytes Linear8bitLt 6.0 (training mode)"] = lambda m: bnb_swap(m, "int8").train()
-    rows = run_rows(model, variants, texts, "smollm2")
+    if args.bf16_model:  # a model loaded in bf16 (transformers' dtype="auto" for bf16 checkpoints), then quantized
+        variants = {name: f if name == "fp32" else (lambda m, f=f: f(m.to(torch.bfloat16)))
+                    for name, f in {"fp32": variants.pop("fp32"), "bf16": lambda m: m, **variants}.items()}
+    rows = run_rows(model, variants, texts, "smollm2-bf16" if args.bf16_model else "smollm2")
     for row in rows:
         if row["method"].startswith("lowbit"):
             m = variants[row["method"]](copy.deepcopy(model))
