@@ -11,14 +11,17 @@ layer's real inputs and prints the relative error ||y - y_fp32|| / ||y_fp32|| of
              outlier elements before its absmax, so the small values of an outlier column still set the scale)
   lowbit-absmax  lowbit Int8Linear(activations="absmax"): +fp32 and +cols together, lowbit's kernels
   lowbit     lowbit Int8Linear() (zero-point activations, the default)
-and, per layer, whether both libraries chose the same outlier columns.
+and, per layer, whether both libraries chose the same outlier columns. Last, the speed of zero-point against absmax
+activations on a SmolLM2 block's seven layers (decode and 128-token prefill, interleaved rounds).
 
 Usage: python benchmarks/bench_int8_layers.py [--archs smollm2,llama,gemma,gemma2,gemma3,qwen2,opt] [--tokens 512]
+       [--speed-only]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -97,10 +100,32 @@ def compare_layer(x: torch.Tensor, linear: torch.nn.Linear, threshold: float = 6
 VARIANTS = ("bnb", "bnb-rule", "+fp32", "+cols", "lowbit-absmax", "lowbit")
 
 
+@torch.no_grad()
+def block_speed(model, ids: torch.Tensor, rounds: int = 15) -> dict:
+    """ms for one pass over block 0's linear layers, zero-point against absmax activations, decode (1 token) and
+    prefill (128 tokens) on their real inputs: the minimum over ``rounds`` interleaved rounds (the two differ by less
+    than a busy machine's noise, so a median of separate runs cannot order them)."""
+    inputs = {n: x for n, x in layer_inputs(model, ids).items() if ".layers.0." in n}
+    layers = {a: [(Int8Linear.from_linear(model.get_submodule(n), activations=a), x) for n, x in inputs.items()]
+              for a in ("zeropoint", "absmax")}
+    best = {}
+    for rows, reps in ((1, 200), (128, 10)):
+        for _ in range(rounds):
+            for a, pairs in layers.items():
+                start = time.perf_counter()
+                for _ in range(reps):
+                    for layer, x in pairs:
+                        layer(x[:rows])
+                ms = (time.perf_counter() - start) / reps * 1e3
+                best[(rows, a)] = min(best.get((rows, a), ms), ms)
+    return {f"{'decode' if rows == 1 else 'prefill 128'} {a}": ms for (rows, a), ms in best.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--archs", default="smollm2," + ",".join(ARCHITECTURES))
     ap.add_argument("--tokens", type=int, default=512)
+    ap.add_argument("--speed-only", action="store_true", help="only the zero-point / absmax timing of a SmolLM2 block")
     args = ap.parse_args()
     from lowbit.app.models import load_default_model
     from lowbit.eval.speed import machine
@@ -108,7 +133,7 @@ def main() -> None:
     print(f"machine: {machine()}")
     smol, tok = load_default_model()
     results = {}
-    for arch in args.archs.split(","):
+    for arch in [] if args.speed_only else args.archs.split(","):
         runs = []
         if arch == "smollm2":
             for tname, path in TEXTS.items():
@@ -137,6 +162,10 @@ def main() -> None:
                   f"{len(worse_abs)}; worst lowbit / bnb {ratio:.3f}; bnb-rule vs bnb max |diff| "
                   f"{max(r['rule_vs_bnb'] for r in rows.values()):.2e}; outlier columns equal in "
                   f"{sum(r['same_cols'] for r in rows.values())} of {len(rows)} layers")
+    speed = block_speed(smol, tok(TEXTS["python-tutorial"].read_text()[:20_000], return_tensors="pt").input_ids[:, :128])
+    print("\nSmolLM2 block 0's 7 linear layers, ms per pass (min of 15 interleaved rounds): " +
+          ", ".join(f"{k} {v:.3f}" for k, v in speed.items()))
+    results["block_speed_ms"] = speed
     out = Path(__file__).parent / "results" / "int8_layers.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"machine": machine(), "tokens": args.tokens, "results": results}, indent=1))

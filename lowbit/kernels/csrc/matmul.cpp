@@ -998,7 +998,7 @@ torch::Tensor int8_int8_gemv(torch::Tensor xq, torch::Tensor codes, torch::Tenso
 }
 
 std::vector<torch::Tensor> quantize_rowwise_int8(torch::Tensor x);
-std::vector<torch::Tensor> quantize_rowwise_zeropoint(torch::Tensor x);
+void zeropoint_row(const float* p, int64_t cols, int8_t* o, float& scale, int32_t& shift, float& absmax);
 
 torch::Tensor ternary_gemv(torch::Tensor xq, torch::Tensor packed, int64_t N);
 
@@ -1007,7 +1007,7 @@ torch::Tensor ternary_gemv(torch::Tensor xq, torch::Tensor packed, int64_t N);
 // Int8 with threshold > 0: the feature columns where any |x| >= threshold are taken out of the int8 product and
 // multiplied in float32 with the dequantized weight columns. Returns y [M, N] = acc * x_absmax / 127 *
 // row_scale (one per row, or one for all), plus the outlier product; x's row absmax; whether all are finite.
-// zero_point (int8 weights): x rows quantized with a zero point instead (quantize_rowwise_zeropoint), y = (acc +
+// zero_point (int8 weights): x rows quantized with a zero point instead (zeropoint_row), y = (acc +
 // (128 - zero) * code_sum) * x_scale * row_scale.
 std::tuple<torch::Tensor, torch::Tensor, bool> q8_gemv(torch::Tensor x, torch::Tensor weight,
                                                        c10::optional<torch::Tensor> code_sums, torch::Tensor row_scale,
@@ -1037,13 +1037,23 @@ std::tuple<torch::Tensor, torch::Tensor, bool> q8_gemv(torch::Tensor x, torch::T
     for (int64_t m = 0; m < M; ++m)
       for (size_t j = 0; j < cols.size(); ++j) xo[m * cols.size() + j] = px[m * K + cols[j]], px[m * K + cols[j]] = 0.f;
   }
-  auto q = zero_point ? quantize_rowwise_zeropoint(xz) : quantize_rowwise_int8(xz);
-  auto stats = zero_point ? q[3] : q[1];
+  torch::Tensor codes, stats;
+  std::vector<float> zscale;  // zero point: the rows' scales and shifts, in plain vectors (two tensors fewer a call)
+  std::vector<int32_t> zshift;
+  if (zero_point) {
+    codes = torch::empty({M, K}, torch::kInt8), stats = torch::empty({M}, torch::kFloat32);
+    zscale.resize(M), zshift.resize(M);
+    for (int64_t m = 0; m < M; ++m)
+      zeropoint_row(px + m * K, K, codes.data_ptr<int8_t>() + m * K, zscale[m], zshift[m], stats.data_ptr<float>()[m]);
+  } else {
+    auto q = quantize_rowwise_int8(xz);
+    codes = q[0], stats = q[1];
+  }
   const float* absmax = stats.data_ptr<float>();
   bool finite = true;
   for (int64_t m = 0; m < M; ++m) finite &= std::isfinite(absmax[m]);
-  auto acc = ternary ? ternary_gemv(q[0], weight, N) : int8_int8_gemv(q[0], weight, *code_sums);
-  const int32_t* shift = zero_point ? q[2].data_ptr<int32_t>() : nullptr;
+  auto acc = ternary ? ternary_gemv(codes, weight, N) : int8_int8_gemv(codes, weight, *code_sums);
+  const int32_t* shift = zero_point ? zshift.data() : nullptr;
   const torch::Tensor sums_t = zero_point ? code_sums->contiguous() : torch::Tensor();
   const int32_t* sums = zero_point ? sums_t.data_ptr<int32_t>() : nullptr;
   const int32_t* pa = acc.data_ptr<int32_t>();
@@ -1053,7 +1063,7 @@ std::tuple<torch::Tensor, torch::Tensor, bool> q8_gemv(torch::Tensor x, torch::T
   auto y = torch::empty({M, N}, torch::kFloat32);
   float* py = y.data_ptr<float>();
   for (int64_t m = 0; m < M; ++m) {
-    const float xs = zero_point ? q[1].data_ptr<float>()[m] : absmax[m] / 127.0f;
+    const float xs = zero_point ? zscale[m] : absmax[m] / 127.0f;
     for (int64_t n = 0; n < N; ++n) {
       const float r = rs[n * rstride];
       const int32_t a = pa[m * N + n] + (shift ? shift[m] * sums[n] : 0);

@@ -285,6 +285,28 @@ std::vector<torch::Tensor> quantize_rowwise_int8(torch::Tensor x) {
   return {q, absmax};
 }
 
+// One row of quantize_rowwise_zeropoint: codes into o, and the row's scale, shift (128 - zero) and absmax.
+void zeropoint_row(const float* p, int64_t cols, int8_t* o, float& scale, int32_t& shift, float& absmax) {
+  const float a = block_absmax(p, cols);
+  absmax = a;
+  if (!std::isfinite(a)) {  // the caller raises; no codes from NaN (a float -> int cast of NaN is undefined)
+    std::memset(o, 0, cols), scale = 1.f, shift = 0;
+    return;
+  }
+  float lo, hi;
+  block_minmax(p, cols, lo, hi);
+  float s = (hi - lo) / 255.0f;
+  s = s > 0.f ? s : 1.0f;
+  const float zero = std::min(std::max(round_even(-lo / s), 0.f), 255.f);
+  scale = s;
+  shift = 128 - static_cast<int32_t>(zero);
+  const float inv = 1.0f / s;  // a multiply per element, not a divide; the reference does the same
+  for (int64_t i = 0; i < cols; ++i) {
+    const float u = std::min(std::max(round_even(p[i] * inv) + zero, 0.f), 255.f);
+    o[i] = static_cast<int8_t>(static_cast<int32_t>(u) - 128);
+  }
+}
+
 // Zero-point uint8 of each row of x, stored as the int8 u - 128, as lowbit.kernels.reference.quantize_rowwise_zeropoint
 // does it: lo = min(row, 0), hi = max(row, 0), scale = (hi - lo) / 255 (1 where 0), zero = round(-lo / scale), u =
 // clamp(round(x * (1 / scale)) + zero, 0, 255), rounding half to even. Returns {codes, scale, 128 - zero (int32), absmax
@@ -299,28 +321,7 @@ std::vector<torch::Tensor> quantize_rowwise_zeropoint(torch::Tensor x) {
   int8_t* pq = q.data_ptr<int8_t>();
   float *ps = scale.data_ptr<float>(), *pa = absmax.data_ptr<float>();
   int32_t* pz = shift.data_ptr<int32_t>();
-  for_each_row(rows, cols, [&](int64_t r) {
-    const float* p = px + r * cols;
-    const float a = block_absmax(p, cols);
-    pa[r] = a;
-    int8_t* o = pq + r * cols;
-    if (!std::isfinite(a)) {  // the caller raises; no codes from NaN (a float -> int cast of NaN is undefined)
-      std::memset(o, 0, cols), ps[r] = 1.f, pz[r] = 0;
-      return;
-    }
-    float lo, hi;
-    block_minmax(p, cols, lo, hi);
-    float s = (hi - lo) / 255.0f;
-    s = s > 0.f ? s : 1.0f;
-    const float zero = std::min(std::max(round_even(-lo / s), 0.f), 255.f);
-    ps[r] = s;
-    pz[r] = 128 - static_cast<int32_t>(zero);
-    const float inv = 1.0f / s;  // a multiply per element, not a divide; the reference does the same
-    for (int64_t i = 0; i < cols; ++i) {
-      const float u = std::min(std::max(round_even(p[i] * inv) + zero, 0.f), 255.f);
-      o[i] = static_cast<int8_t>(static_cast<int32_t>(u) - 128);
-    }
-  });
+  for_each_row(rows, cols, [&](int64_t r) { zeropoint_row(px + r * cols, cols, pq + r * cols, ps[r], pz[r], pa[r]); });
   return {q, scale, shift, absmax};
 }
 
