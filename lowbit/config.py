@@ -70,6 +70,16 @@ class _Config:
         return json.dumps(self.to_dict())
 
 
+INT8_ACTIVATIONS = ("zeropoint", "absmax")
+
+
+def int8_activations(activations: str | None, weight_only: bool) -> str | None:
+    """``activations`` as given, or its default: zero-point, or absmax (unused) for weight-only int8."""
+    if activations is not None:
+        return activations
+    return "absmax" if weight_only else "zeropoint"
+
+
 @dataclass
 class Int8Config(_Config):
     """LLM.int8(): int8 weights and activations, outlier columns (|x| >= threshold) in float."""
@@ -84,9 +94,8 @@ class Int8Config(_Config):
     def check(self) -> None:
         _number(self.threshold, "threshold", 0.0)  # 0 (or inf) turns the outlier split off
         _choice(self.weight_only, "weight_only", (True, False))
-        if self.activations is None:
-            self.activations = "absmax" if self.weight_only else "zeropoint"
-        _choice(self.activations, "activations", ("zeropoint", "absmax"))
+        self.activations = int8_activations(self.activations, self.weight_only)
+        _choice(self.activations, "activations", INT8_ACTIVATIONS)
         if self.weight_only and self.activations != "absmax":
             raise ValueError("activations applies to int8 activations: weight_only=True keeps them in float")
 

@@ -4,13 +4,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lowbit.config import INT8_ACTIVATIONS, int8_activations
 from lowbit.functional import outlier_columns, quantize_absmax, quantize_zeropoint_rows
 from lowbit.functional.validate import check_finite_stats
 from lowbit.kernels.matmul import cpu_kernels, int8_int8, int8_linear, q8_gemv
 from lowbit.nn.base import QuantLinear, linear_weight, needs_autograd
-
-
-ACTIVATIONS = ("zeropoint", "absmax")
 
 
 class Int8Linear(QuantLinear):
@@ -27,10 +25,9 @@ class Int8Linear(QuantLinear):
                  weight_only: bool = False, compute_dtype: torch.dtype = torch.float32,
                  activations: str | None = None) -> None:
         super().__init__(in_features, out_features, bias, compute_dtype)
-        if activations is None:  # zero-point; weight-only layers have no int8 activations (and keep their old kwargs)
-            activations = "absmax" if weight_only else "zeropoint"
-        if activations not in ACTIVATIONS:
-            raise ValueError(f"activations must be one of {ACTIVATIONS}, got {activations!r}")
+        activations = int8_activations(activations, weight_only)  # weight-only layers keep their old kwargs: absmax
+        if activations not in INT8_ACTIVATIONS:
+            raise ValueError(f"activations must be one of {INT8_ACTIVATIONS}, got {activations!r}")
         if threshold < 0:
             raise ValueError(f"threshold must be >= 0 (0 turns decomposition off), got {threshold}")
         self.threshold, self.weight_only, self.activations = float(threshold), weight_only, activations
@@ -104,8 +101,6 @@ class Int8Linear(QuantLinear):
         if outliers.numel():
             x_out = x2[:, outliers]
             x2 = x2.index_fill(1, outliers, 0.0)  # the token's scale then comes from the other columns only
-        else:
-            outliers = None
         if self.activations == "absmax":
             xq, x_absmax = quantize_absmax(x2.float(), dim=-1)
             x_scale, x_shift = x_absmax / 127, None
@@ -118,7 +113,7 @@ class Int8Linear(QuantLinear):
         if x_shift is not None:  # the zero point times each weight row's code sum, still in integers
             acc = acc.addr_(x_shift, self._code_sums())
         y = (acc.to(torch.float32) * x_scale.unsqueeze(1)).to(self.compute_dtype) * row_scale
-        if outliers is not None:
+        if outliers.numel():
             w_out = self.weight_codes[:, outliers].to(self.compute_dtype) * row_scale.unsqueeze(1)
             y = y + x_out @ w_out.t()
         return self._finish(y, dtype).reshape(*shape[:-1], self.out_features)
