@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from lowbit.app.synthetic import ARCHITECTURES, outlier_model
+from lowbit.functional import outlier_columns
 from lowbit.nn import Int8Linear
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
@@ -81,19 +82,20 @@ def compare_layer(x: torch.Tensor, linear: torch.nn.Linear, threshold: float = 6
                                        None if linear.bias is None else linear.bias.double())
     err = lambda y: float((y.double() - exact).norm() / exact.norm())
     _, _, bnb_cols = bf.int8_vectorwise_quant(x.half(), threshold=threshold)
-    lowbit_cols = (x.abs() >= threshold).any(0).nonzero().squeeze(1)
+    bnb_cols = torch.zeros(0, dtype=torch.int64) if bnb_cols is None else bnb_cols.long()
+    lowbit_cols = outlier_columns(x, threshold)
+    theirs, rule = bnb_int8_layer(linear, threshold)(x).double(), bnb_rule(x, linear, threshold)
     row = {
         "outlier_cols": int(lowbit_cols.numel()),
-        "same_cols": bnb_cols is not None and torch.equal(bnb_cols.cpu().long(), lowbit_cols) or
-                     (bnb_cols is None or bnb_cols.numel() == 0) and lowbit_cols.numel() == 0,
-        "bnb": err(bnb_int8_layer(linear, threshold)(x)),
-        "bnb-rule": err(bnb_rule(x, linear, threshold)),
+        "same_cols": torch.equal(bnb_cols, lowbit_cols),
+        "bnb": err(theirs),
+        "bnb-rule": err(rule),
         "+fp32": err(bnb_rule(x, linear, threshold, fp16=False)),
         "+cols": err(bnb_rule(x, linear, threshold, cols_scale=True)),
         "lowbit-absmax": err(Int8Linear.from_linear(linear, threshold, activations="absmax")(x)),
         "lowbit": err(Int8Linear.from_linear(linear, threshold)(x)),
+        "rule_vs_bnb": float((rule - theirs).abs().max()),
     }
-    row["rule_vs_bnb"] = float((bnb_rule(x, linear, threshold) - bnb_int8_layer(linear, threshold)(x).double()).abs().max())
     return row
 
 
