@@ -98,6 +98,10 @@ class StaticDecoder:
             raise ValueError(f"StaticDecoder: {why}")
         config, inner = model.config, model.model
         self.max_len, self.pos = max_len, 0
+        # Set by the first padded call: which cached positions hold real tokens, and each row's real-token count
+        # (its next RoPE position). None keeps every row's positions 0, 1, 2... and no key mask.
+        self.real: torch.Tensor | None = None
+        self.seen: torch.Tensor | None = None
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.embed, self.head = inner.embed_tokens, _call(model.lm_head)
@@ -133,19 +137,47 @@ class StaticDecoder:
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
         return weight * h.to(x.dtype)
 
+    def _padded(self, real: torch.Tensor, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """cos and sin [batch, 1, t, head_dim] at each row's own positions, and the attention mask [batch, 1, t, end]
+        (True: attend) of a call whose tokens ``real`` [batch, t] marks (False: padding)."""
+        self.real[:, start:end] = real
+        # Each row counts its real tokens only; padding repeats the position before it (no real token sees it).
+        positions = (self.seen[:, None] + real.cumsum(-1) - 1).clamp(min=0)
+        self.seen = self.seen + real.sum(-1)
+        query = torch.arange(start, end, device=real.device)[:, None]
+        key = torch.arange(end, device=real.device)[None]
+        # Padded keys are hidden, but a padded query still sees itself: a softmax row of only -inf is NaN, which
+        # would reach the real rows through 0 * NaN in the values product.
+        mask = (key <= query) & (self.real[:, None, :end] | (key == query))
+        return self.cos[positions][:, None], self.sin[positions][:, None], mask[:, None]
+
     @torch.no_grad()
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """Logits [batch, vocab] of the last of ``ids`` [batch, T] given everything decoded before them."""
+    def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [batch, vocab] of the last of ``ids`` [batch, T] given everything decoded before them.
+
+        ``attention_mask`` [batch, T] (1: token, 0: padding) hides padding from every later token and leaves it out
+        of the positions: each row's tokens take RoPE positions 0, 1, 2... counting its own real tokens. The last
+        column must be real in every row (left padding) for its logits to mean anything."""
         b, t = ids.shape
         start, end = self.pos, self.pos + t
         if end > self.max_len:
             raise ValueError(f"StaticDecoder: {end} positions exceed the cache's {self.max_len}")
-        cos, sin = self.cos[start:end], self.sin[start:end]
-        # Prefill from an empty cache is plainly causal; one step attends to every cached position; several tokens
-        # after a filled cache each see the cache and the new tokens up to themselves.
-        causal, mask = start == 0 and t > 1, None
-        if start > 0 and t > 1:
-            mask = torch.arange(end, device=ids.device)[None] <= torch.arange(start, end, device=ids.device)[:, None]
+        if self.real is None and attention_mask is not None and not bool(attention_mask.all()):
+            # The first padding: every position cached so far was a real token.
+            self.real = torch.ones(b, self.max_len, dtype=torch.bool, device=ids.device)
+            self.seen = torch.full((b,), start, dtype=torch.long, device=ids.device)
+        if self.real is not None:
+            real = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+            cos, sin, mask = self._padded(real, start, end)
+            causal = False
+        else:
+            cos, sin = self.cos[start:end], self.sin[start:end]
+            # Prefill from an empty cache is plainly causal; one step attends to every cached position; several
+            # tokens after a filled cache each see the cache and the new tokens up to themselves.
+            causal, mask = start == 0 and t > 1, None
+            if start > 0 and t > 1:
+                key, query = torch.arange(end, device=ids.device), torch.arange(start, end, device=ids.device)
+                mask = key[None] <= query[:, None]
         x = self.embed(ids)
         for blk in self.blocks:
             h = self._norm(x, blk["norm1"])
@@ -162,6 +194,8 @@ class StaticDecoder:
             # One float32 query per kv head group: three small matmuls beat SDPA's kernel setup (33 us a call).
             if t == 1 and x.dtype == torch.float32:
                 scores = q.reshape(b, self.kv_heads, -1, self.head_dim) @ keys.transpose(2, 3) * blk["scaling"]
+                if mask is not None:  # padding cached: [b, 1, 1, end] over [b, kv heads, group, end]
+                    scores = scores.masked_fill(~mask, float("-inf"))
                 attn = (scores.softmax(-1) @ values).view(b, self.heads, 1, self.head_dim)
             else:
                 attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal,
