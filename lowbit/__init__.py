@@ -9,9 +9,11 @@ from lowbit.quantize import quantize  # noqa: E402
 from lowbit.embeddings import quantize_embeddings  # noqa: E402
 from lowbit.plan import Plan  # noqa: E402
 from lowbit.stream import quantize_checkpoint  # noqa: E402
-from lowbit.interop.hf_hook import register_with_transformers  # noqa: E402
+from lowbit.interop.hf_hook import register_integrations  # noqa: E402
 
-register_with_transformers()  # AutoModelForCausalLM.from_pretrained(dir) opens lowbit checkpoints from here on
+# From here on AutoModelForCausalLM.from_pretrained(dir) opens lowbit checkpoints and PEFT adapters load onto lowbit
+# models, without lowbit.train imported.
+register_integrations()
 
 
 

@@ -72,7 +72,8 @@ def _create_new_module(lora_config, adapter_name, target, **kwargs):
 
 
 def register_with_peft() -> None:
-    """Make PEFT's LoRA wrap lowbit layers with ``LoraQuantLinear`` (idempotent; done on importing lowbit.train)."""
+    """Make PEFT's LoRA wrap lowbit layers with ``LoraQuantLinear`` (idempotent; done on importing this module, which
+    ``import lowbit`` arranges as soon as peft is imported: lowbit.interop.hf_hook)."""
     LoraModel._create_new_module = staticmethod(_create_new_module)
 
 

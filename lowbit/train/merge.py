@@ -1,6 +1,8 @@
 """Deploying trained adapters: fold them into the base, re-quantized or in full precision."""
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
@@ -9,12 +11,12 @@ from lowbit.nn.base import check_plain_linear, replace_module
 from lowbit.train.lora import LoraQuantLinear
 
 
-def _merged_weight(layer: LoraQuantLinear) -> torch.Tensor:
-    check_plain_linear(layer.base_layer, "an adapted layer")
+def _merged_weight(name: str, layer: LoraQuantLinear) -> torch.Tensor:
+    check_plain_linear(layer.base_layer, name)
     w = layer.base_layer.dequantize().float()
-    for name in layer.active_adapters:
-        if name in layer.lora_A:
-            w = w + layer.get_delta_weight(name)
+    for adapter in layer.active_adapters:
+        if adapter in layer.lora_A:
+            w = w + layer.get_delta_weight(adapter)
     return w
 
 
@@ -37,8 +39,26 @@ def merge_to_full_precision(peft_model: nn.Module) -> nn.Module:
     model = _unwrap(peft_model)
     for name, m in list(model.named_modules()):
         if isinstance(m, LoraQuantLinear):
-            replace_module(model, name, _dense(_merged_weight(m), m.base_layer.bias))
+            replace_module(model, name, _dense(_merged_weight(name, m), m.base_layer.bias))
     return model
+
+
+def _requantized(name: str, base: QuantLinear, weight: torch.Tensor) -> QuantLinear:
+    """``weight`` rounded to nearest into a layer of ``base``'s type and settings."""
+    settings = base.init_kwargs()
+    # from_linear takes the quantization settings only: the shape and bias come from the dense layer, and a
+    # constructor-only setting (IntLinear's zero_dtype, BitLinear's input_norm) is one it does not choose.
+    accepted = list(inspect.signature(type(base).from_linear).parameters)[1:]
+    kwargs = {k: v for k, v in settings.items() if k in accepted}
+    if "compute_dtype" in kwargs:
+        kwargs["compute_dtype"] = getattr(torch, kwargs["compute_dtype"])
+    layer = type(base).from_linear(_dense(weight, base.bias), **kwargs)
+    rebuilt = layer.init_kwargs()
+    lost = {k: v for k, v in settings.items() if rebuilt.get(k) != v}
+    if lost:
+        raise ValueError(f"{name}: {type(base).__name__}.from_linear cannot re-quantize with this layer's settings "
+                         f"{lost}; use merge_to_full_precision")
+    return layer
 
 
 def merge_and_requantize(peft_model: nn.Module) -> nn.Module:
@@ -52,9 +72,5 @@ def merge_and_requantize(peft_model: nn.Module) -> nn.Module:
         if isinstance(base, SpQRLinear):
             raise TypeError(f"{name}: SpQR needs calibration data to re-quantize; merge_to_full_precision, then "
                             "lowbit.quantize(model, SpQRConfig(...), calibration=...)")
-        kwargs = {k: v for k, v in base.init_kwargs().items() if k not in ("in_features", "out_features", "bias")}
-        if "compute_dtype" in kwargs:
-            kwargs["compute_dtype"] = getattr(torch, kwargs["compute_dtype"])
-        new = type(base).from_linear(_dense(_merged_weight(m), base.bias), **kwargs)
-        replace_module(model, name, new)
+        replace_module(model, name, _requantized(name, base, _merged_weight(name, m)))
     return model
