@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from lowbit.calibrate.gptq import gptq_sweep, inverse_hessian
+from lowbit.functional import fixed_order
 from lowbit.functional.grouped import (SpQRWeight, dequantize_stats, grid_values, minmax_stats, quantize_stats,
                                       round_to_grid)
 
@@ -39,7 +40,7 @@ def spqr_quantize(W: torch.Tensor, H: torch.Tensor, bits: int = 3, group_size: i
         g, width = col // group_size, G.shape[1]
         s, z = minmax_stats(G, bits)
         score = ((G - grid_values(G, s[:, None], z[:, None], bits)) / d[col:col + width]) ** 2
-        mask = score > outlier_threshold * score.mean()
+        mask = score > outlier_threshold * fixed_order.mean(score)  # the same outliers at any thread count
         if int(mask.sum()) > budget:  # keep only the most sensitive within the budget
             top = score.flatten().topk(budget).indices if budget else torch.empty(0, dtype=torch.long)
             mask = torch.zeros_like(mask).view(-1).index_fill_(0, top, True).view_as(mask)

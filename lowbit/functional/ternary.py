@@ -5,6 +5,7 @@ import torch
 
 from lowbit import kernels
 from lowbit.formats.packing import unpack_ternary_2bit
+from lowbit.functional import fixed_order
 from lowbit.functional.absmax import dequantize_absmax, quantize_absmax
 from lowbit.functional.validate import as_float32, check_finite_stats, check_float
 from lowbit.kernels import reference
@@ -17,7 +18,7 @@ def quantize_ternary(w: torch.Tensor, eps: float = ABSMEAN_EPS) -> tuple[torch.T
     Returns (trits packed 2 bits each as uint8, gamma as float32 scalar); w ~ trits * gamma."""
     check_float(w, finite=False)
     wf = as_float32(w).reshape(-1)
-    gamma = torch.linalg.vector_norm(wf, 1) / wf.numel()  # mean |w|; NaN or Inf when w holds any
+    gamma = fixed_order.mean_abs(wf)  # NaN or Inf when w holds any; the same at any thread count
     check_finite_stats(gamma)
     divisor = float(gamma) + eps
     ext = kernels.fast()
