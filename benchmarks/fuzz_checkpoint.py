@@ -1,4 +1,5 @@
-"""Fuzz lowbit.load and the bitsandbytes-checkpoint loader with N mutated checkpoints each (issue 14 item 3).
+"""Fuzz lowbit.load, transformers' from_pretrained and the bitsandbytes-checkpoint loader with N mutated checkpoints
+each (issue 14 item 3; value mutations, issue 32).
 
 Every case must load or raise CheckpointError within 2 s of CPU time; the address space is capped at the start's + 2 GiB, so an
 allocation that the (50-100 kB) files cannot justify fails its case. Prints the counts and the outcome.
@@ -21,7 +22,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", type=int, default=10_000, help="cases per reader")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--readers", default="lowbit,bnb", help="lowbit, bnb or both")
+    ap.add_argument("--readers", default="lowbit,hf,values,values-hf,bnb",
+                    help="comma-separated: lowbit / hf (manifest and shard mutations through lowbit.load / "
+                         "from_pretrained), values / values-hf (value mutations, checksums fixed), bnb")
     args = ap.parse_args()
     import os
 
@@ -42,6 +45,9 @@ def main() -> None:
     vm = int(next(line for line in open("/proc/self/status") if line.startswith("VmSize")).split()[1]) * 1024
     resource.setrlimit(resource.RLIMIT_AS, (vm + (2 << 30), resource.RLIM_INFINITY))
     readers = {"lowbit": ("lowbit.load", fz.mutated_lowbit, fz.read_lowbit, good[0]),
+               "hf": ("from_pretrained", fz.mutated_lowbit, fz.read_hf, good[0]),
+               "values": ("lowbit.load, values", fz.mutated_values, fz.read_lowbit, good[2]),
+               "values-hf": ("from_pretrained, values", fz.mutated_values, fz.read_hf, good[2]),
                "bnb": ("load_bnb_checkpoint", fz.mutated_bnb, fz.read_bnb, good[1])}
     for name, mutate, read, base in (readers[r] for r in args.readers.split(",")):
         counts = Counter()
@@ -54,7 +60,7 @@ def main() -> None:
         @given(st.data())
         def case(data):
             counts["cases"] += 1
-            fz.check_case(read(mutate(data.draw, base, root / "case")), counts)
+            fz.check_case(read(mutate(data.draw, base, root / "case")), counts, forward=mutate is fz.mutated_values)
 
         try:
             case()

@@ -22,6 +22,8 @@ from torch import nn
 
 import lowbit
 from lowbit.config import _DTYPES, config_from_dict
+from lowbit.folderlock import LOCK_NAME, FolderLock, busy_error, writer_pid
+from lowbit.jsonfile import JSONFileError, read_json
 from lowbit.manifest import CONFIG_ERRORS, CheckpointError, check_config_scale, safe_file, validate
 from lowbit.nn import BitLinear, HalfLinear, Int8Linear, IntLinear, Linear4bit, QuantEmbedding, QuantLinear, SpQRLinear
 from lowbit.nn.base import is_linear_like, linear_weight
@@ -30,9 +32,12 @@ from lowbit.shards import ShardError, ShardWriter, fsync, map_tensors
 FORMAT, FORMAT_VERSION, MANIFEST = "lowbit", 1, "lowbit.json"
 LAYER_TYPES = {cls.__name__: cls for cls in (Int8Linear, Linear4bit, BitLinear, IntLinear, SpQRLinear, HalfLinear,
                                               QuantEmbedding)}
+# Files a save removes as leftovers of earlier ones. The write lock (LOCK_NAME) is not among them: the save holding
+# it removes it as it unlocks, and the next save takes over one left by a killed process.
 _OURS = ("model-*.safetensors", "model-*.tmp", "tokenizer-*", f"{MANIFEST}.*.tmp")
 _FLOAT_DTYPES = {**_DTYPES, "float64": torch.float64}
-__all__ = ["CheckpointError", "save", "load", "load_tokenizer", "read_manifest", "check_target"]
+__all__ = ["CheckpointError", "save", "load", "load_tokenizer", "read_manifest", "check_target", "check_layers",
+           "check_shard_layout", "layer_layout", "swap_layers", "verify_shards"]
 
 
 def _parse_size(size: int | str) -> int:
@@ -75,7 +80,7 @@ def layer_specs(model: nn.Module) -> dict[str, dict]:
 
 
 def restore_buffer_dtypes(model: nn.Module, dtypes: dict[str, str]) -> None:
-    """Cast the float buffers a state dict leaves out back to the dtypes they were saved in (``_unsaved_buffer_dtypes``)."""
+    """Cast the float buffers a state dict leaves out back to the dtypes they were saved in (``unsaved_buffer_dtypes``)."""
     buffers = dict(model.named_buffers())
     for name, dtype in dtypes.items():
         if name in buffers and buffers[name].is_floating_point() and dtype in _FLOAT_DTYPES:
@@ -84,7 +89,7 @@ def restore_buffer_dtypes(model: nn.Module, dtypes: dict[str, str]) -> None:
             module._buffers[attr] = buffers[name].to(_FLOAT_DTYPES[dtype])
 
 
-def _unsaved_buffer_dtypes(model: nn.Module) -> dict[str, str]:
+def unsaved_buffer_dtypes(model: nn.Module) -> dict[str, str]:
     """dtype names of the float buffers a state dict leaves out (rotary inv_freq, ...): ``model.to(bf16)`` casts
     them too, and a rebuilt model must compute with the same ones to give the same outputs."""
     saved = set(model.state_dict())
@@ -103,10 +108,17 @@ def _sha256_of(f) -> tuple[str, int]:
 
 def check_target(directory: str | os.PathLike) -> Path:
     """Raise CheckpointError unless ``save`` could write to ``directory`` (run it before long work)."""
+    if not os.fspath(directory).strip():  # Path("") is the current folder: an empty name must not mean "here"
+        raise CheckpointError("the checkpoint folder name is empty: give a folder (\".\" for the current one)")
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise CheckpointError(f"{directory} exists and is not a directory")
-    if directory.is_dir() and any(directory.iterdir()) and not (directory / MANIFEST).is_file():
+    pid = writer_pid(directory) if directory.is_dir() else None
+    if pid is not None:
+        raise busy_error(directory, pid)
+    # The lock file of a save killed before it could remove it is no content: the next save takes it over.
+    content = directory.is_dir() and any(p.name != LOCK_NAME for p in directory.iterdir())
+    if content and not (directory / MANIFEST).is_file():
         raise CheckpointError(f"{directory} is not empty and holds no lowbit checkpoint; refusing to write into it")
     parent = blocking_ancestor(directory)
     if parent is not None:
@@ -126,7 +138,7 @@ def blocking_ancestor(path: Path) -> Path | None:
 def _previous_files(directory: Path) -> set[str]:
     """Files the committed manifest names: kept through the next save, for loads that read it before the commit."""
     try:
-        old = json.loads((directory / MANIFEST).read_text())
+        old = read_json(directory / MANIFEST)
         return {sh["file"] for sh in old["shards"]} | {old.get("tokenizer")}
     except (OSError, ValueError, KeyError, TypeError):
         return set()
@@ -169,8 +181,16 @@ class Saving:
         self.writer = None
 
     def __enter__(self) -> "Saving":
+        self.lock = FolderLock(self.directory)
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
+            for attempt in range(3):
+                self.directory.mkdir(parents=True, exist_ok=True)
+                try:
+                    self.lock.acquire()  # CheckpointError, naming the other writer, while another save runs
+                    break
+                except FileNotFoundError:  # a failed save that had made the folder removed it just now
+                    if attempt == 2:
+                        raise
         except OSError as e:
             raise CheckpointError(f"cannot write the checkpoint to {self.directory}: {e}") from None
         self.previous = _previous_files(self.directory)
@@ -198,7 +218,7 @@ class Saving:
             "architecture": type(model).__name__,
             "model_config": _model_config(getattr(model, "config", None)),
             "layers": layer_specs(model), "tied": tied, "shards": shards,
-            "buffer_dtypes": _unsaved_buffer_dtypes(model), "tokenizer": tok_file,
+            "buffer_dtypes": unsaved_buffer_dtypes(model), "tokenizer": tok_file,
         }
         tmp = directory / f"{MANIFEST}.{save_id}.tmp"
         self.made.append(tmp)
@@ -210,31 +230,38 @@ class Saving:
 
     def __exit__(self, kind, e, tb) -> None:
         directory = self.directory
-        if e is None:
-            fsync(directory)
-            # Leftovers of earlier saves, finished or not, go; the previous checkpoint's files stay until the next
-            # save, so that a load that read the previous manifest just before the commit still finds its shards.
-            keep = {s["file"] for s in self.manifest["shards"]} | {self.manifest["tokenizer"]} | self.previous
-            for p in directory.iterdir():
-                if p.name not in keep and any(fnmatch(p.name, pat) for pat in _OURS):
-                    shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-            return
-        if self.writer is not None:
-            self.writer._close_part()
-        for path, old in reversed(self.replaced):  # the previous checkpoint's config.json, index, tokenizer
-            try:
-                path.unlink(missing_ok=True) if old is None else path.write_bytes(old)
-            except OSError:
-                pass
-        for p in self.made + (self.writer.made if self.writer is not None else []):
-            if p.is_dir():
-                shutil.rmtree(p, ignore_errors=True)
-            elif p.exists():
-                p.unlink()
-        if self.created and directory.is_dir() and not any(directory.iterdir()):
-            directory.rmdir()  # nothing half written: not even an empty folder
-        if isinstance(e, (OSError, SafetensorError)):  # read-only file system, disk full, ...
-            raise CheckpointError(f"cannot write the checkpoint to {directory}: {e}") from None
+        try:
+            if e is None:
+                fsync(directory)
+                # Leftovers of earlier saves, finished or not, go; the previous checkpoint's files stay until the next
+                # save, so that a load that read the previous manifest just before the commit still finds its shards.
+                keep = {s["file"] for s in self.manifest["shards"]} | {self.manifest["tokenizer"]} | self.previous
+                for p in directory.iterdir():
+                    if p.name not in keep and any(fnmatch(p.name, pat) for pat in _OURS):
+                        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+                return
+            if self.writer is not None:
+                self.writer._close_part()
+            for path, old in reversed(self.replaced):  # the previous checkpoint's config.json, index, tokenizer
+                try:
+                    path.unlink(missing_ok=True) if old is None else path.write_bytes(old)
+                except OSError:
+                    pass
+            for p in self.made + (self.writer.made if self.writer is not None else []):
+                if p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+                elif p.exists():
+                    p.unlink()
+            self.lock.release()  # before the folder is found empty: the lock file is this save's too
+            if self.created and directory.is_dir() and not any(directory.iterdir()):
+                try:
+                    directory.rmdir()  # nothing half written: not even an empty folder
+                except OSError:
+                    pass  # another save has just begun in it
+            if isinstance(e, (OSError, SafetensorError)):  # read-only file system, disk full, ...
+                raise CheckpointError(f"cannot write the checkpoint to {directory}: {e}") from None
+        finally:
+            self.lock.release()  # the lock file goes with the lock: no junk that check_target would refuse
 
 
 def _model_config(config) -> dict | None:
@@ -294,9 +321,9 @@ def read_manifest(directory: str | os.PathLike) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{directory} holds no {MANIFEST}: not a lowbit checkpoint")
     try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}): the checkpoint is damaged") from None
+        manifest = read_json(path)
+    except JSONFileError as e:
+        raise CheckpointError(f"{e}: the checkpoint is damaged") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a lowbit manifest")
     version = manifest.get("format_version")
@@ -330,7 +357,8 @@ def _skeleton(manifest: dict, file_bytes: int) -> nn.Module:
                               f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
-def _swap_layers(model: nn.Module, layers: dict) -> None:
+def swap_layers(model: nn.Module, layers: dict) -> None:
+    """Put an empty lowbit layer (on the meta device) in place of each module ``layers`` names, as its spec says."""
     for name, spec in layers.items():
         spec = dict(spec)
         cls = LAYER_TYPES.get(spec.pop("type", None))
@@ -418,6 +446,18 @@ def _verify(files: list, shards: list[dict]) -> None:
             raise CheckpointError(f"shard {s['file']} does not match its checksum: it was truncated or modified after saving")
 
 
+def verify_shards(directory: str | os.PathLike, manifest: dict) -> None:
+    """Raise CheckpointError unless every shard ``manifest`` names is a file inside ``directory`` that matches its
+    checksum (for readers that open the shards themselves: transformers' from_pretrained)."""
+    directory = Path(directory)
+    files = _open_shards(directory, manifest["shards"])
+    try:
+        _verify(files, manifest["shards"])
+    finally:
+        for f in files:
+            f.close()
+
+
 def _owner_is_quantized(model: nn.Module, name: str) -> bool:
     module_name = name.rpartition(".")[0]
     return isinstance(model.get_submodule(module_name) if module_name else model, QuantLinear)
@@ -430,6 +470,58 @@ def _check_tensor(model: nn.Module, name: str, t: torch.Tensor, want: torch.Tens
     if t.shape != want.shape or (t.dtype != want.dtype and not same_kind):
         raise CheckpointError(f"{name}: the checkpoint has {t.dtype} {tuple(t.shape)}, "
                               f"the model expects {want.dtype} {tuple(want.shape)}")
+
+
+def layer_layout(model: nn.Module) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """dtype and shape of every tensor of the model's lowbit layers, by state-dict name: what their constructors
+    made (take it right after the layers are built, before any tensor of a file replaces theirs)."""
+    return {f"{name}.{attr}" if name else attr: (t.dtype, tuple(t.shape))
+            for name, m in model.named_modules() if isinstance(m, QuantLinear)
+            for attr, t in m.named_buffers(recurse=False) if t is not None}
+
+
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+                       torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64"}
+
+
+def check_shard_layout(files: list[str | os.PathLike], layout: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> None:
+    """Raise CheckpointError unless every tensor of ``layout`` that the safetensors ``files`` hold has its dtype and
+    shape there, read from the headers alone: for readers that cast what they read (transformers casts floats to the
+    model's dtype, which would hide a float16 scale where the layer stores float32)."""
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    if name in layout:
+                        t = f.get_slice(name)
+                        dtype, shape = layout[name]
+                        if t.get_dtype() != _SAFETENSORS_DTYPES.get(dtype) or tuple(t.get_shape()) != shape:
+                            raise CheckpointError(f"{name}: the checkpoint has {t.get_dtype()} {tuple(t.get_shape())}, "
+                                                  f"the layer expects {dtype} {shape}")
+        except SafetensorError as e:
+            raise CheckpointError(f"{path} cannot be read ({e}): the file is damaged") from None
+
+
+def check_layers(model: nn.Module, layout: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> None:
+    """Raise CheckpointError unless every lowbit layer of a loaded model holds tensors of the dtypes and shapes in
+    ``layout`` and values its format can hold (``QuantLinear.check_values``): codes in range, finite constants,
+    scales of the right sign; and every other float tensor finite. Every loader runs it, so no kernel meets a value
+    the reference path would refuse."""
+    tensors = model.state_dict(keep_vars=True)
+    for name, (dtype, shape) in layout.items():
+        t = tensors.get(name)
+        if t is None or t.dtype != dtype or tuple(t.shape) != shape:
+            got = "nothing" if t is None else f"{t.dtype} {tuple(t.shape)}"
+            raise CheckpointError(f"{name}: the checkpoint has {got}, the layer expects {dtype} {shape}")
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            try:
+                m.check_values()
+            except ValueError as e:
+                raise CheckpointError(f"layer {name}: {e}: the checkpoint is damaged") from None
+    for name, t in tensors.items():  # norms, embeddings, layers left in float: NaN there is no weight either
+        if t.is_floating_point() and not t.is_meta and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{name} holds NaN or inf: the checkpoint is damaged")
 
 
 def _manifest_stamp(directory: Path):
@@ -509,7 +601,8 @@ def _fill(directory: Path, manifest: dict, files: list, model: nn.Module | None,
     if verify:
         _verify(files, manifest["shards"])
     model = _skeleton(manifest, sum(os.fstat(f.fileno()).st_size for f in files)) if model is None else model
-    _swap_layers(model, manifest["layers"])
+    swap_layers(model, manifest["layers"])
+    layout = layer_layout(model)
     expected = model.state_dict(keep_vars=True)
     tied = manifest.get("tied") or {}
     seen = set()
@@ -542,6 +635,7 @@ def _fill(directory: Path, manifest: dict, files: list, model: nn.Module | None,
     missing = sorted(set(expected) - seen)
     if missing:
         raise CheckpointError(f"the checkpoint lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:3]}")
+    check_layers(model, layout)
     restore_buffer_dtypes(model, manifest.get("buffer_dtypes") or {})
     if manifest.get("quantization"):
         quant = dict(manifest["quantization"])

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from lowbit.jsonfile import JSONFileError, loads_bounded, read_json
+
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
           "BOOL": torch.bool, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
@@ -37,8 +39,8 @@ def read_header(f, path: Path | str) -> tuple[dict, int]:
     if n > _MAX_HEADER:
         raise ShardError(f"{path} is not a safetensors file (header length {n})")
     try:
-        header = json.loads(f.read(n))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        header = loads_bounded(f.read(n), f"{path}'s safetensors header")
+    except JSONFileError as e:
         raise ShardError(f"{path}: the safetensors header is not valid JSON ({e})") from None
     if not isinstance(header, dict):
         raise ShardError(f"{path}: the safetensors header is not a JSON object")
@@ -69,9 +71,9 @@ class SafetensorsFolder:
         single = self.folder / "model.safetensors"
         if index.is_file():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
+                weight_map = read_json(index)["weight_map"]
                 assert isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())
-            except (ValueError, KeyError, TypeError, AssertionError):
+            except (ValueError, KeyError, TypeError, AssertionError):  # JSONFileError is a ValueError
                 raise ShardError(f"{index} is not a safetensors index (a JSON object with a weight_map)") from None
         elif single.is_file():
             weight_map = None

@@ -36,12 +36,33 @@ def tiny_model():
     return lowbit.quantize(LlamaForCausalLM(cfg).eval(), lowbit.NF4Config(), progress=False)
 
 
-def make_checkpoints(root: Path) -> tuple[Path, Path]:
-    """A lowbit checkpoint (two shards) and a bitsandbytes one of the same small NF4+DQ model."""
+# One block linear layer per stored format: value mutations reach every layer type's codes and constants.
+MIXED = {"self_attn.q_proj": "ternary", "self_attn.k_proj": "int8", "self_attn.v_proj": "gptq3-g32",
+         "self_attn.o_proj": "spqr3", "mlp.gate_proj": "nf4", "mlp.up_proj": "fp4", "mlp.down_proj": "int8-weight"}
+
+
+def mixed_model():
+    """A small model holding one layer of each lowbit format (int8 embedding rows included)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lowbit.plan import Plan
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=32)
+    plan = Plan(layers={f"model.layers.0.{k}": v for k, v in MIXED.items()}, embeddings="int8")
+    calibration = torch.randint(0, 64, (4, 32), generator=torch.Generator().manual_seed(1))
+    return lowbit.quantize(LlamaForCausalLM(cfg).eval(), plan, calibration=calibration, progress=False)
+
+
+def make_checkpoints(root: Path) -> tuple[Path, Path, Path]:
+    """A lowbit checkpoint (two shards) and a bitsandbytes one of the same small NF4+DQ model, and a lowbit
+    checkpoint of the mixed-format model."""
     model = tiny_model()
     ours = lowbit.save(model, root / "lowbit", max_shard_size=60_000)
     bnb = save_bnb_checkpoint(model, root / "bnb")
-    return ours, bnb
+    mixed = lowbit.save(mixed_model(), root / "mixed")
+    return ours, bnb, mixed
 
 
 # --- mutations -------------------------------------------------------------------------------------------------------
@@ -137,6 +158,47 @@ def mutated_lowbit(draw, good: Path, work: Path) -> Path:
     return work
 
 
+# Values a hostile file may hold where a format expects its own: out-of-range codes, non-finite or negative
+# constants, indices past the row; and ordinary values, which must still load and compute as the reference path does.
+SPECIAL = [float("nan"), float("inf"), float("-inf"), -1.0, 0.0, 1e30, -1e-30, 65504.0]
+INTEGERS = [-2**31, -32768, -129, -128, -127, -1, 0, 1, 3, 7, 8, 15, 16, 63, 64, 65, 127, 255, 2**15 - 1, 2**31 - 1]
+
+
+def mutated_values(draw, good: Path, work: Path) -> Path:
+    """A copy of the checkpoint with one to three elements of its tensors changed (or a whole tensor filled) and every
+    checksum recomputed, so that only the check of the values stands between the file and the kernels."""
+    from safetensors.torch import load_file, save_file
+
+    if work.exists():
+        shutil.rmtree(work)
+    shutil.copytree(good, work)
+    manifest = json.loads((work / "lowbit.json").read_text())
+    shard = manifest["shards"][draw(st.integers(0, len(manifest["shards"]) - 1))]
+    path = work / shard["file"]
+    tensors = load_file(path)
+    name = draw(st.sampled_from(sorted(tensors)))
+    t = tensors[name].clone()
+    flat = t.view(-1)
+    if flat.numel():
+        for _ in range(draw(st.integers(1, 3))):
+            i = draw(st.integers(0, flat.numel() - 1))
+            if t.is_floating_point():
+                v = draw(st.sampled_from(SPECIAL) | st.floats(-1e4, 1e4, width=32))
+            else:
+                info = torch.iinfo(t.dtype)
+                v = draw(st.sampled_from([x for x in INTEGERS if info.min <= x <= info.max]) | st.integers(info.min, info.max))
+            if draw(st.integers(0, 9)) == 0:
+                flat.fill_(v)
+            else:
+                flat[i] = v
+    tensors[name] = t
+    save_file(tensors, path, metadata={"format": "pt"})
+    data = path.read_bytes()
+    shard["sha256"], shard["bytes"] = _sha(data), len(data)
+    (work / "lowbit.json").write_text(json.dumps(manifest))
+    return work
+
+
 def mutated_bnb(draw, good: Path, work: Path) -> Path:
     """A copy of the bitsandbytes checkpoint with its config, a quant_state's JSON or its safetensors file changed."""
     if work.exists():
@@ -164,22 +226,47 @@ def mutated_bnb(draw, good: Path, work: Path) -> Path:
 
 # --- one case --------------------------------------------------------------------------------------------------------
 
-def check_case(read, outcomes: Counter) -> None:
+IDS = torch.arange(24).remainder(64).reshape(2, 12)
+
+
+def same_as_reference(model) -> bool:
+    """Whether a loaded model's forward on the compiled kernels equals the plain-torch reference path's (float
+    summation order aside; an overflow to inf or NaN must be the same on both)."""
+    from lowbit import kernels
+
+    with torch.no_grad():
+        fast = model(IDS).logits
+        with kernels.reference_only():
+            ref = model(IDS).logits
+    return torch.allclose(fast, ref, rtol=1e-3, atol=1e-4, equal_nan=True)
+
+
+def check_case(read, outcomes: Counter, forward: bool = False) -> None:
     """Run ``read()``: a load or a CheckpointError within SECONDS of CPU time (wall time would count other
-    processes on a shared machine); anything else fails the case."""
+    processes on a shared machine); anything else fails the case. With ``forward``, a loaded model must also compute
+    what the reference path computes."""
     t = time.process_time()
     try:
-        read()
+        model = read()
         outcomes["loaded"] += 1
     except lowbit.CheckpointError:
         outcomes["CheckpointError"] += 1
+        model = None
     seconds = time.process_time() - t
     outcomes["slowest_ms"] = max(outcomes["slowest_ms"], round(seconds * 1000))
     assert seconds < SECONDS, f"took {seconds:.2f} s of CPU time"
+    if forward and model is not None:
+        assert same_as_reference(model), "loaded, but its forward differs from the reference path's"
 
 
 def read_lowbit(path: Path):
     return lambda: lowbit.load(path)
+
+
+def read_hf(path: Path):
+    from transformers import AutoModelForCausalLM
+
+    return lambda: AutoModelForCausalLM.from_pretrained(path)
 
 
 def read_bnb(path: Path):

@@ -34,6 +34,22 @@ def test_fuzzed_lowbit_checkpoints_load_or_raise_checkpoint_error(good, tmp_path
     assert outcomes["CheckpointError"] > 100  # the mutations do reach the checks
 
 
+@pytest.mark.parametrize("reader", ["lowbit", "hf"])
+def test_fuzzed_values_load_and_compute_as_the_reference_or_raise_checkpoint_error(good, tmp_path, reader):
+    """Issue 32: out-of-range codes, NaN/inf constants, outlier indices past the row, with checksums that match,
+    through lowbit.load and transformers' from_pretrained alike."""
+    counts = Counter()
+    read = fz.read_lowbit if reader == "lowbit" else fz.read_hf
+
+    @SETTINGS
+    @given(st.data())
+    def case(data):
+        fz.check_case(read(fz.mutated_values(data.draw, good[2], tmp_path / "case")), counts, forward=True)
+
+    case()
+    assert counts["CheckpointError"] > 30 and counts["loaded"] > 30  # both outcomes are reached
+
+
 def test_fuzzed_bitsandbytes_checkpoints_load_or_raise_checkpoint_error(good, tmp_path):
     counts = Counter()
 

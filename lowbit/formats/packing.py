@@ -94,6 +94,12 @@ def pack_ternary_2bit(values: torch.Tensor) -> torch.Tensor:
     return pack_2bit(_trits(values))
 
 
+def ternary_2bit_valid(packed: torch.Tensor) -> bool:
+    """Whether every 2-bit field of ``pack_ternary_2bit`` output is a trit code (0, 1 or 2; never 3)."""
+    # A field is 3 when both its bits are set: the low bit of each field, ANDed with the high bit shifted onto it.
+    return not bool((packed & (packed >> 1) & 0x55).any())
+
+
 def unpack_ternary_2bit(packed: torch.Tensor, n: int) -> torch.Tensor:
     """Unpack ``n`` ternary values (int8) from ``pack_ternary_2bit`` output."""
     codes = unpack_2bit(packed, n)

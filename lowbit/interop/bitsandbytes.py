@@ -10,6 +10,7 @@ needs bitsandbytes installed.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -19,10 +20,29 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lowbit.functional.blockwise import DOUBLE_QUANT_BLOCKSIZE
+from lowbit.checkpoint import check_layers
+from lowbit.jsonfile import JSONFileError, loads_bounded
 from lowbit.manifest import CONFIG_ERRORS, CheckpointError
 from lowbit.nn import Linear4bit, QuantLinear
 
 STATE_PREFIX = "weight.quant_state.bitsandbytes__"
+# bitsandbytes (0.50), imported on a CPU with AVX512_BF16, logs that it could not fetch an optional kernel from the
+# Hugging Face Hub package `kernels` ("Failed to load CPU gemm_4bit_forward from kernels-community ... pip install
+# kernels"). Nothing fails: it runs its own fused kernel instead. Whatever imports it (lowbit, peft, transformers),
+# the line lands in lowbit's output and reads like a lowbit error, so lowbit drops that one record.
+_KERNEL_LOGGER, _KERNEL_NOTICE = "bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward"
+
+
+def _not_kernel_notice(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(_KERNEL_NOTICE)
+
+
+def quiet_kernel_notice() -> None:
+    """Keep bitsandbytes' import-time notice about the optional ``kernels`` package out of the output (call it
+    before bitsandbytes is imported; calling it again does nothing)."""
+    logger = logging.getLogger(_KERNEL_LOGGER)
+    if _not_kernel_notice not in logger.filters:
+        logger.addFilter(_not_kernel_notice)
 
 
 def _pack_json(d: dict) -> torch.Tensor:
@@ -31,9 +51,9 @@ def _pack_json(d: dict) -> torch.Tensor:
 
 def _unpack_json(t: torch.Tensor) -> dict:
     try:
-        meta = json.loads(bytes(t.to(torch.uint8).reshape(-1).tolist()).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"the bitsandbytes quant_state tensor does not hold JSON ({e})") from None
+        meta = loads_bounded(bytes(t.to(torch.uint8).reshape(-1).tolist()), "the bitsandbytes quant_state tensor")
+    except JSONFileError as e:
+        raise CheckpointError(str(e)) from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"the bitsandbytes quant_state must be a JSON object, got {type(meta).__name__}")
     return meta
@@ -171,6 +191,7 @@ def from_bnb_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor],
     missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if missing:
         raise CheckpointError(f"the state dict lacks tensors this model needs, e.g. {missing[:3]}")
+    check_layers(model, {})
     return model.eval()
 
 
@@ -239,6 +260,7 @@ def bnb_fused_cpu(model: nn.Module, enabled: bool) -> int:
     dequantizes and multiplies in the compute dtype, as lowbit's reference path does. ``enabled=False`` forces
     that second path on any CPU; ``enabled=True`` is refused where the CPU lacks the instructions.
     """
+    quiet_kernel_notice()
     import bitsandbytes as bnb
 
     if enabled and not bnb.functional.has_avx512bf16():

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from lowbit.checkpoint import assign
+from lowbit.checkpoint import assign, check_layers
+from lowbit.manifest import CheckpointError
 from lowbit.nn import IntLinear
 from lowbit.nn.base import is_linear_like, replace_module
 
@@ -190,6 +191,10 @@ def load_gguf(path: str | Path, native: bool = True, dtype: torch.dtype = torch.
     missing = [n for n, t in model.state_dict(keep_vars=True).items() if t.is_meta]
     if missing:
         raise GGUFError(f"{path}: the file lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:3]}")
+    try:
+        check_layers(model, {})  # the file's scales: finite, as every loader checks
+    except CheckpointError as e:
+        raise GGUFError(f"{path}: {e}") from None
     tokenizer = AutoTokenizer.from_pretrained(meta)
     model.gguf_source = {"path": str(path), "types": sorted({t.tensor_type.name for t in reader.tensors})}
     return model.eval(), tokenizer

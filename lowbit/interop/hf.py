@@ -11,6 +11,7 @@ that the layers can be built on the meta device before transformers fills them f
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import torch
 from transformers.core_model_loading import ConversionOps
@@ -20,6 +21,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from lowbit.config import CALIBRATED, _Config, config_from_dict
+from lowbit.jsonfile import JSONFileError, read_json
 from lowbit.manifest import CheckpointError
 
 QUANT_METHOD = "lowbit"
@@ -170,15 +172,22 @@ class LowbitHfQuantizer(HfQuantizer):
             raise ValueError("quantization_config names lowbit but no lowbit config (NF4Config(), Int8Config(), ...)")
 
     def update_attn_implementation(self, config):
+        # The first call that sees the folder, before transformers reads any of its files.
+        if self.pre_quantized and Path(config.name_or_path).is_dir():
+            check_folder(config.name_or_path, self.quantization_config.layers)
         # The model's config carries transformers' form of the quantization config from here on (saving it too).
         config.quantization_config = self.quantization_config
         return config
 
     def _process_model_before_weight_loading(self, model, **kwargs) -> None:
         if self.pre_quantized:
-            from lowbit.checkpoint import _swap_layers
+            from lowbit.checkpoint import check_shard_layout, layer_layout, swap_layers
 
-            _swap_layers(model, self.quantization_config.layers)
+            files = kwargs.get("checkpoint_files") or []
+            check_files(model.config.name_or_path, files)
+            swap_layers(model, self.quantization_config.layers)
+            self.layout = layer_layout(model)  # what the files must fill in: checked in their headers, then read
+            check_shard_layout(files, self.layout)
             for name in self.quantization_config.layers:
                 _mark_initialized(model, name)
             if _quantized_tied_embeddings(model) is not None:
@@ -198,7 +207,7 @@ class LowbitHfQuantizer(HfQuantizer):
         return LowbitQuantize(self)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        from lowbit.checkpoint import layer_specs, restore_buffer_dtypes
+        from lowbit.checkpoint import check_layers, layer_specs, restore_buffer_dtypes
 
         layers = layer_specs(model)
         left = [name for name in self.targets if name not in layers]
@@ -208,6 +217,8 @@ class LowbitHfQuantizer(HfQuantizer):
         if emb is not None:  # the head read nothing (its tensors are the embeddings'): it is the rows layer
             model.set_output_embeddings(emb.rows)
             layers = layer_specs(model)
+        if self.pre_quantized:  # once the head is the rows layer: its own buffers were never read
+            check_layers(model, self.layout)
         self.quantization_config.layers = layers
         restore_buffer_dtypes(model, self.quantization_config.buffer_dtypes)
         model.config.quantization_config = self.quantization_config
@@ -220,6 +231,67 @@ class LowbitHfQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:  # LoRA on the frozen lowbit layers (docs/finetune.md)
         return True
+
+
+def check_folder(folder, layers: dict) -> None:
+    """Raise CheckpointError unless the lowbit checkpoint in the local ``folder`` passes the checks ``lowbit.load``
+    runs, before transformers reads a byte of it (its dtype guess reads the first shard's header): every shard a
+    plain file inside the folder, readable as safetensors, and, for a ``lowbit.save`` checkpoint, matching its
+    checksum in lowbit.json, whose layers config.json must describe."""
+    from pathlib import Path
+
+    from safetensors import SafetensorError, safe_open
+
+    from lowbit.checkpoint import MANIFEST, read_manifest, verify_shards
+    from lowbit.manifest import safe_file
+
+    folder = Path(folder)
+    if (folder / MANIFEST).is_file():
+        manifest = read_manifest(folder)  # shard names: plain files inside the folder
+        if layers != manifest["layers"]:
+            raise CheckpointError(f"{folder}: config.json describes other layers than {MANIFEST}: the checkpoint "
+                                  "is damaged")
+        verify_shards(folder, manifest)
+        names = [s["file"] for s in manifest["shards"]]
+    else:  # save_pretrained output: transformers' files alone, with no checksums to hold them to
+        index = folder / "model.safetensors.index.json"
+        try:
+            weight_map = read_json(index).get("weight_map") if index.is_file() else {"": "model.safetensors"}
+        except (JSONFileError, OSError, AttributeError) as e:
+            raise CheckpointError(f"{index} cannot be read: {e}") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index}: weight_map must map tensor names to shard files")
+        names = sorted(set(weight_map.values()))
+    for name in names:
+        path = safe_file(folder, name, "a shard")
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"shard {name} cannot be read ({e}): the file is damaged") from None
+
+
+def check_files(folder, files: list[str]) -> None:
+    """Raise CheckpointError unless the shards transformers is about to read lie inside the checkpoint's folder (no
+    link out of it) and, for a ``lowbit.save`` checkpoint, are the shards its lowbit.json names."""
+    from pathlib import Path
+
+    from lowbit.checkpoint import MANIFEST, read_manifest
+
+    folder = Path(folder) if Path(folder).is_dir() else Path(files[0]).parent if files else None
+    if folder is None:
+        return
+    # A folder of the hub's cache (snapshots/<rev>/) links its files to blobs two levels up: inside the repo's cache.
+    root = folder.resolve().parents[1] if folder.parent.name == "snapshots" else folder.resolve()
+    for f in files:
+        real = Path(f).resolve()
+        if root not in real.parents:
+            raise CheckpointError(f"{f} points outside the checkpoint folder (to {real}): refused")
+    if (folder / MANIFEST).is_file():
+        named = {s["file"] for s in read_manifest(folder)["shards"]}
+        if {Path(f).name for f in files} != named or any(Path(f).resolve().parent != folder.resolve() for f in files):
+            raise CheckpointError(f"{folder}: model.safetensors.index.json names other shards than {MANIFEST}: "
+                                  "the checkpoint is damaged")
 
 
 def register() -> None:
@@ -236,7 +308,7 @@ def hf_files(model) -> dict | None:
     config = getattr(model, "config", None)
     if not hasattr(config, "to_dict") or not hasattr(model, "named_modules"):
         return None
-    from lowbit.checkpoint import _unsaved_buffer_dtypes, layer_specs
+    from lowbit.checkpoint import unsaved_buffer_dtypes, layer_specs
 
     layers = layer_specs(model)
     qconfig = getattr(model, "lowbit_config", None)
@@ -244,20 +316,22 @@ def hf_files(model) -> dict | None:
     d.pop("quantization_config", None)
     if layers or qconfig is not None:
         d["quantization_config"] = LowbitConfig(config=qconfig.to_dict() if qconfig is not None else None,
-                                                layers=layers, buffer_dtypes=_unsaved_buffer_dtypes(model)).to_dict()
+                                                layers=layers, buffer_dtypes=unsaved_buffer_dtypes(model)).to_dict()
     d["architectures"] = [type(model).__name__]
     return d
 
 
 def is_hf_lowbit_folder(directory) -> bool:
-    """Whether ``directory`` is a transformers folder whose config.json names lowbit (``save_pretrained`` output)."""
-    import json
+    """Whether ``directory`` is a transformers folder whose config.json names lowbit (``save_pretrained`` output);
+    CheckpointError (one line) for a config.json that is not JSON, or too large or deep to parse safely."""
     from pathlib import Path
 
     path = Path(directory) / "config.json"
     try:
-        q = json.loads(path.read_text()).get("quantization_config") if path.is_file() else None
-    except (OSError, ValueError, AttributeError):
+        q = read_json(path).get("quantization_config") if path.is_file() else None
+    except JSONFileError as e:  # said here: transformers would parse it next, and fail with a traceback
+        raise CheckpointError(str(e)) from None
+    except (OSError, AttributeError):
         return False
     return isinstance(q, dict) and q.get("quant_method") == QUANT_METHOD
 

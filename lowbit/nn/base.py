@@ -71,6 +71,18 @@ def check_plain_linear(module: nn.Module, name: str) -> None:
                          "a plain weight without changing what the model computes")
 
 
+def check_range(t: torch.Tensor, name: str, low: float | None = None, high: float | None = None) -> None:
+    """Raise ValueError unless every value of ``t`` is finite (floats) and within [low, high] (where given)."""
+    if t.numel() == 0:
+        return
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} holds NaN or inf")
+    if low is not None and t.min().item() < low:
+        raise ValueError(f"{name} holds {t.min().item():g}, below its format's {low:g}")
+    if high is not None and t.max().item() > high:
+        raise ValueError(f"{name} holds {t.max().item():g}, above its format's {high:g}")
+
+
 def replace_module(model: nn.Module, name: str, layer: nn.Module) -> None:
     """Put ``layer`` where the submodule called ``name`` is."""
     parent_name, _, child = name.rpartition(".")
@@ -130,6 +142,14 @@ class QuantLinear(nn.Module):
     def dequantize(self) -> torch.Tensor:
         """The [out, in] weight this layer stands for, in float32."""
         raise NotImplementedError
+
+    def check_values(self) -> None:
+        """Raise ValueError unless every stored value is one the format can hold: what a loader runs on tensors it did
+        not make, so that no kernel meets a value the reference path would refuse or read differently. This base
+        checks that every float tensor is finite; layers add their codes' ranges and their scales' signs."""
+        for name, b in self.named_buffers():
+            if b.is_floating_point():
+                check_range(b, name)
 
     def stored_bits(self) -> int:
         """Bits of every stored tensor of the weight (codes and constants), bias excluded."""

@@ -5,10 +5,10 @@ import torch
 from torch import nn
 
 from lowbit import functional as F
-from lowbit.formats import unpack_ternary_2bit
+from lowbit.formats import ternary_2bit_valid, unpack_ternary_2bit
 from lowbit.functional.validate import check_finite_stats
 from lowbit.kernels.matmul import q8_gemv, ternary_int8
-from lowbit.nn.base import QuantLinear, linear_weight
+from lowbit.nn.base import QuantLinear, check_range, linear_weight
 
 
 NORM_EPS = 1e-6  # of the parameter-free RMSNorm that trained b1.58 layers apply to their input
@@ -45,6 +45,12 @@ class BitLinear(QuantLinear):
         layer.weight_packed, layer.weight_gamma = F.quantize_ternary(w)
         layer.copy_bias(module.bias)
         return layer
+
+    def check_values(self) -> None:
+        super().check_values()
+        if not ternary_2bit_valid(self.weight_packed):  # the compiled kernel would read code 3 as the weight +2
+            raise ValueError("weight_packed holds the 2-bit code 3, which is not a trit")
+        check_range(self.weight_gamma, "weight_gamma", 0)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", input_norm=True" if self.input_norm else "")

@@ -8,7 +8,7 @@ from lowbit.config import INT8_ACTIVATIONS, int8_activations
 from lowbit.functional import outlier_columns, quantize_absmax, quantize_zeropoint_rows
 from lowbit.functional.validate import check_finite_stats
 from lowbit.kernels.matmul import cpu_kernels, int8_int8, int8_linear, q8_gemv
-from lowbit.nn.base import QuantLinear, linear_weight, needs_autograd
+from lowbit.nn.base import QuantLinear, check_range, linear_weight, needs_autograd
 
 
 class Int8Linear(QuantLinear):
@@ -46,6 +46,11 @@ class Int8Linear(QuantLinear):
     def init_kwargs(self) -> dict:
         return {**super().init_kwargs(), "threshold": self.threshold, "weight_only": self.weight_only,
                 "activations": self.activations}
+
+    def check_values(self) -> None:
+        super().check_values()
+        check_range(self.weight_codes, "weight_codes", -127, 127)  # absmax codes: round(127 w / absmax)
+        check_range(self.weight_absmax, "weight_absmax", 0)
 
     def _code_sums(self) -> torch.Tensor:
         """Row sums of the int8 weight, computed once per weight (recomputed if the codes change)."""

@@ -9,7 +9,7 @@ from lowbit.functional.absmax import Affine, dequantize_affine
 from lowbit.functional.grouped import minmax_stats, round_to_grid
 from lowbit.formats import pack_2bit, pack_3bit, pack_4bit, unpack_2bit, unpack_3bit, unpack_4bit
 from lowbit.kernels.matmul import LutWeight
-from lowbit.nn.base import DequantLinear, linear_weight
+from lowbit.nn.base import DequantLinear, check_range, linear_weight
 
 _PACKERS = {2: (pack_2bit, unpack_2bit), 3: (pack_3bit, unpack_3bit), 4: (pack_4bit, unpack_4bit),
             8: (lambda c: c.reshape(-1).to(torch.uint8), lambda p, n: p[:n])}
@@ -86,6 +86,11 @@ class IntLinear(DequantLinear):
 
     def init_kwargs(self) -> dict:
         return {**super().init_kwargs(), "bits": self.bits, "group_size": self.group_size, "zero_dtype": self.zero_dtype}
+
+    def check_values(self) -> None:
+        super().check_values()  # packed codes are all in range; scales may be negative (GGUF Q4_0 stores such)
+        if self.zero_dtype == "uint8":  # an integer zero is a code of the grid
+            check_range(self.weight_zero, "weight_zero", 0, 2**self.bits - 1)
 
     def codes(self) -> torch.Tensor:
         """The [out, in] integer codes."""

@@ -7,7 +7,7 @@ from torch import nn
 from lowbit import functional as F
 from lowbit.formats import codebook, pack_4bit, unpack_4bit
 from lowbit.kernels.matmul import LutWeight
-from lowbit.nn.base import DequantLinear, linear_weight
+from lowbit.nn.base import DequantLinear, check_range, linear_weight
 
 QUANT_TYPES = ("nf4", "fp4", "int4")
 INT4_LUT = torch.arange(16, dtype=torch.float32)  # uniform codes: value = (code - zero) * scale
@@ -68,6 +68,12 @@ class Linear4bit(DequantLinear):
             self.weight_nested_offset, self.weight_nested_code = n.offset.reshape(()), n.code
         else:
             self.weight_absmax = q.absmax
+
+    def check_values(self) -> None:
+        super().check_values()  # codes are 4-bit indices into 16 entries: every nibble is one
+        for name in ("weight_absmax", "weight_nested_absmax"):  # absolute maxima of blocks
+            if hasattr(self, name):
+                check_range(getattr(self, name), name, 0)
 
     def blockwise(self) -> F.Blockwise:
         """The stored nf4/fp4 weight as a functional Blockwise."""

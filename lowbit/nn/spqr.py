@@ -6,7 +6,7 @@ import torch
 from lowbit.functional.grouped import SpQRWeight, dequantize_stats
 from lowbit.formats import pack_3bit, unpack_3bit
 from lowbit.kernels.matmul import LutWeight
-from lowbit.nn.base import DequantLinear
+from lowbit.nn.base import DequantLinear, check_range
 from lowbit.nn.intn import CODE_LUTS, pack_codes, packed_bytes, unpack_codes
 
 
@@ -48,6 +48,14 @@ class SpQRLinear(DequantLinear):
     def init_kwargs(self) -> dict:
         return {**super().init_kwargs(), "bits": self.bits, "group_size": self.group_size, "stat_bits": self.stat_bits,
                 "stat_group": self.stat_group, "outliers": self.outlier_values.numel()}
+
+    def check_values(self) -> None:
+        super().check_values()  # weight and statistic codes are packed: all in range
+        check_range(self.outlier_cols, "outlier_cols", 0, self.in_features - 1)
+        ptr = self.outlier_rowptr
+        if int(ptr[0]) != 0 or int(ptr[-1]) != self.num_outliers() or bool((ptr[1:] < ptr[:-1]).any()):
+            raise ValueError(f"outlier_rowptr is not a row index of the {self.num_outliers()} outliers (it must rise "
+                             f"from 0 to {self.num_outliers()})")
 
     def num_outliers(self) -> int:
         return self.outlier_values.numel()
