@@ -21,6 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from lowbit.config import CALIBRATED, QuantConfig, config_from_dict, config_from_name
+from lowbit.jsonfile import JSONFileError, read_json
 from lowbit.nn.base import is_linear_like, replace_module
 
 PLAN_FORMAT = "lowbit-plan"
@@ -62,8 +63,10 @@ class Plan:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Plan":
+        # Plans written by hand may leave "format" out; one that gives it must give this one.
         if not isinstance(d, dict) or d.get("format", PLAN_FORMAT) != PLAN_FORMAT:
-            raise ValueError(f"not a lowbit plan (a JSON object with \"format\": \"{PLAN_FORMAT}\")")
+            raise ValueError(f"not a lowbit plan (a JSON object of \"layers\" and/or \"default\"; its \"format\", "
+                             f"if given, must be \"{PLAN_FORMAT}\")")
         d = {k: v for k, v in d.items() if k not in ("method", "format")}
         unknown = sorted(set(d) - {"layers", "default", "embeddings", "notes"})
         if unknown:
@@ -79,9 +82,9 @@ class Plan:
     def load(cls, path: str | os.PathLike) -> "Plan":
         """The plan in a JSON file; ValueError (one line) for a file that is not one."""
         try:
-            d = json.loads(Path(path).read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"cannot read the plan {path}: {e}") from None
+            d = read_json(path)
+        except (OSError, JSONFileError) as e:
+            raise ValueError(f"cannot read the plan: {e}") from None  # each names the file
         return cls.from_dict(d)
 
 

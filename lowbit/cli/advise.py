@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from lowbit.cli.common import (THREADS_HELP, MODEL_HELP, TEXT_HELP, UserError, app, check_scoring, check_writable_file,
-                               console, friendly, load, read_text, setup, use_threads)
+                               console, friendly, load, read_text, setup, use_threads, out_path)
 
 
 @app.command()
@@ -26,8 +26,9 @@ def advise(
     calib_samples: int = typer.Option(8, help="sequences of the sensitivity measurement"),
     calib_len: int = typer.Option(256, help="tokens per sequence of the sensitivity measurement"),
     measure: bool = typer.Option(True, "--measure/--no-measure", help="quantize by the plan and measure its perplexity"),
-    out: Path = typer.Option(Path("plan.json"), "--out", "-o", help="the plan (JSON) for lowbit quantize --plan; "
-                                                                    "the frontier plot goes beside it"),
+    out_arg: str = typer.Option("plan.json", "--out", "-o", metavar="PATH",
+                                help="the plan (JSON) for lowbit quantize --plan; "
+                                     "the frontier plot goes beside it"),
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
 ) -> None:
     """Measure how much each layer of MODEL loses in each format, choose the formats of least predicted loss within
@@ -36,6 +37,7 @@ def advise(
     Example: lowbit advise smollm2-135m --bits 4.5 --out plan.json; lowbit quantize smollm2-135m --plan plan.json -o q
     """
     setup()
+    out = out_path(out_arg)
     from lowbit.checkpoint import _parse_size
     from lowbit.nn.embedding import EMBEDDING_FORMATS
 

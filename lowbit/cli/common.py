@@ -58,7 +58,7 @@ def friendly(fn):
             return fn(*args, **kwargs)
         except (UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
                 CheckpointError, ValueError, TypeError) as e:
-            err.print(f"[bold red]error:[/] {first_line(e)}", highlight=False)
+            err.print(f"[bold red]error:[/] {first_line(e)}", highlight=False, soft_wrap=True)  # one line, however long
             raise typer.Exit(2) from None
 
     return wrapper
@@ -70,6 +70,10 @@ def setup() -> None:
         os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     import warnings
+
+    from lowbit.interop.bitsandbytes import quiet_kernel_notice
+
+    quiet_kernel_notice()  # before peft, transformers or doctor import bitsandbytes
 
     warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
     warnings.filterwarnings("once", message="ternary weights made post-training")
@@ -85,6 +89,14 @@ def setup() -> None:
         hf_logging.disable_progress_bar()
     except ImportError:
         pass
+
+
+def out_path(value: str, option: str = "--out") -> Path:
+    """The path an output option names; UserError for an empty or blank one, which Path() would turn into ".",
+    the current folder, and so write the output where nobody asked."""
+    if not value.strip():
+        raise UserError(f"{option} is empty: give a file or folder name (\".\" for the current folder)")
+    return Path(value)
 
 
 def check_writable_dir(path: Path, option: str = "--out") -> None:
@@ -211,16 +223,18 @@ def parse_methods(spec: str) -> list[str]:
     return [check_method(m) for m in names]
 
 
-def load(spec: str, encoders: bool = False, native: bool = False):
+def load(spec: str, encoders: bool = False, native: bool = False, tokenizer: bool = True):
     """(model, tokenizer) by lowbit.app.models.load_model (load_any with ``encoders``, load_native with ``native``);
-    load failures as one line."""
+    load failures as one line. Without ``tokenizer`` a folder that holds none gives (model, None)."""
     from lowbit.app.models import load_any, load_model, load_native
 
     with console.status(f"loading {spec}" + (" in its GGUF file's own weights" if native else "")):
         try:
             if native:
                 return load_native(spec, progress=False)
-            return (load_any if encoders else load_model)(spec)
+            if encoders:
+                return load_any(spec)
+            return load_model(spec, tokenizer_required=tokenizer)
         except FileNotFoundError:
             raise
         except (OSError, KeyError, ValueError) as e:  # transformers' ways of saying "not a model I know"

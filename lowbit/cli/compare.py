@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 from lowbit.cli.common import (THREADS_HELP, app, check_scoring, check_writable_dir, friendly, MODEL_HELP, SPEED_PROTOCOL,
-                               TEXT_HELP, console, load, parse_methods, describe_protocol, read_text, setup, use_threads)
+                               TEXT_HELP, console, load, parse_methods, describe_protocol, read_text, setup, use_threads, out_path)
 
 
 def run_compare(model: str, methods: list[str], text: Optional[Path], tokens: int, window: int, stride: Optional[int],
@@ -44,7 +44,8 @@ def compare_cmd(
     window: int = typer.Option(512, help="tokens per window"),
     stride: Optional[int] = typer.Option(None, help="sliding-window stride (default: non-overlapping windows)"),
     speed: bool = typer.Option(True, "--speed/--no-speed", help="measure prefill and decode tokens/s"),
-    out: Path = typer.Option(Path("lowbit-compare"), "--out", "-o", help="folder for compare.json and tradeoff.png"),
+    out_arg: str = typer.Option("lowbit-compare", "--out", "-o", metavar="PATH",
+                                help="folder for compare.json and tradeoff.png"),
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
 ) -> None:
     """Quantize MODEL by each method and compare bits/param, size, perplexity and speed in one table, a plot and JSON.
@@ -52,6 +53,7 @@ def compare_cmd(
     Example: lowbit compare smollm2-135m --methods fp32,int8,nf4,ternary --tokens 4096
     """
     setup()
+    out = out_path(out_arg)
     names = parse_methods(methods)
     check_scoring(tokens, window, stride)
     check_writable_dir(out)

@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Optional
 
 import typer
 
-from lowbit.cli.common import THREADS_HELP, check_scoring, check_writable_dir, use_threads, app, friendly, SPEED_PROTOCOL, console, describe_protocol, setup
+from lowbit.cli.common import THREADS_HELP, check_scoring, check_writable_dir, use_threads, app, friendly, SPEED_PROTOCOL, console, describe_protocol, setup, out_path
 from lowbit.cli.compare import run_compare
 from lowbit.cli.outliers import run_outliers
 
@@ -15,7 +14,7 @@ from lowbit.cli.outliers import run_outliers
 @app.command()
 @friendly
 def demo(
-    out: Path = typer.Option(Path("lowbit-report"), "--out", "-o", help="folder for the report"),
+    out_arg: str = typer.Option("lowbit-report", "--out", "-o", metavar="PATH", help="folder for the report"),
     tokens: int = typer.Option(4096, help="tokens of the bundled text to score per method (8192: the full protocol)"),
     speed: bool = typer.Option(True, "--speed/--no-speed", help="measure prefill and decode tokens/s"),
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
@@ -26,6 +25,7 @@ def demo(
     Example: lowbit demo      (writes ./lowbit-report/README.md with the table and plots)
     """
     setup()
+    out = out_path(out_arg)
     from lowbit.eval.speed import machine
     from lowbit.app.methods import DEFAULT_COMPARE
     from lowbit.app.report import write_report

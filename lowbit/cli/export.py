@@ -2,13 +2,12 @@
 for vLLM."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional
 
 import typer
 
 from lowbit.cli.common import (MODEL_HELP, THREADS_HELP, UserError, app, check_writable_dir, check_writable_file,
-                               console, friendly, load, setup, use_threads)
+                               console, friendly, load, setup, use_threads, out_path)
 
 FORMATS = ("gguf", "compressed-tensors")
 TYPE_HELP = ("gguf: f16 | q8_0 | q4_0 | q4_1 | tq2_0; compressed-tensors: int4 | int8 (weight-only, groups of "
@@ -21,7 +20,8 @@ def export(
     model: str = typer.Argument(..., help=MODEL_HELP),
     format: str = typer.Option("gguf", "--format", "-f", help="gguf (llama.cpp, Ollama) or compressed-tensors (vLLM)"),
     type: str = typer.Option(..., "--type", "-t", help=TYPE_HELP),
-    out: Path = typer.Option(..., "--out", "-o", help="the .gguf file, or the compressed-tensors folder"),
+    out_arg: str = typer.Option(..., "--out", "-o", metavar="PATH",
+                                help="the .gguf file, or the compressed-tensors folder"),
     method: Optional[str] = typer.Option(None, "--method", "-m",
                                          help="quantize first (e.g. ternary before tq2_0, gptq before int4)"),
     group_size: Optional[int] = typer.Option(None, help="compressed-tensors: weights per scale (default: 128, or the "
@@ -36,6 +36,7 @@ def export(
              lowbit export smollm2-135m --format compressed-tensors --type int4 --method gptq --out smollm2-ct
     """
     setup()
+    out = out_path(out_arg)
     from lowbit.app.methods import LOADED, apply_method, check_method, needs_calibration
 
     if format not in FORMATS:

@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from lowbit.cli.common import THREADS_HELP, MODEL_HELP, UserError, app, check_writable_dir, console, friendly, setup, use_threads
+from lowbit.cli.common import THREADS_HELP, MODEL_HELP, UserError, app, check_writable_dir, console, friendly, setup, use_threads, out_path
 
 
 @app.command()
@@ -30,7 +30,8 @@ def finetune(
                                 help="comma-separated module names to adapt"),
     eval_tokens: int = typer.Option(8192, help="held-out tokens to score before and after"),
     save_every: int = typer.Option(50, help="checkpoint every N steps (a rerun with the same --out resumes)"),
-    out: Path = typer.Option(Path("lowbit-finetune"), "--out", "-o", help="folder for the adapter, loss.png, summary.json"),
+    out_arg: str = typer.Option("lowbit-finetune", "--out", "-o", metavar="PATH",
+                                help="folder for the adapter, loss.png, summary.json"),
     seed: int = typer.Option(0, help="seed of the batches and the adapters' initialisation"),
     checkpointing: bool = typer.Option(True, "--checkpointing/--no-checkpointing", help="gradient checkpointing"),
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
@@ -45,6 +46,7 @@ def finetune(
     (on 2 processes: add --nproc 2 --parallel fsdp, or run torchrun --nproc_per_node 2 -m lowbit finetune ...)
     """
     setup()
+    out = out_path(out_arg)
     from lowbit.app.finetune import FinetuneConfig, run
 
     if not data.is_file():

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from lowbit.cli.common import THREADS_HELP, check_writable_dir, use_threads, app, friendly, MODEL_HELP, TEXT_HELP, UserError, console, load, read_text, setup
+from lowbit.cli.common import THREADS_HELP, check_writable_dir, use_threads, app, friendly, MODEL_HELP, TEXT_HELP, UserError, console, load, read_text, setup, out_path
 
 
 def run_outliers(model: str, threshold: float, text: Optional[Path], tokens: int, out: Path, ablation: bool) -> dict:
@@ -44,7 +44,8 @@ def outliers(
     text: Optional[Path] = typer.Option(None, help=TEXT_HELP),
     tokens: int = typer.Option(2048, help="tokens to run through the model"),
     ablation: bool = typer.Option(True, "--ablation/--no-ablation", help="zero the features vs as many random dimensions"),
-    out: Path = typer.Option(Path("lowbit-outliers"), "--out", "-o", help="folder for the heatmap and JSON"),
+    out_arg: str = typer.Option("lowbit-outliers", "--out", "-o", metavar="PATH",
+                                help="folder for the heatmap and JSON"),
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
 ) -> None:
     """Find the emergent outlier features of LLM.int8() in MODEL, with a heatmap and the zeroing ablation.
@@ -52,6 +53,7 @@ def outliers(
     Example: lowbit outliers smollm2-135m --tokens 2048     (or: lowbit outliers all-minilm-l6-v2)
     """
     setup()
+    out = out_path(out_arg)
     if threshold <= 0 or tokens < 2:
         raise UserError("--threshold must be > 0 and --tokens >= 2")
     check_writable_dir(out)

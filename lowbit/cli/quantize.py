@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from lowbit.cli.common import (THREADS_HELP, app, friendly, first_line, MODEL_HELP, UserError, console, load, read_text, setup,
-                               use_threads, ensure_kernels)
+                               use_threads, ensure_kernels, out_path)
 
 
 @app.command()
@@ -23,7 +23,7 @@ def quantize(
                                                         "(default: kept), bfloat16, int8 or int4 rows"),
     bits: Optional[int] = typer.Option(None, help="bits of rtn / gptq / spqr (2, 3, 4 or 8; default 4, spqr 3)"),
     calib_text: Optional[Path] = typer.Option(None, help="calibration text of gptq / spqr (default: the bundled text past its first 8192 tokens)"),
-    out: Path = typer.Option(..., "--out", "-o", help="folder for the lowbit checkpoint"),
+    out_arg: str = typer.Option(..., "--out", "-o", metavar="PATH", help="folder for the lowbit checkpoint"),
     blocksize: Optional[int] = typer.Option(None, help="block / group size (nf4, fp4, int4: 64; rtn, gptq: 128; spqr: 16)"),
     double_quant: Optional[bool] = typer.Option(None, "--double-quant/--no-double-quant", help="quantize the 4-bit absmax too"),
     threshold: Optional[float] = typer.Option(None, help="LLM.int8 outlier threshold (default 6.0; 0 turns it off)"),
@@ -41,6 +41,7 @@ def quantize(
     Example: lowbit quantize smollm2-135m --method nf4 --out smollm2-nf4
     """
     setup()
+    out = out_path(out_arg)
     import lowbit
     from lowbit.app.methods import LOADED, apply_method, check_method, method_config, needs_calibration
     from lowbit.checkpoint import _parse_size, check_target
@@ -79,7 +80,7 @@ def quantize(
     if stream and not native and method != "bf16" and embeddings in (None, "float32") and _streamable(model):
         return _quantize_streamed(Path(model), method, options, calib_text, out, max_shard_size)
     t = time.perf_counter()
-    m, tok = load(model, native=native)
+    m, tok = load(model, native=native, tokenizer=needs_calibration(method))  # as streamed: saved if there is one
     calibration = _calibration(tok, calib_text) if needs_calibration(method) else None
     if not native:  # native: the load is the quantization (the file's own codes)
         t = time.perf_counter()
@@ -128,7 +129,7 @@ def _read_plan(path: Optional[Path], method: Optional[str], embeddings: Optional
 def _quantize_by_plan(model: str, plan, calib_text: Optional[Path], out: Path, max_shard_size: str) -> None:
     import lowbit
 
-    m, tok = load(model)
+    m, tok = load(model, tokenizer=plan.needs_calibration())
     calibration = _calibration(tok, calib_text) if plan.needs_calibration() else None
     t = time.perf_counter()
     try:

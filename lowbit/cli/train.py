@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from lowbit.cli.common import THREADS_HELP, UserError, app, console, friendly, setup, use_threads
+from lowbit.cli.common import THREADS_HELP, UserError, app, console, friendly, setup, use_threads, out_path
 
 
 @app.command()
@@ -27,8 +27,9 @@ def train(
     tokenizer: Optional[Path] = typer.Option(None, help="use this saved tokenizer folder instead of training one"),
     eval_every: int = typer.Option(100, help="held-out perplexity every N steps"),
     save_every: int = typer.Option(100, help="save the model and a checkpoint every N steps (a rerun resumes)"),
-    out: Path = typer.Option(Path("lowbit-model"), "--out", "-o", help="folder for the model, its tokenizer, "
-                             "checkpoint/, loss.png and summary.json"),
+    out_arg: str = typer.Option("lowbit-model", "--out", "-o", metavar="PATH",
+                                help="folder for the model, its tokenizer, "
+                                     "checkpoint/, loss.png and summary.json"),
     seed: int = typer.Option(0, help="seed of the initialisation and the batches"),
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
 ) -> None:
@@ -37,6 +38,7 @@ def train(
     Example: lowbit train --size tiny --bits 1.58 --data notes.txt --steps 500 --out my-bitnet
     """
     setup()
+    out = out_path(out_arg)
     from lowbit.train.pretrain import TrainConfig, run
 
     if not data.is_file():
