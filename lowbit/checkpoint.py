@@ -26,7 +26,7 @@ from lowbit.folderlock import LOCK_NAME, FolderLock, busy_error, writer_pid
 from lowbit.jsonfile import JSONFileError, read_json
 from lowbit.manifest import CONFIG_ERRORS, CheckpointError, check_config_scale, safe_file, validate
 from lowbit.nn import BitLinear, HalfLinear, Int8Linear, IntLinear, Linear4bit, QuantEmbedding, QuantLinear, SpQRLinear
-from lowbit.nn.base import is_linear_like, linear_weight
+from lowbit.nn.base import check_range, is_linear_like, linear_weight
 from lowbit.shards import ShardError, ShardWriter, fsync, map_tensors
 
 FORMAT, FORMAT_VERSION, MANIFEST = "lowbit", 1, "lowbit.json"
@@ -513,15 +513,20 @@ def check_layers(model: nn.Module, layout: dict[str, tuple[torch.dtype, tuple[in
         if t is None or t.dtype != dtype or tuple(t.shape) != shape:
             got = "nothing" if t is None else f"{t.dtype} {tuple(t.shape)}"
             raise CheckpointError(f"{name}: the checkpoint has {got}, the layer expects {dtype} {shape}")
+    checked = set()
     for name, m in model.named_modules():
         if isinstance(m, QuantLinear):
             try:
                 m.check_values()
             except ValueError as e:
                 raise CheckpointError(f"layer {name}: {e}: the checkpoint is damaged") from None
+            checked.update(id(b) for b in m.buffers())
     for name, t in tensors.items():  # norms, embeddings, layers left in float: NaN there is no weight either
-        if t.is_floating_point() and not t.is_meta and not bool(torch.isfinite(t).all()):
-            raise CheckpointError(f"{name} holds NaN or inf: the checkpoint is damaged")
+        if t.is_floating_point() and not t.is_meta and id(t) not in checked:
+            try:
+                check_range(t, name)
+            except ValueError as e:
+                raise CheckpointError(f"{e}: the checkpoint is damaged") from None
 
 
 def _manifest_stamp(directory: Path):

@@ -97,7 +97,11 @@ def pack_ternary_2bit(values: torch.Tensor) -> torch.Tensor:
 def ternary_2bit_valid(packed: torch.Tensor) -> bool:
     """Whether every 2-bit field of ``pack_ternary_2bit`` output is a trit code (0, 1 or 2; never 3)."""
     # A field is 3 when both its bits are set: the low bit of each field, ANDed with the high bit shifted onto it.
-    return not bool((packed & (packed >> 1) & 0x55).any())
+    # Eight bytes at a time where they fit: the bit shifted in from the next byte (or the sign) lands on a high bit,
+    # which the mask drops.
+    words = packed.view(torch.int64) if packed.numel() % 8 == 0 and packed.is_contiguous() else packed
+    mask = 0x5555555555555555 if words.dtype == torch.int64 else 0x55
+    return not bool((words & (words >> 1) & mask).any())
 
 
 def unpack_ternary_2bit(packed: torch.Tensor, n: int) -> torch.Tensor:

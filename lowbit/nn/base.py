@@ -1,6 +1,7 @@
 """What every lowbit layer shares: construction from nn.Linear or GPT-2 Conv1D, bias, accounting."""
 from __future__ import annotations
 
+import math
 import threading
 
 import torch
@@ -75,12 +76,14 @@ def check_range(t: torch.Tensor, name: str, low: float | None = None, high: floa
     """Raise ValueError unless every value of ``t`` is finite (floats) and within [low, high] (where given)."""
     if t.numel() == 0:
         return
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+    # One pass for both bounds; NaN propagates into them, and an inf is one of them.
+    lo, hi = (v.item() for v in torch.aminmax(t.reshape(-1)))
+    if t.is_floating_point() and not math.isfinite(lo + hi):
         raise ValueError(f"{name} holds NaN or inf")
-    if low is not None and t.min().item() < low:
-        raise ValueError(f"{name} holds {t.min().item():g}, below its format's {low:g}")
-    if high is not None and t.max().item() > high:
-        raise ValueError(f"{name} holds {t.max().item():g}, above its format's {high:g}")
+    if low is not None and lo < low:
+        raise ValueError(f"{name} holds {lo:g}, below its format's {low:g}")
+    if high is not None and hi > high:
+        raise ValueError(f"{name} holds {hi:g}, above its format's {high:g}")
 
 
 def replace_module(model: nn.Module, name: str, layer: nn.Module) -> None:
