@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 import lowbit
-from lowbit.config import _DTYPES, config_from_dict
+from lowbit.config import _DTYPES, COMPUTE_DTYPES, config_from_dict
 from lowbit.folderlock import LOCK_NAME, FolderLock, busy_error, writer_pid
 from lowbit.jsonfile import JSONFileError, read_json
 from lowbit.manifest import CONFIG_ERRORS, CheckpointError, check_config_scale, safe_file, validate
@@ -37,7 +37,7 @@ LAYER_TYPES = {cls.__name__: cls for cls in (Int8Linear, Linear4bit, BitLinear, 
 _OURS = ("model-*.safetensors", "model-*.tmp", "tokenizer-*", f"{MANIFEST}.*.tmp")
 _FLOAT_DTYPES = {**_DTYPES, "float64": torch.float64}
 __all__ = ["CheckpointError", "save", "load", "load_tokenizer", "read_manifest", "check_target", "check_layers",
-           "check_shard_layout", "layer_layout", "swap_layers", "verify_shards"]
+           "check_complete", "check_shard_headers", "layer_layout", "swap_layers", "verify_shards"]
 
 
 def _parse_size(size: int | str) -> int:
@@ -465,8 +465,9 @@ def _owner_is_quantized(model: nn.Module, name: str) -> bool:
 
 def _check_tensor(model: nn.Module, name: str, t: torch.Tensor, want: torch.Tensor) -> None:
     # A lowbit layer's buffers have the exact dtype its constructor gives them; other tensors (embeddings, norms,
-    # unquantized layers) come back in the dtype they were saved in: a bf16 model loads as bf16.
-    same_kind = t.dtype.is_floating_point and want.dtype.is_floating_point and not _owner_is_quantized(model, name)
+    # unquantized layers) come back in the dtype they were saved in, one of those models compute in: a bf16 model
+    # loads as bf16 (float64 would fail at the first product with a float32 input).
+    same_kind = t.dtype in COMPUTE_DTYPES and want.dtype.is_floating_point and not _owner_is_quantized(model, name)
     if t.shape != want.shape or (t.dtype != want.dtype and not same_kind):
         raise CheckpointError(f"{name}: the checkpoint has {t.dtype} {tuple(t.shape)}, "
                               f"the model expects {want.dtype} {tuple(want.shape)}")
@@ -484,22 +485,42 @@ _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat1
                        torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64"}
 
 
-def check_shard_layout(files: list[str | os.PathLike], layout: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> None:
-    """Raise CheckpointError unless every tensor of ``layout`` that the safetensors ``files`` hold has its dtype and
-    shape there, read from the headers alone: for readers that cast what they read (transformers casts floats to the
-    model's dtype, which would hide a float16 scale where the layer stores float32)."""
+def check_shard_headers(files: list[str | os.PathLike], model: nn.Module,
+                        layout: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> set[str]:
+    """The names of the tensors the safetensors ``files`` hold, read from their headers alone; CheckpointError for a
+    tensor ``model`` does not have, or of another shape than its own, or of another dtype than ``layout`` gives its
+    lowbit layers: for readers that cast or skip what does not fit (transformers casts floats to the model's dtype,
+    which would hide a float16 scale where the layer stores float32)."""
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict(keep_vars=True).items()}
+    names = set()
     for path in files:
         try:
             with safe_open(str(path), framework="pt") as f:
                 for name in f.keys():
-                    if name in layout:
-                        t = f.get_slice(name)
-                        dtype, shape = layout[name]
-                        if t.get_dtype() != _SAFETENSORS_DTYPES.get(dtype) or tuple(t.get_shape()) != shape:
-                            raise CheckpointError(f"{name}: the checkpoint has {t.get_dtype()} {tuple(t.get_shape())}, "
-                                                  f"the layer expects {dtype} {shape}")
+                    if name not in shapes:
+                        raise CheckpointError(f"the checkpoint has a tensor {name} that this model does not have")
+                    t = f.get_slice(name)
+                    dtype = layout.get(name, (None,))[0]
+                    if tuple(t.get_shape()) != shapes[name] or (dtype is not None and
+                                                               t.get_dtype() != _SAFETENSORS_DTYPES.get(dtype)):
+                        want = f"{dtype} {shapes[name]}" if dtype is not None else f"shape {shapes[name]}"
+                        raise CheckpointError(f"{name}: the checkpoint has {t.get_dtype()} {tuple(t.get_shape())}, "
+                                              f"the model expects {want}")
+                    names.add(name)
         except SafetensorError as e:
             raise CheckpointError(f"{path} cannot be read ({e}): the file is damaged") from None
+    return names
+
+
+def check_complete(model: nn.Module, names: set[str]) -> None:
+    """Raise CheckpointError unless every tensor of ``model`` was read under one of its names (tied tensors, one
+    object under several names, once): for readers that fill what a file lacks with fresh memory."""
+    groups: dict[int, list[str]] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        groups.setdefault(id(t), []).append(name)
+    missing = sorted(group[0] for group in groups.values() if not names.intersection(group))
+    if missing:
+        raise CheckpointError(f"the checkpoint lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:3]}")
 
 
 def check_layers(model: nn.Module, layout: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> None:
@@ -527,6 +548,21 @@ def check_layers(model: nn.Module, layout: dict[str, tuple[torch.dtype, tuple[in
                 check_range(t, name)
             except ValueError as e:
                 raise CheckpointError(f"{e}: the checkpoint is damaged") from None
+
+
+def _check_one_float_dtype(model: nn.Module) -> None:
+    """CheckpointError unless the float parameters outside lowbit layers share one dtype (those the model keeps in
+    float32 aside): a norm saved in bfloat16 among float32 layers would fail at the first product."""
+    keep = getattr(model, "_keep_in_fp32_modules", None) or ()
+    dtypes: dict[torch.dtype, str] = {}
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not _owner_is_quantized(model, name) and \
+                not (p.dtype == torch.float32 and any(k in name.split(".") for k in keep)):
+            dtypes.setdefault(p.dtype, name)
+    if len(dtypes) > 1:
+        listed = ", ".join(f"{n} {str(d).removeprefix('torch.')}" for d, n in dtypes.items())
+        raise CheckpointError(f"the checkpoint mixes float dtypes outside its lowbit layers ({listed}): the checkpoint "
+                              "is damaged")
 
 
 def _manifest_stamp(directory: Path):
@@ -641,6 +677,7 @@ def _fill(directory: Path, manifest: dict, files: list, model: nn.Module | None,
     if missing:
         raise CheckpointError(f"the checkpoint lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:3]}")
     check_layers(model, layout)
+    _check_one_float_dtype(model)
     restore_buffer_dtypes(model, manifest.get("buffer_dtypes") or {})
     if manifest.get("quantization"):
         quant = dict(manifest["quantization"])
@@ -659,4 +696,8 @@ def load_tokenizer(directory: str | os.PathLike):
 
     path = safe_file(Path(directory), manifest["tokenizer"], "tokenizer")
     # Checkpoints before 2026-12-02 kept the tokenizer in a folder of its own; now its files sit at the top.
-    return AutoTokenizer.from_pretrained(str(path if path.is_dir() else Path(directory)))
+    try:
+        return AutoTokenizer.from_pretrained(str(path if path.is_dir() else Path(directory)))
+    except CONFIG_ERRORS as e:  # it reads config.json too, an untrusted file
+        raise CheckpointError(f"{directory}: the tokenizer cannot be loaded ({type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None

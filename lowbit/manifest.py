@@ -20,8 +20,9 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 def _config_errors() -> tuple[type[BaseException], ...]:
+    # RuntimeError: torch, on negative sizes; AssertionError: torch's nn.Embedding on a padding_idx past the vocab
     errors: tuple[type[BaseException], ...] = (ValueError, TypeError, KeyError, AttributeError, IndexError, OSError,
-                                               RuntimeError, ArithmeticError)  # RuntimeError: torch, on negative sizes
+                                               RuntimeError, ArithmeticError, AssertionError)
     try:  # transformers' configs are strict dataclasses of huggingface_hub, which raise its own exception types
         from huggingface_hub.errors import StrictDataclassError
 

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from lowbit.checkpoint import CheckpointError, Saving, assign, check_target, shard_limit
 from lowbit.eval.memory import peak_rss_bytes
+from lowbit.manifest import CONFIG_ERRORS
 from lowbit.config import CALIBRATED, QuantConfig, config_from_name
 from lowbit.nn.base import replace_module
 from lowbit.quantize import build_layer, check_calibration, check_config, eligible_layers, warn_post_training_ternary
@@ -34,10 +35,11 @@ def empty_model(src: Path) -> nn.Module:
 
     try:
         config = transformers.AutoConfig.from_pretrained(src)
-    except (OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{src} holds no transformers config.json that can be read ({e})") from None
-    with init_empty_weights(include_buffers=False):
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        with init_empty_weights(include_buffers=False):
+            model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    except CONFIG_ERRORS as e:
+        raise CheckpointError(f"{src} holds no transformers config.json that describes a model "
+                              f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
     model.tie_weights()  # built on meta, the model's tied embedding and LM head are two Parameters until this
     model.config.dtype = torch.float32
     model.config._name_or_path = str(src)

@@ -187,6 +187,7 @@ def mutated_values(draw, good: Path, work: Path) -> Path:
             else:
                 info = torch.iinfo(t.dtype)
                 v = draw(st.sampled_from([x for x in INTEGERS if info.min <= x <= info.max]) | st.integers(info.min, info.max))
+            v = torch.tensor(v, dtype=torch.float64).to(t.dtype) if t.is_floating_point() else v  # fp16: 1e30 is inf
             if draw(st.integers(0, 9)) == 0:
                 flat.fill_(v)
             else:

@@ -194,3 +194,91 @@ def test_cli_eval_of_a_nan_checkpoint_is_one_line_and_exit_2(smollm, tmp_path):
                        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 2, r.stderr
     assert "NaN or inf" in r.stderr and "Traceback" not in r.stderr
+
+
+def _drop(name):
+    def change(tensors):
+        del tensors[name]
+        return tensors
+    return change
+
+
+def _add(name, value):
+    def change(tensors):
+        tensors[name] = value
+        return tensors
+    return change
+
+
+def tamper_shard(good: Path, work: Path, name: str, change) -> Path:
+    """A copy of ``good`` whose shard holding ``name`` is rewritten by ``change(tensors)``, checksums recomputed and
+    the manifest's list of tensors left as it was."""
+    shutil.copytree(good, work)
+    manifest = json.loads((work / "lowbit.json").read_text())
+    shard = next(s for s in manifest["shards"] if name in s["tensors"])
+    path = work / shard["file"]
+    save_file(change(load_file(path)), path, metadata={"format": "pt"})
+    data = path.read_bytes()
+    shard["sha256"], shard["bytes"] = hashlib.sha256(data).hexdigest(), len(data)
+    (work / "lowbit.json").write_text(json.dumps(manifest))
+    return work
+
+
+NORM = L0 + "input_layernorm.weight"
+SHARD_CASES = {  # found by the rerun of the probes: from_pretrained filled a missing tensor with fresh memory
+    "missing quantized tensor": (L0 + "self_attn.k_proj.weight_absmax", _drop(L0 + "self_attn.k_proj.weight_absmax"),
+                                 "lacks|other tensors"),
+    "missing norm": (NORM, _drop(NORM), "lacks|other tensors"),
+    "extra tensor": (NORM, _add("model.extra.weight", torch.zeros(3)), "does not have|other tensors"),
+}
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+@pytest.mark.parametrize("case", SHARD_CASES)
+def test_missing_or_extra_tensors_are_refused_by_both_loaders(saved, tmp_path, loader, case):
+    name, change, message = SHARD_CASES[case]
+    with pytest.raises(lowbit.CheckpointError, match=message):
+        LOADERS[loader](tamper_shard(saved[0], tmp_path / "ck", name, change))
+
+
+FLOAT_CASES = {  # a float tensor outside the lowbit layers: lowbit.load took any float dtype, transformers' any shape
+    "norm of another shape": (lambda t: t[:32].clone(), "expects"),
+    "norm in float64": (lambda t: t.double(), "expects|mixes"),
+}
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+@pytest.mark.parametrize("case", FLOAT_CASES)
+def test_float_tensors_of_the_wrong_shape_or_dtype_are_refused(saved, tmp_path, loader, case):
+    change, message = FLOAT_CASES[case]
+    work = tamper(saved[0], tmp_path / "ck", NORM, change)
+    if loader == "from_pretrained" and case == "norm in float64":
+        # transformers casts a float tensor to the model's dtype as it reads it: the model computes as it should
+        assert torch.equal(logits(from_pretrained(work)), logits(lowbit.load(saved[0])))
+        return
+    with pytest.raises(lowbit.CheckpointError, match=message):
+        LOADERS[loader](work)
+
+
+def test_lowbit_load_refuses_one_norm_in_bfloat16_among_float32(saved, tmp_path):
+    work = tamper(saved[0], tmp_path / "ck", NORM, lambda t: t.bfloat16())
+    with pytest.raises(lowbit.CheckpointError, match="mixes float dtypes"):
+        lowbit.load(work)
+
+
+def test_cli_on_a_config_json_transformers_cannot_build_is_one_line(tmp_path):
+    """A field of the wrong type in config.json gave a 75-line StrictDataclassFieldValidationError traceback."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "src"
+    tiny_llama().save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["hidden_size"] = "abc"
+    (folder / "config.json").write_text(json.dumps(config))
+    for args in (["quantize", str(folder), "--method", "nf4", "--out", str(tmp_path / "q")],
+                 ["quantize", str(folder), "--method", "nf4", "--in-memory", "--out", str(tmp_path / "q")]):
+        r = subprocess.run([sys.executable, "-m", "lowbit", *args, "--threads", "1"], capture_output=True, text=True,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr

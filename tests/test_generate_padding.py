@@ -188,3 +188,23 @@ def test_edges_of_the_ranges_are_accepted():
                                        generator=torch.Generator().manual_seed(0)), greedy)
     assert torch.equal(lowbit.generate(model, ids, 6, eos_token_id=[]), greedy)
     assert torch.equal(lowbit.generate(model, ids, 0), ids)
+
+
+@pytest.mark.parametrize("args,message", [
+    (dict(input_ids=[[1, 2, 3]]), "must be a tensor"),
+    (dict(input_ids=torch.zeros(0, 5, dtype=torch.long)), "batch, T >= 1"),
+    (dict(do_sample="yes"), "do_sample must be True or False"),
+    (dict(max_new_tokens=10**9), "max_position_embeddings"),
+])
+def test_more_bad_generate_arguments_are_one_clear_error(args, message):
+    """Found by a rerun of the probes: a raw RuntimeError, an AttributeError, a 32 GB allocation, a string taken as
+    True."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=64)).eval()
+    kwargs = {"input_ids": torch.tensor([[1, 2, 3]]), "max_new_tokens": 4, **args}
+    with pytest.raises(ValueError, match=message):
+        lowbit.generate(model, **kwargs)

@@ -52,6 +52,8 @@ def friendly(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from huggingface_hub.errors import StrictDataclassError
+
         from lowbit.checkpoint import CheckpointError
 
         try:
@@ -59,6 +61,9 @@ def friendly(fn):
         except (UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
                 CheckpointError, ValueError, TypeError) as e:
             err.print(f"[bold red]error:[/] {first_line(e)}", highlight=False, soft_wrap=True)  # one line, however long
+            raise typer.Exit(2) from None
+        except StrictDataclassError as e:  # a config.json field transformers refuses, wherever it is read
+            err.print(f"[bold red]error:[/] config.json: {' '.join(str(e).split())}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -227,6 +232,7 @@ def load(spec: str, encoders: bool = False, native: bool = False, tokenizer: boo
     """(model, tokenizer) by lowbit.app.models.load_model (load_any with ``encoders``, load_native with ``native``);
     load failures as one line. Without ``tokenizer`` a folder that holds none gives (model, None)."""
     from lowbit.app.models import load_any, load_model, load_native
+    from lowbit.manifest import CONFIG_ERRORS
 
     with console.status(f"loading {spec}" + (" in its GGUF file's own weights" if native else "")):
         try:
@@ -237,8 +243,10 @@ def load(spec: str, encoders: bool = False, native: bool = False, tokenizer: boo
             return load_model(spec, tokenizer_required=tokenizer)
         except FileNotFoundError:
             raise
-        except (OSError, KeyError, ValueError) as e:  # transformers' ways of saying "not a model I know"
-            raise UserError(f"cannot load {spec}: {first_line(e)}") from None
+        # transformers' ways of saying "not a model I know": a config.json it cannot build (a field of the wrong
+        # type, a zero head count) comes out as any of CONFIG_ERRORS
+        except (KeyError, *CONFIG_ERRORS) as e:
+            raise UserError(f"cannot load {spec}: {type(e).__name__}: {first_line(e)}") from None
 
 
 def describe_protocol(tokens: int, window: int, stride: Optional[int], text_name: str, dtype: str = "float32 compute") -> str:

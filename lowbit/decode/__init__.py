@@ -65,6 +65,8 @@ def _check_options(max_new_tokens, do_sample, temperature, top_k, top_p, eos_tok
     # "probability tensor contains inf, nan", and top_p=2 or top_k=-5 would pass silently.
     if not _is_int(max_new_tokens) or max_new_tokens < 0:
         raise ValueError(f"generate: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if not isinstance(do_sample, bool):
+        raise ValueError(f"generate: do_sample must be True or False, got {do_sample!r}")
     if do_sample and not (_is_number(temperature) and math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"generate: temperature must be a finite number > 0 when sampling (do_sample=False for "
                          f"greedy), got {temperature!r}")
@@ -121,10 +123,13 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int = 32
     looking again every 64 steps (``ThreadChooser``: with one of 2 cores busy, SmolLM2 NF4 decodes 50.5 tok/s
     against 20.2 on 2 threads); a number uses that many threads for this call; None keeps torch's count.
     """
+    if not isinstance(input_ids, torch.Tensor):
+        raise ValueError(f"generate: input_ids must be a tensor of token ids, got {type(input_ids).__name__} "
+                         "(torch.tensor(ids) makes one)")
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
-    if input_ids.dim() != 2 or input_ids.shape[1] == 0 or input_ids.dtype not in (torch.long, torch.int):
-        raise ValueError(f"generate: input_ids must be integer token ids [batch, T] with T >= 1, got "
+    if input_ids.dim() != 2 or 0 in input_ids.shape or input_ids.dtype not in (torch.long, torch.int):
+        raise ValueError(f"generate: input_ids must be integer token ids [batch, T] with batch, T >= 1, got "
                          f"{tuple(input_ids.shape)} {input_ids.dtype}")
     mask = _check_mask(attention_mask, input_ids)
     _check_options(max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id)
@@ -133,6 +138,12 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int = 32
         raise ValueError(f"generate: threads must be a positive integer, 'auto' or None, got {threads!r}")
     if max_new_tokens == 0:
         return input_ids
+    # The decoder's cache holds every position up front: a length past what the model was made for would only
+    # allocate (a 10**9 request asked for 32 GB) before it failed or generated noise.
+    longest = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if _is_int(longest) and input_ids.shape[1] + max_new_tokens > longest:
+        raise ValueError(f"generate: {input_ids.shape[1]} prompt tokens + max_new_tokens={max_new_tokens} exceed the "
+                         f"{longest} positions this model takes (config.max_position_embeddings)")
     vocab = model.get_input_embeddings().num_embeddings
     if int(input_ids.max()) >= vocab or int(input_ids.min()) < 0:
         raise ValueError(f"generate: token ids must lie in [0, {vocab}), got "

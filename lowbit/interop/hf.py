@@ -181,13 +181,13 @@ class LowbitHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, **kwargs) -> None:
         if self.pre_quantized:
-            from lowbit.checkpoint import check_shard_layout, layer_layout, swap_layers
+            from lowbit.checkpoint import check_shard_headers, layer_layout, swap_layers
 
             files = kwargs.get("checkpoint_files") or []
             check_files(model.config.name_or_path, files)
             swap_layers(model, self.quantization_config.layers)
             self.layout = layer_layout(model)  # what the files must fill in: checked in their headers, then read
-            check_shard_layout(files, self.layout)
+            self.read = check_shard_headers(files, model, self.layout)
             for name in self.quantization_config.layers:
                 _mark_initialized(model, name)
             if _quantized_tied_embeddings(model) is not None:
@@ -207,7 +207,7 @@ class LowbitHfQuantizer(HfQuantizer):
         return LowbitQuantize(self)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        from lowbit.checkpoint import check_layers, layer_specs, restore_buffer_dtypes
+        from lowbit.checkpoint import check_complete, check_layers, layer_specs, restore_buffer_dtypes
 
         layers = layer_specs(model)
         left = [name for name in self.targets if name not in layers]
@@ -218,6 +218,7 @@ class LowbitHfQuantizer(HfQuantizer):
             model.set_output_embeddings(emb.rows)
             layers = layer_specs(model)
         if self.pre_quantized:  # once the head is the rows layer: its own buffers were never read
+            check_complete(model, self.read)
             check_layers(model, self.layout)
         self.quantization_config.layers = layers
         restore_buffer_dtypes(model, self.quantization_config.buffer_dtypes)
