@@ -9,11 +9,15 @@ from lowbit.quantize import quantize  # noqa: E402
 from lowbit.embeddings import quantize_embeddings  # noqa: E402
 from lowbit.plan import Plan  # noqa: E402
 from lowbit.stream import quantize_checkpoint  # noqa: E402
+from lowbit.interop.bitsandbytes import quiet_kernel_notice  # noqa: E402
 from lowbit.interop.hf_hook import register_integrations  # noqa: E402
 
 # From here on AutoModelForCausalLM.from_pretrained(dir) opens lowbit checkpoints and PEFT adapters load onto lowbit
 # models, without lowbit.train imported.
 register_integrations()
+# bitsandbytes' notice that an optional kernel package could not be fetched, printed when lowbit.train, peft or
+# transformers imports it, reads like a lowbit failure: dropped (a logging filter; bitsandbytes is not imported).
+quiet_kernel_notice()
 
 
 

@@ -231,15 +231,21 @@ IDS = torch.arange(24).remainder(64).reshape(2, 12)
 
 
 def same_as_reference(model) -> bool:
-    """Whether a loaded model's forward on the compiled kernels equals the plain-torch reference path's (float
-    summation order aside; an overflow to inf or NaN must be the same on both)."""
+    """Whether a loaded model's forward on the compiled kernels equals the plain-torch reference path's, float
+    summation order aside: the two may differ by rounding of the largest values summed (a norm gain of 1e30 makes
+    logits of 1e30 whose differences carry errors of 1e23), so the bound scales with the largest output; NaN and inf
+    must stand in the same places."""
     from lowbit import kernels
 
     with torch.no_grad():
         fast = model(IDS).logits
         with kernels.reference_only():
             ref = model(IDS).logits
-    return torch.allclose(fast, ref, rtol=1e-3, atol=1e-4, equal_nan=True)
+    finite = torch.isfinite(ref)
+    if not torch.equal(finite, torch.isfinite(fast)) or not torch.equal(fast[~finite].nan_to_num(), ref[~finite].nan_to_num()):
+        return False
+    scale = float(ref[finite].abs().max()) if finite.any() else 0.0
+    return bool(((fast - ref)[finite].abs() <= 1e-4 + 1e-3 * scale).all())
 
 
 def check_case(read, outcomes: Counter, forward: bool = False) -> None:

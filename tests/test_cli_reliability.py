@@ -246,7 +246,8 @@ NOTICE = ("gemm_4bit_forward", "pip install kernels", "kernels-community")
     ["-m", "lowbit", "doctor"],
     ["-m", "lowbit", "finetune", "smollm2-135m", "--data", "TEXT", "--method", "gptq", "--out", "OUT", "--threads", "1"],
     ["-c", "import torch; from lowbit.app.peers import bnb_nf4_layer; bnb_nf4_layer(torch.nn.Linear(64, 64))"],
-], ids=["doctor", "finetune", "peers"])
+    ["-c", "import lowbit, lowbit.train, peft, bitsandbytes"],  # the library: peft imports bitsandbytes
+], ids=["doctor", "finetune", "peers", "import"])
 def test_bitsandbytes_kernel_notice_is_not_printed(tmp_path, cmd):
     text = tmp_path / "notes.txt"
     text.write_text("some text to train on " * 50)
