@@ -187,10 +187,11 @@ def _calibrate(model: nn.Module, calibrated: dict[str, QuantConfig], calibration
     from lowbit.calibrate.sequential import quantize_sequential
 
     quantizers = {n: layer_quantizer(c) for n, c in calibrated.items()}
-    first = next(iter(calibrated.values()))
+    # Each layer with its own config's token clip and order (not the first config's for all of them).
     return quantize_sequential(model, calibration, lambda name, module, H: quantizers[name](name, module, H),
                                lambda name: name not in calibrated, progress, "calibrating the plan",
-                               token_clip=first.token_clip, true_sequential=first.true_sequential)
+                               token_clip=lambda name: calibrated[name].token_clip,
+                               true_sequential=lambda name: calibrated[name].true_sequential)
 
 
 __all__ = ["Plan", "apply_plan", "parse_format", "plan_targets", "KEEP", "HALF"]

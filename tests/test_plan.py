@@ -183,3 +183,52 @@ def test_transformers_opens_a_mixed_checkpoint(tmp_path, tied):
     assert torch.equal(logits(back), logits(q))
     assert isinstance(back.model.embed_tokens, QuantEmbedding)
     assert (back.lm_head is back.model.embed_tokens.rows) == tied
+
+
+def test_each_calibrated_layer_keeps_its_own_gptq_settings():
+    """plan._calibrate took token_clip and true_sequential from the first calibrated config for every layer: a plan
+    mixing GPTQ settings silently lost all but the first (issue 33)."""
+    from lowbit.config import GPTQConfig
+
+    base = tiny_llama()
+    names = _block_linears(base)
+    clipped = {"method": "gptq", "bits": 4, "group_size": 32, "token_clip": 1.0}  # caps every token at the median
+    plain = {"method": "gptq", "bits": 4, "group_size": 32, "token_clip": None}
+    down = "model.layers.0.mlp.down_proj"  # its inputs' token norms vary (those of q/k/v are RMS-normalised)
+    layers = {n: clipped if n == down else plain for n in names}
+    layers = {down: clipped, **layers}  # the clipped config first: the one the old code applied to every layer
+    mixed = lowbit.quantize(copy.deepcopy(base), Plan(layers=layers), calibration=CALIB, progress=False)
+    uniform = {c["token_clip"]: lowbit.quantize(copy.deepcopy(base), GPTQConfig(bits=4, group_size=32,
+                                                                                token_clip=c["token_clip"]),
+                                                calibration=CALIB, progress=False) for c in (clipped, plain)}
+
+    def codes(model, name):
+        return model.get_submodule(name).weight_packed
+
+    assert torch.equal(codes(mixed, down), codes(uniform[1.0], down))
+    assert not torch.equal(codes(uniform[1.0], down), codes(uniform[None], down))  # the setting matters here
+    for n in names[:6]:  # block 0's other layers: Hessians of the float block, unclipped
+        assert torch.equal(codes(mixed, n), codes(uniform[None], n)), n
+
+
+def test_true_sequential_per_layer():
+    """A layer that asks for true_sequential sees the groups before it quantized; the others the float block."""
+    from lowbit.calibrate.sequential import quantize_sequential
+
+    def zeroing(record):
+        def quantize(name, module, H):  # once v_proj is zero, o_proj's true inputs are zero too
+            record[name] = H
+            out = copy.deepcopy(module)
+            out.weight.data.zero_()
+            return out
+        return quantize
+
+    model, ids, hs = tiny_llama(), CALIB, {}
+    for mode in (True, False, "o only"):
+        record = {}
+        ts = (lambda name: name.endswith("o_proj")) if mode == "o only" else mode
+        quantize_sequential(copy.deepcopy(model), ids, zeroing(record), progress=False, true_sequential=ts)
+        hs[mode] = record
+    o, down = "model.layers.0.self_attn.o_proj", "model.layers.0.mlp.down_proj"
+    assert hs["o only"][o].abs().max() == 0 and hs[True][o].abs().max() == 0
+    assert torch.equal(hs["o only"][down], hs[False][down]) and hs[False][down].abs().max() > 0

@@ -34,7 +34,7 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 
 @torch.no_grad()
-def _block_inputs(model: nn.Module, block: nn.Module, batches: torch.Tensor, chunk: int) -> list[tuple[tuple, dict]]:
+def block_inputs(model: nn.Module, block: nn.Module, batches: torch.Tensor, chunk: int) -> list[tuple[tuple, dict]]:
     """The positional and keyword arguments the first block receives, ``chunk`` calibration sequences at a time."""
     captured = []
 
@@ -54,13 +54,13 @@ def _block_inputs(model: nn.Module, block: nn.Module, batches: torch.Tensor, chu
     return captured
 
 
-def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+def with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
     if args:
         return (hidden,) + tuple(args[1:]), kwargs
     return args, {**kwargs, "hidden_states": hidden}
 
 
-def _output(out):
+def output(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
@@ -95,21 +95,44 @@ def _input_groups(block: nn.Module, linears: dict[str, nn.Module], args: tuple, 
     return stages + [[n] for n in linears if n not in seen]  # never called: nothing to calibrate on
 
 
+def _passes(groups: list[list[str]], sequential: Callable[[str], bool]) -> list[tuple[list[list[str]], bool]]:
+    """The forward passes over a block: the input groups each collects Hessians for, and whether it may stop at the
+    next pass's first layer. One pass serves every layer that takes the float block's inputs; each later group of
+    ``true_sequential`` layers gets a pass of its own, which sees the groups before it quantized."""
+    first, later = [], []
+    for i, g in enumerate(groups):
+        plain = [n for n in g if not sequential(n)]
+        ordered = [n for n in g if sequential(n)]
+        if plain or (ordered and i == 0):
+            first.append(plain + (ordered if i == 0 else []))
+        if ordered and i > 0:
+            later.append((i, [ordered]))
+    # The first pass runs the whole block if it holds a group past the next pass's.
+    first_last = max((i for i, g in enumerate(groups) if any(n in sum(first, []) for n in g)), default=-1)
+    passes = [(first, not later or first_last < later[0][0])] if first else []
+    return passes + [(p, True) for _, p in later]
+
+
 @torch.no_grad()
 def quantize_sequential(model: nn.Module, batches: torch.Tensor, quantize_layer: LayerQuantizer,
                         skip: Callable[[str], bool] = lambda name: False, progress: bool = True,
-                        desc: str = "calibrating", chunk: int = 8, token_clip: float | None = None,
-                        true_sequential: bool = False, before_block: BlockHook | None = None,
+                        desc: str = "calibrating", chunk: int = 8,
+                        token_clip: float | None | Callable[[str], float | None] = None,
+                        true_sequential: bool | Callable[[str], bool] = False, before_block: BlockHook | None = None,
                         after_block: BlockHook | None = None) -> dict:
     """Replace every linear layer inside the blocks, block after block, using Hessians of its real inputs.
 
-    Layers that read the same input share one Hessian. With ``true_sequential`` (as in the GPTQ reference code)
-    each group of them sees the outputs of the groups before it in its block already quantized; the forward
-    pass stops at the next group. Sequences go through each block ``chunk`` at a time.
+    Layers that read the same input share one Hessian (one per ``token_clip`` among them). With
+    ``true_sequential`` (as in the GPTQ reference code) a group of them sees the outputs of the groups before it in
+    its block already quantized; the forward pass stops at the next group. ``token_clip`` and ``true_sequential``
+    may be functions of the layer's full name (a plan's layers each keep their own settings). Sequences go through
+    each block ``chunk`` at a time.
     """
+    clip_of = token_clip if callable(token_clip) else (lambda name: token_clip)
+    sequential_of = true_sequential if callable(true_sequential) else (lambda name: true_sequential)
     t0 = time.perf_counter()
     prefix, blocks = find_blocks(model)
-    inputs = _block_inputs(model, blocks[0], batches, chunk)
+    inputs = block_inputs(model, blocks[0], batches, chunk)
     stats = {"layers": 0, "blocks": len(blocks), "samples": len(batches), "forward_s": 0.0, "quantize_s": 0.0}
     groups_of: dict[tuple[str, ...], list[list[str]]] = {}  # blocks alike share their grouping (one extra forward)
     for b, block in enumerate(tqdm(blocks, desc=desc, disable=None if progress else True)):
@@ -119,28 +142,31 @@ def quantize_sequential(model: nn.Module, batches: torch.Tensor, quantize_layer:
         key = tuple(linears)
         if linears and key not in groups_of:
             groups_of[key] = _input_groups(block, linears, *inputs[0])
-        groups = groups_of.get(key, [])
-        passes = [[g] for g in groups] if true_sequential else [groups] if groups else []
-        for i, pass_groups in enumerate(passes):
-            hessians = {g[0]: torch.zeros(linear_weight(linears[g[0]]).shape[1], linear_weight(linears[g[0]]).shape[1])
-                        for g in pass_groups}
-            counts = dict.fromkeys(hessians, 0)
+        full = {n: f"{prefix}.{b}.{n}" for n in linears}
+        passes = _passes(groups_of.get(key, []), lambda n: sequential_of(full[n]))
+        for i, (pass_groups, may_stop) in enumerate(passes):
+            # One Hessian per input (its group's first layer) and token clip; the hook on that layer collects each.
+            clips = {g[0]: sorted({clip_of(full[n]) for n in g}, key=lambda c: (c is not None, c or 0))
+                     for g in pass_groups}
+            hessians = {(g0, c): torch.zeros(linear_weight(linears[g0]).shape[1], linear_weight(linears[g0]).shape[1])
+                        for g0, cs in clips.items() for c in cs}
+            counts = dict.fromkeys(clips, 0)
 
             def accumulate(name):
                 def hook(module, args):
                     x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-                    if token_clip:
-                        x = clip_tokens(x, token_clip)
-                    hessians[name].addmm_(x.t(), x)
+                    for c in clips[name]:
+                        xc = clip_tokens(x, c) if c else x
+                        hessians[(name, c)].addmm_(xc.t(), xc)
                     counts[name] += x.shape[0]
                 return hook
 
             def stop(module, args):
                 raise _Stop
 
-            handles = [linears[n].register_forward_pre_hook(accumulate(n)) for n in hessians]
-            if i + 1 < len(passes):  # nothing after this pass's layers is needed yet
-                handles.append(linears[passes[i + 1][0][0]].register_forward_pre_hook(stop))
+            handles = [linears[n].register_forward_pre_hook(accumulate(n)) for n in clips]
+            if i + 1 < len(passes) and may_stop:  # nothing after this pass's layers is needed yet
+                handles.append(linears[passes[i + 1][0][0][0]].register_forward_pre_hook(stop))
             t = time.perf_counter()
             for args, kwargs in inputs:
                 try:
@@ -152,19 +178,22 @@ def quantize_sequential(model: nn.Module, batches: torch.Tensor, quantize_layer:
             stats["forward_s"] += time.perf_counter() - t
             t = time.perf_counter()
             for g in pass_groups:
-                H = 2 * hessians[g[0]] / max(counts[g[0]], 1)
+                shared = {}  # layers of one input and clip share one Hessian, as one tensor
                 for name in g:
-                    full = f"{prefix}.{b}.{name}"
+                    c = clip_of(full[name])
+                    if c not in shared:
+                        shared[c] = 2 * hessians[(g[0], c)] / max(counts[g[0]], 1)
+                    H = shared[c]
                     try:
-                        layer = quantize_layer(full, linears[name], H)
+                        layer = quantize_layer(full[name], linears[name], H)
                     except (ValueError, RuntimeError) as e:
-                        raise type(e)(f"layer {full}: {e} (the model was left unchanged)") from e
+                        raise type(e)(f"layer {full[name]}: {e} (the model was left unchanged)") from e
                     replace_module(block, name, layer)
                     stats["layers"] += 1
             stats["quantize_s"] += time.perf_counter() - t
         # The next block's inputs are this block's outputs, with its layers already quantized.
         t = time.perf_counter()
-        inputs = [_with_hidden(args, kwargs, _output(block(*args, **kwargs))) for args, kwargs in inputs]
+        inputs = [with_hidden(args, kwargs, output(block(*args, **kwargs))) for args, kwargs in inputs]
         stats["forward_s"] += time.perf_counter() - t
         linears = hessians = None  # the replaced layers' float weights and the Hessians go before the next block
         if after_block is not None:
