@@ -25,7 +25,7 @@ from lowbit.analysis.sensitivity import FORMATS, measure_sensitivity
 from lowbit.app.advisor import advise, format_counts, uniform
 from lowbit.app.models import load_default_model
 from lowbit.cache import cache_dir
-from lowbit.checkpoint import _parse_size
+from lowbit.checkpoint import parse_size
 from lowbit.calibrate import calibration_batches
 from lowbit.eval import perplexity
 from lowbit.nn import QuantLinear
@@ -111,7 +111,7 @@ def main() -> None:
     layers = list(sens.layers)
     jobs = [("uniform", f, uniform(sens, f).plan, uniform(sens, f)) for f in args.uniform.split(",") if f]
     jobs += [("advised", f"{b} bits", None, advise(sens, bits=float(b))) for b in args.bits.split(",") if b]
-    jobs += [("advised", f"{b} model", None, advise(sens, budget=_parse_size(b))) for b in args.budgets.split(",") if b]
+    jobs += [("advised", f"{b} model", None, advise(sens, budget=parse_size(b))) for b in args.budgets.split(",") if b]
     for kind, label, _, adv in jobs:
         t = time.perf_counter()
         config = label if kind == "uniform" else adv.plan

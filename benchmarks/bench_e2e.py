@@ -20,12 +20,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from timing import median_seconds
 
 ROOT = Path(__file__).resolve().parent.parent
 LLAMA_PY = ROOT / ".venv-llamacpp" / "bin" / "python"
@@ -134,13 +134,7 @@ def bandwidth(threads: int) -> float:
 
     torch.set_num_threads(threads)
     nbytes, read = read_probe()
-    read()
-    times = []
-    for _ in range(7):
-        t = time.perf_counter()
-        read()
-        times.append(time.perf_counter() - t)
-    return nbytes / statistics.median(times) / 1e9
+    return nbytes / median_seconds(read, 7) / 1e9
 
 
 def llama_rows(files: dict[str, Path], prompt: list[int], new: int, repeats: int, threads: list[int]) -> dict:

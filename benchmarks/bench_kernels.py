@@ -13,7 +13,6 @@ import argparse
 import copy
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -21,17 +20,7 @@ import torch
 import lowbit
 from lowbit.functional.grouped import SpQRWeight
 from lowbit.nn import BitLinear, Int8Linear, IntLinear, Linear4bit, SpQRLinear
-
-
-def median_ms(fn, repeats: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
+from timing import median_seconds
 
 
 def read_probe(mb: int = 256):
@@ -159,7 +148,7 @@ def kernel_rows(n: int, k: int, repeats: int, rounds: int) -> tuple[list[dict], 
         times = {i: [] for i in range(len(entries))}
         for _ in range(rounds):
             for i, e in enumerate(entries):
-                times[i].append(median_ms(e["fn"], repeats, warmup=1))
+                times[i].append(median_seconds(e["fn"], repeats) * 1e3)
         bw = entries[0]["weight_bytes"] / statistics.median(times[0]) / 1e6  # the probe, measured in the rounds too
         rows = []
         for i, e in enumerate(entries):
@@ -167,7 +156,7 @@ def kernel_rows(n: int, k: int, repeats: int, rounds: int) -> tuple[list[dict], 
             row = {key: e[key] for key in ("format", "activations", "shape", "weight_bytes")}
             row.update(decode_ms=ms, gb_s=e["weight_bytes"] / ms / 1e6, roofline=e["weight_bytes"] / bw / 1e6 / ms)
             if e["prefill"] is not None:
-                row["prefill256_ms"] = median_ms(e["prefill"], 3, warmup=1)
+                row["prefill256_ms"] = median_seconds(e["prefill"], 3) * 1e3
             rows.append(row)
             print(f"  {row['format']:<36} {row['activations']:<5} {ms:8.3f} ms {row['gb_s']:6.1f} GB/s "
                   f"{row['roofline']:6.1%}" + (f"  prefill {row['prefill256_ms']:.1f} ms" if "prefill256_ms" in row else ""),

@@ -8,24 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
 import lowbit.functional as F
 from lowbit import kernels
-
-
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up (and first-touch of any cached buffers)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+from timing import median_seconds
 
 
 def main() -> None:

@@ -161,7 +161,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     from lowbit.app.models import _converted_dir, load_default_model
-    from lowbit.checkpoint import _parse_size
+    from lowbit.checkpoint import parse_size
     from lowbit.eval.speed import machine
 
     print(f"machine: {machine()}")
@@ -181,7 +181,7 @@ def main() -> None:
             size = sum(p.stat().st_size for p in src.glob("*.safetensors"))
             print(f"\n{tag}: hidden {hidden}, {layers} layers, {params / 1e9:.2f}B parameters, {gb(size)} GB bf16 "
                   f"(written in {time.perf_counter() - t:.0f} s); cap {cap_text}", flush=True)
-            cap = Cap(_parse_size(cap_text))
+            cap = Cap(parse_size(cap_text))
             print(f"cap by {cap.kind}")
             try:
                 for method in methods:

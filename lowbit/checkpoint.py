@@ -20,7 +20,6 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-import lowbit
 from lowbit.config import _DTYPES, COMPUTE_DTYPES, config_from_dict
 from lowbit.folderlock import LOCK_NAME, FolderLock, busy_error, writer_pid
 from lowbit.jsonfile import JSONFileError, read_json
@@ -28,6 +27,7 @@ from lowbit.manifest import CONFIG_ERRORS, CheckpointError, check_config_scale, 
 from lowbit.nn import BitLinear, HalfLinear, Int8Linear, IntLinear, Linear4bit, QuantEmbedding, QuantLinear, SpQRLinear
 from lowbit.nn.base import check_range, is_linear_like, linear_weight
 from lowbit.shards import ShardError, ShardWriter, fsync, map_tensors
+from lowbit.version import __version__
 
 FORMAT, FORMAT_VERSION, MANIFEST = "lowbit", 1, "lowbit.json"
 LAYER_TYPES = {cls.__name__: cls for cls in (Int8Linear, Linear4bit, BitLinear, IntLinear, SpQRLinear, HalfLinear,
@@ -40,7 +40,7 @@ __all__ = ["CheckpointError", "save", "load", "load_tokenizer", "read_manifest",
            "check_complete", "check_shard_headers", "layer_layout", "swap_layers", "verify_shards"]
 
 
-def _parse_size(size: int | str) -> int:
+def parse_size(size: int | str) -> int:
     if isinstance(size, int):
         return size
     units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -147,7 +147,7 @@ def _previous_files(directory: Path) -> set[str]:
 def shard_limit(max_shard_size: int | str) -> int:
     """max_shard_size in bytes, or CheckpointError."""
     try:
-        limit = _parse_size(max_shard_size)
+        limit = parse_size(max_shard_size)
     except ValueError:
         raise CheckpointError(f"max_shard_size must be a size such as 2GB, 500MB or a byte count, got {max_shard_size!r}") from None
     if limit <= 0:
@@ -195,7 +195,7 @@ class Saving:
             raise CheckpointError(f"cannot write the checkpoint to {self.directory}: {e}") from None
         self.previous = _previous_files(self.directory)
         self.writer = ShardWriter(self.directory, f"model-{self.save_id}", self.limit,
-                                  {"format": "pt", "writer": f"lowbit {lowbit.__version__}"})
+                                  {"format": "pt", "writer": f"lowbit {__version__}"})
         return self
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
@@ -213,7 +213,7 @@ class Saving:
         _write_hf_files(model, shards, directory, self.made, self.replaced)
         qconfig = getattr(model, "lowbit_config", None)
         manifest = {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "lowbit_version": lowbit.__version__,
+            "format": FORMAT, "format_version": FORMAT_VERSION, "lowbit_version": __version__,
             "quantization": qconfig.to_dict() if qconfig is not None else None,
             "architecture": type(model).__name__,
             "model_config": _model_config(getattr(model, "config", None)),
@@ -307,7 +307,7 @@ def _write_hf_files(model: nn.Module, shards: list[dict], directory: Path, made:
     if config is None:
         return
     _replace_from_tmp(directory / "config.json", json.dumps(config, indent=1, sort_keys=True), made, replaced)
-    index = {"metadata": {"total_size": sum(s["bytes"] for s in shards), "writer": f"lowbit {lowbit.__version__}"},
+    index = {"metadata": {"total_size": sum(s["bytes"] for s in shards), "writer": f"lowbit {__version__}"},
              "weight_map": {t: s["file"] for s in shards for t in s["tensors"]}}
     _replace_from_tmp(directory / "model.safetensors.index.json", json.dumps(index, indent=1), made, replaced)
     gen = getattr(model, "generation_config", None)
@@ -332,7 +332,7 @@ def read_manifest(directory: str | os.PathLike) -> dict:
     if version > FORMAT_VERSION:
         raise CheckpointError(
             f"{directory} was written by lowbit {manifest.get('lowbit_version', '?')} in checkpoint format {version}; "
-            f"lowbit {lowbit.__version__} reads formats up to {FORMAT_VERSION}: upgrade lowbit")
+            f"lowbit {__version__} reads formats up to {FORMAT_VERSION}: upgrade lowbit")
     return validate(manifest, Path(directory), LAYER_TYPES)
 
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from lowbit.calibrate.sequential import _block_inputs, _output, _with_hidden, clip_tokens, find_blocks
+from lowbit.calibrate.sequential import block_inputs, clip_tokens, find_blocks, output, with_hidden
 from lowbit.eval.memory import memory_report
 from lowbit.nn.base import is_linear_like, linear_weight, replace_module
 
@@ -206,9 +206,9 @@ class _Runner:
         self.parent = model.get_submodule(self.prefix.rpartition(".")[0]) if "." in self.prefix else model
         self.attr = self.prefix.rpartition(".")[2]
         with torch.no_grad():
-            self.inputs = [_block_inputs(model, self.blocks[0], calibration, chunk)]
+            self.inputs = [block_inputs(model, self.blocks[0], calibration, chunk)]
             for block in self.blocks[:-1]:  # each block's full-precision input, per chunk
-                self.inputs.append([_with_hidden(a, k, _output(block(*a, **k))) for a, k in self.inputs[-1]])
+                self.inputs.append([with_hidden(a, k, output(block(*a, **k))) for a, k in self.inputs[-1]])
             self.chunks = [calibration[i:i + chunk] for i in range(0, len(calibration), chunk)]
             head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
             self.head_inputs: list[torch.Tensor] = []
@@ -234,7 +234,7 @@ class _Runner:
             hidden = _hidden_of(*self.inputs[b][i])
 
             def feed(module, args, kwargs, hidden=hidden):
-                return _with_hidden(args, kwargs, hidden)
+                return with_hidden(args, kwargs, hidden)
 
             handle = None if embed else blocks[0].register_forward_pre_hook(feed, with_kwargs=True)
             setattr(self.parent, self.attr, nn.ModuleList(blocks))

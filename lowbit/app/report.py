@@ -170,7 +170,7 @@ def _advisor_markdown(advisor: dict | None) -> list[str]:
 def write_report(out: Path, rows: list[dict], outlier_summaries: list[dict], protocol: str, machine: str,
                  seconds: float, speed_protocol: str = "", advisor: dict | None = None) -> Path:
     """The demo's Markdown report: comparison table and plot, outlier analyses, protocol and machine."""
-    from lowbit import __version__
+    from lowbit.version import __version__
 
     parts = [
         "# lowbit report: SmolLM2-135M", "",

@@ -38,7 +38,7 @@ def advise(
     """
     setup()
     out = out_path(out_arg)
-    from lowbit.checkpoint import _parse_size
+    from lowbit.checkpoint import parse_size
     from lowbit.nn.embedding import EMBEDDING_FORMATS
 
     if (bits is None) == (budget is None):
@@ -46,7 +46,7 @@ def advise(
     budget_bytes = None
     if budget is not None:
         try:
-            budget_bytes = _parse_size(budget)
+            budget_bytes = parse_size(budget)
         except ValueError:
             raise UserError(f"--budget must be a size such as 120MB or 0.1GB, got {budget!r}") from None
     if cost not in ("fisher", "kl"):

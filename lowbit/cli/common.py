@@ -19,9 +19,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 def _version(value: bool) -> None:
     if value:
-        import lowbit
+        from lowbit.version import __version__
 
-        console.print(f"lowbit {lowbit.__version__}")
+        console.print(f"lowbit {__version__}")
         raise typer.Exit()
 
 

@@ -24,8 +24,9 @@ def doctor(
     import torch
     from rich.table import Table
 
-    from lowbit import __version__, kernels
+    from lowbit import kernels
     from lowbit.kernels import cpu, cpu_ext
+    from lowbit.version import __version__
 
     console.print(f"lowbit {__version__}, torch {torch.__version__}, Python {platform.python_version()}, "
                   f"{torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(default: spin)')}")

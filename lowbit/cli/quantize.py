@@ -44,7 +44,7 @@ def quantize(
     out = out_path(out_arg)
     import lowbit
     from lowbit.app.methods import LOADED, apply_method, check_method, method_config, needs_calibration
-    from lowbit.checkpoint import _parse_size, check_target
+    from lowbit.checkpoint import check_target, parse_size
     from lowbit.nn.embedding import EMBEDDING_FORMATS
 
     # Everything that can be checked is checked before the model loads (GPTQ can take minutes).
@@ -61,7 +61,7 @@ def quantize(
     options = dict(blocksize=blocksize, double_quant=double_quant, threshold=threshold, bits=bits)
     method_config(method, **options)  # options that do not apply, or out of range
     try:
-        if _parse_size(max_shard_size) <= 0:
+        if parse_size(max_shard_size) <= 0:
             raise ValueError
     except ValueError:
         raise UserError(f"--max-shard-size must be a size such as 2GB or 500MB, got {max_shard_size!r}") from None

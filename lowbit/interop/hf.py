@@ -70,9 +70,9 @@ class LowbitConfig(QuantizationConfigMixin):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise CheckpointError(f"{where}.format_version must be a positive integer, got {v!r}")
         if v > FORMAT_VERSION:
-            import lowbit
+            from lowbit.version import __version__
 
-            raise CheckpointError(f"{where} is lowbit format {v}; lowbit {lowbit.__version__} reads formats up to "
+            raise CheckpointError(f"{where} is lowbit format {v}; lowbit {__version__} reads formats up to "
                                   f"{FORMAT_VERSION}: upgrade lowbit")
         if self.unknown:
             raise CheckpointError(f"{where} has unknown field(s) {sorted(self.unknown)}")
