@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from lowbit.config import _DTYPES, COMPUTE_DTYPES, config_from_dict
+from lowbit.config import DTYPES, COMPUTE_DTYPES, config_from_dict
 from lowbit.folderlock import LOCK_NAME, FolderLock, busy_error, writer_pid
 from lowbit.jsonfile import JSONFileError, read_json
 from lowbit.manifest import CONFIG_ERRORS, CheckpointError, check_config_scale, safe_file, validate
@@ -35,7 +35,7 @@ LAYER_TYPES = {cls.__name__: cls for cls in (Int8Linear, Linear4bit, BitLinear, 
 # Files a save removes as leftovers of earlier ones. The write lock (LOCK_NAME) is not among them: the save holding
 # it removes it as it unlocks, and the next save takes over one left by a killed process.
 _OURS = ("model-*.safetensors", "model-*.tmp", "tokenizer-*", f"{MANIFEST}.*.tmp")
-_FLOAT_DTYPES = {**_DTYPES, "float64": torch.float64}
+_FLOAT_DTYPES = {**DTYPES, "float64": torch.float64}
 __all__ = ["CheckpointError", "save", "load", "load_tokenizer", "read_manifest", "check_target", "check_layers",
            "check_complete", "check_shard_headers", "layer_layout", "swap_layers", "verify_shards"]
 
@@ -383,7 +383,7 @@ def swap_layers(model: nn.Module, layers: dict) -> None:
         else:
             raise CheckpointError(f"layer {name} is a {type(old).__name__} in this model, not a linear layer")
         if "compute_dtype" in spec:
-            spec["compute_dtype"] = _DTYPES[spec["compute_dtype"]]
+            spec["compute_dtype"] = DTYPES[spec["compute_dtype"]]
         try:
             with torch.device("meta"):
                 new = cls(**spec)

@@ -9,8 +9,8 @@ from typing import ClassVar
 
 import torch
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-COMPUTE_DTYPES = tuple(_DTYPES.values())
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+COMPUTE_DTYPES = tuple(DTYPES.values())
 DEFAULT_SKIP = ("lm_head", "*.lm_head")
 
 
@@ -38,7 +38,7 @@ def check_compute_dtype(dtype) -> None:
 
 
 @dataclass
-class _Config:
+class BaseConfig:
     quant_method: ClassVar[str] = "lowbit"  # what transformers' from_pretrained(quantization_config=...) dispatches on
     skip: tuple[str, ...] = DEFAULT_SKIP  # fnmatch patterns of module names left as they are
     modules: tuple[str, ...] | None = None  # fnmatch patterns of modules to quantize; None: every linear layer
@@ -81,7 +81,7 @@ def int8_activations(activations: str | None, weight_only: bool) -> str | None:
 
 
 @dataclass
-class Int8Config(_Config):
+class Int8Config(BaseConfig):
     """LLM.int8(): int8 weights and activations, outlier columns (|x| >= threshold) in float."""
 
     threshold: float = 6.0
@@ -101,7 +101,7 @@ class Int8Config(_Config):
 
 
 @dataclass
-class NF4Config(_Config):
+class NF4Config(BaseConfig):
     """QLoRA's NF4 (or FP4 / uniform int4) blockwise weights, optional double quantization."""
 
     quant_type: str = "nf4"
@@ -122,14 +122,14 @@ class NF4Config(_Config):
 
 
 @dataclass
-class TernaryConfig(_Config):
+class TernaryConfig(BaseConfig):
     """BitNet b1.58: ternary absmean weights, per-token int8 activations (post-training here)."""
 
     compute_dtype: torch.dtype = torch.float32
 
 
 @dataclass
-class IntConfig(_Config):
+class IntConfig(BaseConfig):
     """Round-to-nearest uniform intN (2, 3, 4, 8 bits) with an fp16 scale and integer zero per group."""
 
     bits: int = 4
@@ -175,7 +175,7 @@ def _check_calibration_fields(c) -> None:
 
 
 @dataclass
-class SpQRConfig(_Config):
+class SpQRConfig(BaseConfig):
     """SpQR: GPTQ on tiny groups with 3-bit statistics, sensitive weights kept as sparse fp16 outliers."""
 
     bits: int = 3
@@ -283,9 +283,9 @@ def config_from_dict(d: dict) -> QuantConfig:
     if extra:
         raise ValueError(f"{cls.__name__} has no field(s) {sorted(extra)}")
     if "compute_dtype" in d:
-        if d["compute_dtype"] not in _DTYPES:
-            raise ValueError(f"compute_dtype must be one of {list(_DTYPES)}, got {d['compute_dtype']!r}")
-        d["compute_dtype"] = _DTYPES[d["compute_dtype"]]
+        if d["compute_dtype"] not in DTYPES:
+            raise ValueError(f"compute_dtype must be one of {list(DTYPES)}, got {d['compute_dtype']!r}")
+        d["compute_dtype"] = DTYPES[d["compute_dtype"]]
     for key in ("skip", "modules"):
         if isinstance(d.get(key), list):
             d[key] = tuple(d[key])

@@ -9,7 +9,7 @@ import inspect
 import re
 from pathlib import Path
 
-from lowbit.config import _DTYPES
+from lowbit.config import DTYPES
 
 
 class CheckpointError(ValueError):
@@ -79,7 +79,7 @@ def safe_file(directory: Path, name, field: str) -> Path:
     return path
 
 
-def _layer_spec(name: str, spec, layer_types: dict) -> None:
+def check_layer_spec(name: str, spec, layer_types: dict) -> None:
     field = f"layers[{name!r}]"
     if not isinstance(spec, dict):
         raise _fail(field, f"must be an object, got {type(spec).__name__}")
@@ -94,8 +94,8 @@ def _layer_spec(name: str, spec, layer_types: dict) -> None:
     for p, param in params.items():
         if p == "compute_dtype":
             v = _get(spec, p, str, field)
-            if v not in _DTYPES:
-                raise _fail(f"{field}.{p}", f"is {v!r}, not one of {', '.join(_DTYPES)}")
+            if v not in DTYPES:
+                raise _fail(f"{field}.{p}", f"is {v!r}, not one of {', '.join(DTYPES)}")
             continue
         default = param.default
         if p not in spec and default is not inspect.Parameter.empty:
@@ -127,13 +127,13 @@ def validate(manifest, directory: Path, layer_types: dict) -> dict:
         _get(cfg, "model_type", str, "model_config")
     layers = _get(manifest, "layers", dict, "")
     for name, spec in layers.items():
-        _layer_spec(name, spec, layer_types)
+        check_layer_spec(name, spec, layer_types)
     tied = _get(manifest, "tied", dict, "", optional=True) or {}
     for alias, target in tied.items():
         if not isinstance(target, str):
             raise _fail(f"tied[{alias!r}]", f"must name a tensor (a string), got {type(target).__name__}")
     for name, dtype in (_get(manifest, "buffer_dtypes", dict, "", optional=True) or {}).items():
-        if dtype not in (*_DTYPES, "float64"):
+        if dtype not in (*DTYPES, "float64"):
             raise _fail(f"buffer_dtypes[{name!r}]", f"is {dtype!r}, not a float dtype name")
     shards = _get(manifest, "shards", list, "")
     seen_files, seen_tensors = set(), set()

@@ -174,9 +174,9 @@ def apply_plan(model: nn.Module, plan: Plan, calibration: torch.Tensor | None = 
                 model.set_input_embeddings(emb_before)
                 model.set_output_embeddings(head_before)
             raise
-    from lowbit.quantize import _own_memory
+    from lowbit.quantize import own_memory
 
-    _own_memory(model)
+    own_memory(model)
     model.lowbit_config = plan
     return model
 

@@ -130,7 +130,7 @@ def quantize(model: nn.Module, config: "QuantConfig | str | lowbit.plan.Plan", p
             for name, module in layers:  # calibration replaces layers as it goes: put the originals back
                 replace_module(model, name, module)
             raise
-        _own_memory(model)
+        own_memory(model)
         model.lowbit_config = config
         return model
     warn_post_training_ternary(config)
@@ -145,12 +145,12 @@ def quantize(model: nn.Module, config: "QuantConfig | str | lowbit.plan.Plan", p
             raise type(e)(f"layer {name}: {e} (the model was left unchanged)") from e
     for name, layer in built:
         replace_module(model, name, layer)
-    _own_memory(model)
+    own_memory(model)
     model.lowbit_config = config
     return model
 
 
-def _own_memory(model: nn.Module) -> None:
+def own_memory(model: nn.Module) -> None:
     """Copy the parameters that stay in full precision (embeddings, norms, skipped layers) into memory of their own.
 
     transformers memory-maps safetensors checkpoints: while one tensor of the file is alive the whole mapping stays,

@@ -20,7 +20,7 @@ from transformers.quantizers.auto import (AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from lowbit.config import CALIBRATED, _Config, config_from_dict
+from lowbit.config import CALIBRATED, BaseConfig, config_from_dict
 from lowbit.jsonfile import JSONFileError, read_json
 from lowbit.manifest import CheckpointError
 
@@ -55,13 +55,13 @@ class LowbitConfig(QuantizationConfigMixin):
     def to_diff_dict(self) -> dict:
         return self.to_dict()
 
-    def lowbit_config(self) -> _Config | None:
+    def lowbit_config(self) -> BaseConfig | None:
         return None if self.config is None else config_from_dict(self.config)
 
     def check(self) -> None:
         """Raise CheckpointError (one line) unless this entry can be read by this lowbit."""
         from lowbit.checkpoint import FORMAT_VERSION, LAYER_TYPES
-        from lowbit.manifest import _layer_spec
+        from lowbit.manifest import check_layer_spec
 
         where = "config.json: quantization_config"
         v = self.format_version
@@ -81,7 +81,7 @@ class LowbitConfig(QuantizationConfigMixin):
                                   f"{type(self.layers).__name__}")
         try:
             for name, spec in self.layers.items():
-                _layer_spec(name, spec, LAYER_TYPES)
+                check_layer_spec(name, spec, LAYER_TYPES)
             if self.config is not None:
                 config_from_dict(self.config)
         except (CheckpointError, ValueError, TypeError) as e:
@@ -155,7 +155,7 @@ class LowbitHfQuantizer(HfQuantizer):
     requires_calibration = False
 
     def __init__(self, quantization_config, **kwargs) -> None:
-        if isinstance(quantization_config, _Config):  # from_pretrained(..., quantization_config=lowbit.NF4Config())
+        if isinstance(quantization_config, BaseConfig):  # from_pretrained(..., quantization_config=lowbit.NF4Config())
             if isinstance(quantization_config, CALIBRATED):
                 raise ValueError(f"{type(quantization_config).__name__} needs calibration data, which from_pretrained "
                                  "cannot pass: load the model, then lowbit.quantize(model, config, calibration=ids)")
