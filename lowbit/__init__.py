@@ -2,12 +2,14 @@
 from lowbit.version import __version__  # noqa: F401
 
 from lowbit.checkpoint import CheckpointError, load, load_tokenizer, save  # noqa: E402
-from lowbit.config import GPTQConfig, Int8Config, IntConfig, NF4Config, SpQRConfig, TernaryConfig, config_from_dict, config_from_json  # noqa: E402
+from lowbit.config import GPTQConfig, Int8Config, IntConfig, NF4Config, SpQRConfig, TernaryConfig, config_from_json  # noqa: E402
 from lowbit.decode import generate  # noqa: E402
 from lowbit.eval.memory import memory_report  # noqa: E402
 from lowbit.quantize import quantize  # noqa: E402
 from lowbit.embeddings import quantize_embeddings  # noqa: E402
 from lowbit.plan import Plan  # noqa: E402
+# lowbit.config_from_dict rebuilds any saved quantization, a Plan included
+from lowbit.plan import quantization_from_dict as config_from_dict  # noqa: E402
 from lowbit.stream import quantize_checkpoint  # noqa: E402
 from lowbit.interop.bitsandbytes import quiet_kernel_notice  # noqa: E402
 from lowbit.interop.hf_hook import register_integrations  # noqa: E402

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+
+from lowbit import registry
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 COMPUTE_DTYPES = tuple(DTYPES.values())
@@ -39,7 +40,11 @@ def check_compute_dtype(dtype) -> None:
 
 @dataclass
 class BaseConfig:
+    """What every quantization config shares: the layers it applies to. Each subclass is one format's config,
+    registered with its layer in lowbit/registry.py; ``method`` names the class in its JSON."""
+
     quant_method: ClassVar[str] = "lowbit"  # what transformers' from_pretrained(quantization_config=...) dispatches on
+    method: ClassVar[str] = ""
     skip: tuple[str, ...] = DEFAULT_SKIP  # fnmatch patterns of module names left as they are
     modules: tuple[str, ...] | None = None  # fnmatch patterns of modules to quantize; None: every linear layer
 
@@ -60,7 +65,7 @@ class BaseConfig:
         """Raise ValueError on a field out of its range (each config checks its own)."""
 
     def to_dict(self) -> dict:
-        d = {"method": METHOD_OF[type(self)]}
+        d = {"method": self.method}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             d[f.name] = str(v).removeprefix("torch.") if isinstance(v, torch.dtype) else (list(v) if isinstance(v, tuple) else v)
@@ -84,6 +89,8 @@ def int8_activations(activations: str | None, weight_only: bool) -> str | None:
 class Int8Config(BaseConfig):
     """LLM.int8(): int8 weights and activations, outlier columns (|x| >= threshold) in float."""
 
+    method: ClassVar[str] = "int8"  # its name in JSON
+
     threshold: float = 6.0
     weight_only: bool = False
     compute_dtype: torch.dtype = torch.float32
@@ -103,6 +110,8 @@ class Int8Config(BaseConfig):
 @dataclass
 class NF4Config(BaseConfig):
     """QLoRA's NF4 (or FP4 / uniform int4) blockwise weights, optional double quantization."""
+
+    method: ClassVar[str] = "4bit"  # its name in JSON
 
     quant_type: str = "nf4"
     blocksize: int = 64
@@ -125,12 +134,16 @@ class NF4Config(BaseConfig):
 class TernaryConfig(BaseConfig):
     """BitNet b1.58: ternary absmean weights, per-token int8 activations (post-training here)."""
 
+    method: ClassVar[str] = "ternary"  # its name in JSON
+
     compute_dtype: torch.dtype = torch.float32
 
 
 @dataclass
 class IntConfig(BaseConfig):
     """Round-to-nearest uniform intN (2, 3, 4, 8 bits) with an fp16 scale and integer zero per group."""
+
+    method: ClassVar[str] = "int"  # its name in JSON
 
     bits: int = 4
     group_size: int = 128
@@ -146,6 +159,8 @@ class IntConfig(BaseConfig):
 @dataclass
 class GPTQConfig(IntConfig):
     """GPTQ: the IntConfig format, rounding errors compensated with the Hessian of calibration inputs."""
+
+    method: ClassVar[str] = "gptq"  # its name in JSON
 
     act_order: bool = True
     damp: float = 0.01
@@ -178,6 +193,8 @@ def _check_calibration_fields(c) -> None:
 class SpQRConfig(BaseConfig):
     """SpQR: GPTQ on tiny groups with 3-bit statistics, sensitive weights kept as sparse fp16 outliers."""
 
+    method: ClassVar[str] = "spqr"  # its name in JSON
+
     bits: int = 3
     group_size: int = 16
     stat_group: int = 16  # rows sharing the second-level statistics of the 3-bit scales and zeros
@@ -199,56 +216,37 @@ class SpQRConfig(BaseConfig):
         _check_calibration_fields(self)
 
 
-METHOD_OF = {Int8Config: "int8", NF4Config: "4bit", TernaryConfig: "ternary", IntConfig: "int", GPTQConfig: "gptq",
-             SpQRConfig: "spqr"}
-CALIBRATED = (GPTQConfig, SpQRConfig)
-_CLASS_OF = {v: k for k, v in METHOD_OF.items()}
-
-QuantConfig = Int8Config | NF4Config | TernaryConfig | IntConfig | GPTQConfig | SpQRConfig
-
-
-_NAMED = {
-    "int8": (Int8Config, {}), "int8-absmax": (Int8Config, {"activations": "absmax"}),
-    "int8-zp": (Int8Config, {"activations": "zeropoint"}),
-    "int8-weight": (Int8Config, {"weight_only": True}),
-    "nf4": (NF4Config, {"quant_type": "nf4"}), "fp4": (NF4Config, {"quant_type": "fp4"}),
-    "int4": (NF4Config, {"quant_type": "int4"}), "ternary": (TernaryConfig, {}),
-    "rtn": (IntConfig, {}), "gptq": (GPTQConfig, {}), "spqr": (SpQRConfig, {}),
-}
-NAMES = tuple(_NAMED) + ("rtn2", "rtn3", "rtn8", "gptq2", "gptq3", "gptq8", "spqr2", "spqr4")
-_NAME = re.compile(r"^(?P<base>rtn|gptq|spqr)(?P<bits>[2348])?(?:-g(?P<group>[1-9][0-9]*))?$")
+# Any lowbit quantization config: a BaseConfig subclass that a format registers (lowbit/registry.py).
+QuantConfig = BaseConfig
 
 
 def format_name(config: QuantConfig) -> str:
-    """A short name of a config's weight format, one ``config_from_name`` reads back where it can ("gptq3-g64")."""
-    d, method = config.to_dict(), config.to_dict()["method"]
-    if method in ("int", "gptq", "spqr"):
-        base = {"int": "rtn"}.get(method, method)
-        default = {"int": 128, "gptq": 128, "spqr": 16}[method]
-        return f"{base}{d['bits']}" + ("" if d["group_size"] == default else f"-g{d['group_size']}")
-    if method == "4bit":
-        return d["quant_type"] + ("" if d["blocksize"] == 64 else f"-b{d['blocksize']}")
-    if method == "int8":
-        return "int8-weight" if d["weight_only"] else "int8" if d["activations"] == "zeropoint" else "int8-absmax"
-    return method
+    """A short name of a config's weight format, one ``config_from_name`` reads back where it can ("gptq3-g64"):
+    the registered method name that sets the most of its fields, with the bits and group size as suffixes where the
+    format takes them, and a block size other than the default as "-b<size>"."""
+    fmt = registry.format_of(config)
+    d = config.to_dict()
+    matching = [(len(m.fields), -i, name) for i, (name, m) in enumerate(fmt.methods.items())
+                if all(d.get(k) == v for k, v in m.fields.items())]
+    name = max(matching)[2]
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    if fmt.suffixes:
+        return f"{name}{d['bits']}" + ("" if d["group_size"] == defaults["group_size"] else f"-g{d['group_size']}")
+    if "blocksize" in d and d["blocksize"] != defaults["blocksize"]:
+        return f"{name}-b{d['blocksize']}"
+    return name
 
 
 def config_from_name(name: str, **overrides) -> QuantConfig:
     """The config of a method by name, as the ``lowbit`` command names them (nf4, int8, gptq3, ...); ``overrides``
     set fields (``config_from_name("nf4", blocksize=128)``)."""
-    if isinstance(name, str) and name in _NAMED:
-        cls, fields = _NAMED[name]
-        return _build(name, cls, fields, overrides)
-    m = _NAME.match(name) if isinstance(name, str) else None
-    if m is None:
-        raise ValueError(f"unknown quantization method {name!r}; choose from {', '.join(_NAMED)} (rtn, gptq and spqr "
-                         "take their bits and group size as suffixes: gptq3, rtn4-g64)")
-    cls, fields = _NAMED[m.group("base")]
-    if m.group("bits"):
-        fields = {**fields, "bits": int(m.group("bits"))}
-    if m.group("group"):
-        fields = {**fields, "group_size": int(m.group("group"))}
-    return _build(name, cls, fields, overrides)
+    found = registry.lookup(name)
+    if found is None:
+        suffixed = " and ".join(registry.suffixed_names())
+        raise ValueError(f"unknown quantization method {name!r}; choose from {', '.join(registry.method_names())} "
+                         f"({suffixed} take their bits and group size as suffixes: gptq3, rtn4-g64)")
+    fmt, fields, _ = found
+    return _build(name, fmt.config, fields, overrides)
 
 
 def _build(name: str, cls, fields: dict, overrides: dict) -> QuantConfig:
@@ -262,22 +260,20 @@ def _build(name: str, cls, fields: dict, overrides: dict) -> QuantConfig:
 
 def config_from_dict(d: dict) -> QuantConfig:
     """Rebuild a config from ``to_dict`` output (or a ``config_from_name`` name as its method: "nf4");
-    unknown methods or fields raise ValueError."""
+    unknown methods or fields raise ValueError. A saved Plan is ``lowbit.plan.quantization_from_dict``'s."""
     d = dict(d)
-    if d.get("method") == "plan":
-        from lowbit.plan import Plan
-
-        return Plan.from_dict(d)
     method = d.pop("method", None)
-    if method not in _CLASS_OF and isinstance(method, str) and method in _NAMED:
-        method, named = METHOD_OF[_NAMED[method][0]], _NAMED[method][1]
+    classes = {f.config.method: f.config for f in registry.formats()}
+    if method not in classes and (found := registry.lookup(method)) is not None:
+        method, named = found[0].config.method, found[1]
         clash = {k for k in named if k in d and d[k] != named[k]}
         if clash:
             raise ValueError(f"method and field(s) {sorted(clash)} disagree: {d}")
         d = {**named, **d}
-    if method not in _CLASS_OF:
-        raise ValueError(f"unknown quantization method {method!r}; known: {', '.join(_CLASS_OF)} (or {', '.join(_NAMED)})")
-    cls = _CLASS_OF[method]
+    if method not in classes:
+        raise ValueError(f"unknown quantization method {method!r}; known: {', '.join(classes)} (or "
+                         f"{', '.join(registry.method_names())})")
+    cls = classes[method]
     names = {f.name for f in dataclasses.fields(cls)}
     extra = set(d) - names
     if extra:

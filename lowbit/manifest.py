@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 from lowbit.config import DTYPES
+from lowbit.plan import quantization_from_dict
 
 
 class CheckpointError(ValueError):
@@ -116,10 +117,8 @@ def validate(manifest, directory: Path, layer_types: dict) -> dict:
         _get(manifest, key, kind, "", optional=True)
     quant = _get(manifest, "quantization", dict, "", optional=True)
     if quant is not None:
-        from lowbit.config import config_from_dict
-
         try:
-            config_from_dict(quant)
+            quantization_from_dict(quant)
         except (ValueError, TypeError) as e:
             raise _fail("quantization", f"is not a valid config ({e})") from None
     cfg = _get(manifest, "model_config", dict, "", optional=True)

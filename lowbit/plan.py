@@ -16,13 +16,14 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from torch import nn
-from tqdm import tqdm
 
-from lowbit.config import CALIBRATED, QuantConfig, config_from_dict, config_from_name
+from lowbit.config import QuantConfig, config_from_dict, config_from_name
+from lowbit.embeddings import embedding_pair
 from lowbit.jsonfile import JSONFileError, read_json
-from lowbit.nn.base import is_linear_like, replace_module
+from lowbit.nn.base import is_linear_like
+from lowbit.nn.embedding import EMBEDDING_FORMATS
+from lowbit.registry import is_calibrated
 
 PLAN_FORMAT = "lowbit-plan"
 KEEP, HALF = "float32", "bfloat16"
@@ -38,8 +39,6 @@ class Plan:
     notes: dict = field(default_factory=dict)  # what made the plan (budget, predicted cost): kept, not applied
 
     def __post_init__(self) -> None:
-        from lowbit.nn.embedding import EMBEDDING_FORMATS
-
         if not isinstance(self.layers, dict) or not all(isinstance(k, str) for k in self.layers):
             raise ValueError(f"plan layers must map layer names to formats, got {type(self.layers).__name__}")
         for name, fmt in self.layers.items():
@@ -52,7 +51,7 @@ class Plan:
     def needs_calibration(self) -> bool:
         """Whether any format of the plan is GPTQ or SpQR (calibration data needed)."""
         formats = list(self.layers.values()) + ([self.default] if self.default is not None else [])
-        return any(isinstance(parse_format(f), CALIBRATED) for f in formats)
+        return any(is_calibrated(parse_format(f)) for f in formats)
 
     def to_dict(self) -> dict:
         return {"method": "plan", "format": PLAN_FORMAT, "layers": dict(self.layers), "default": self.default,
@@ -105,8 +104,6 @@ def parse_format(fmt, where: str = "format") -> QuantConfig | str:
 def plan_targets(model: nn.Module, plan: Plan) -> dict[str, QuantConfig | str]:
     """Each linear layer the plan sets, with its parsed format; ValueError for names the model lacks, layers left out
     without a default, or a head tied to the embeddings named as a layer."""
-    from lowbit.embeddings import embedding_pair
-
     emb, head, tied = embedding_pair(model) if hasattr(model, "get_input_embeddings") else (None, None, False)
     head_names = {n for n, m in model.named_modules() if head is not None and m is head}
     linears = [n for n, m in model.named_modules() if n and is_linear_like(m)]
@@ -129,69 +126,11 @@ def plan_targets(model: nn.Module, plan: Plan) -> dict[str, QuantConfig | str]:
     return out
 
 
-def apply_plan(model: nn.Module, plan: Plan, calibration: torch.Tensor | None = None, progress: bool = True) -> nn.Module:
-    """Quantize each layer in its plan's format (GPTQ / SpQR layers block by block on ``calibration``); return the model."""
-    from lowbit.embeddings import quantize_embeddings
-    from lowbit.nn.embedding import HalfLinear
-    from lowbit.quantize import build_layer, check_calibration, warn_post_training_ternary
-
-    targets = {n: f for n, f in plan_targets(model, plan).items() if f != KEEP}
-    calibrated = {n: f for n, f in targets.items() if isinstance(f, CALIBRATED)}
-    if calibrated:
-        check_calibration(next(iter(calibrated.values())), calibration)
-        from lowbit.calibrate.sequential import find_blocks
-
-        prefix, _ = find_blocks(model)
-        outside = [n for n in calibrated if not n.startswith(prefix + ".")]
-        if outside:
-            raise ValueError(f"{outside[0]} is outside the model's blocks: GPTQ and SpQR calibrate block by block; "
-                             "give it a format without calibration (int8-weight, rtn4, bfloat16, ...)")
-    for f in targets.values():
-        warn_post_training_ternary(f)
-    # Every layer that needs no calibration is built before any is swapped in: a failure leaves the model as it was.
-    built = []
-    plain = [(n, f) for n, f in targets.items() if n not in calibrated]
-    for name, fmt in tqdm(plain, desc="quantizing", disable=None if progress else True, leave=False):
-        module = model.get_submodule(name)
-        try:
-            with torch.no_grad():
-                built.append((name, HalfLinear.from_linear(module) if fmt == HALF else build_layer(module, fmt)))
-        except (ValueError, TypeError, RuntimeError) as e:
-            raise type(e)(f"layer {name}: {e} (the model was left unchanged)") from e
-    originals = {n: model.get_submodule(n) for n in targets}
-    emb_before = model.get_input_embeddings() if plan.embeddings != KEEP else None
-    head_before = model.get_output_embeddings() if emb_before is not None else None
-    quantize_embeddings(model, plan.embeddings)
-    for name, layer in built:
-        replace_module(model, name, layer)
-    if calibrated:  # later blocks calibrate on the outputs of the quantized ones, every format in place
-        try:
-            model.lowbit_calibration = _calibrate(model, calibrated, calibration, progress)
-        except BaseException:
-            for name, module in originals.items():
-                replace_module(model, name, module)
-            if emb_before is not None:
-                model.set_input_embeddings(emb_before)
-                model.set_output_embeddings(head_before)
-            raise
-    from lowbit.quantize import own_memory
-
-    own_memory(model)
-    model.lowbit_config = plan
-    return model
+def quantization_from_dict(d: dict) -> "QuantConfig | Plan":
+    """A saved quantization (``to_dict`` of a config or of a Plan) rebuilt; ValueError for anything else."""
+    if isinstance(d, dict) and d.get("method") == "plan":
+        return Plan.from_dict(d)
+    return config_from_dict(d)
 
 
-def _calibrate(model: nn.Module, calibrated: dict[str, QuantConfig], calibration: torch.Tensor, progress: bool) -> dict:
-    """GPTQ / SpQR on the named layers, each in its own config, in one pass over the blocks."""
-    from lowbit.calibrate.run import layer_quantizer
-    from lowbit.calibrate.sequential import quantize_sequential
-
-    quantizers = {n: layer_quantizer(c) for n, c in calibrated.items()}
-    # Each layer with its own config's token clip and order (not the first config's for all of them).
-    return quantize_sequential(model, calibration, lambda name, module, H: quantizers[name](name, module, H),
-                               lambda name: name not in calibrated, progress, "calibrating the plan",
-                               token_clip=lambda name: calibrated[name].token_clip,
-                               true_sequential=lambda name: calibrated[name].true_sequential)
-
-
-__all__ = ["Plan", "apply_plan", "parse_format", "plan_targets", "KEEP", "HALF"]
+__all__ = ["Plan", "parse_format", "plan_targets", "quantization_from_dict", "KEEP", "HALF"]

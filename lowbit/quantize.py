@@ -8,8 +8,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from lowbit.config import CALIBRATED, Int8Config, IntConfig, NF4Config, QuantConfig, TernaryConfig, config_from_name
-from lowbit.nn import BitLinear, Int8Linear, IntLinear, Linear4bit, QuantLinear
+from lowbit.calibrate.run import layer_quantizer
+from lowbit.calibrate.sequential import find_blocks, quantize_sequential
+from lowbit.config import QuantConfig, TernaryConfig, config_from_name
+from lowbit.embeddings import quantize_embeddings
+from lowbit.nn import HalfLinear, QuantLinear
+from lowbit.plan import HALF, KEEP, Plan, plan_targets
+from lowbit.registry import format_of, is_calibrated
 from lowbit.nn.base import is_linear_like, replace_module, tied_to_embeddings
 
 
@@ -50,25 +55,17 @@ def eligible_layers(model: nn.Module, config: QuantConfig) -> list[tuple[str, nn
 
 
 def build_layer(module: nn.Module, config: QuantConfig) -> QuantLinear:
-    """The quantized replacement of one nn.Linear / Conv1D."""
-    if isinstance(config, Int8Config):
-        return Int8Linear.from_linear(module, config.threshold, config.weight_only, config.compute_dtype,
-                                      config.activations)
-    if isinstance(config, NF4Config):
-        return Linear4bit.from_linear(module, config.quant_type, config.blocksize, config.double_quant, config.compute_dtype)
-    if isinstance(config, TernaryConfig):
-        return BitLinear.from_linear(module, config.compute_dtype)
-    if type(config) is IntConfig:
-        return IntLinear.from_linear(module, config.bits, config.group_size, config.compute_dtype, config.clip_search)
-    raise TypeError(f"config must be Int8Config, NF4Config, TernaryConfig or IntConfig (GPTQ and SpQR go through "
-                    f"calibration), got {type(config).__name__}")
+    """The quantized replacement of one nn.Linear / Conv1D, by the registered format of ``config``."""
+    fmt = format_of(config)
+    if fmt.calibrated:
+        raise TypeError(f"{type(config).__name__} needs calibration data: its layers are built from the Hessian of "
+                        "their inputs (lowbit.quantize(model, config, calibration=ids))")
+    return fmt.build(module, config)
 
 
 def check_config(config) -> None:
-    """TypeError unless ``config`` is one of lowbit's quantization configs."""
-    if not isinstance(config, (Int8Config, NF4Config, TernaryConfig, IntConfig, *CALIBRATED)):
-        raise TypeError(f"config must be a lowbit config (NF4Config(), Int8Config(), ...) or a method name such as "
-                        f"'nf4', got {type(config).__name__}")
+    """TypeError unless ``config`` is the config of a registered format."""
+    format_of(config)
 
 
 def warn_post_training_ternary(config) -> None:
@@ -91,22 +88,21 @@ def check_calibration(config, calibration) -> None:
         raise ValueError("calibration holds no tokens")
 
 
-def quantize(model: nn.Module, config: "QuantConfig | str | lowbit.plan.Plan", progress: bool = True,
+def quantize(model: nn.Module, config: "QuantConfig | str | Plan", progress: bool = True,
              calibration: torch.Tensor | None = None) -> nn.Module:
     """Replace the model's eligible linear layers in place (LM head and tied embeddings kept); return it.
 
     ``config`` is a config object or a method's name with its defaults ("nf4", "int8", "gptq3": see
     ``lowbit.config.config_from_name``).
 
-    A ``lowbit.plan.Plan`` gives each layer its own format (and the embeddings theirs): a mixed-format model.
+    A ``lowbit.plan.Plan`` gives each layer its own format (and the embeddings theirs): a mixed-format model. A
+    config is applied as a plan whose every eligible layer has that format.
 
     GPTQConfig and SpQRConfig need ``calibration``: token ids [sequences, length], for example from
     ``lowbit.calibrate.calibration_batches(tokenizer, text)``.
     """
     if isinstance(config, str):
         config = config_from_name(config)
-    from lowbit.plan import Plan, apply_plan
-
     if not isinstance(config, Plan):
         check_config(config)
     if any(getattr(m, "input_norm", False) for m in model.modules()):
@@ -115,39 +111,71 @@ def quantize(model: nn.Module, config: "QuantConfig | str | lowbit.plan.Plan", p
     if any(isinstance(m, QuantLinear) for m in model.modules()):
         raise ValueError("this model is already quantized by lowbit; load or build the full-precision model to quantize again")
     if isinstance(config, Plan):
-        return apply_plan(model, config, calibration, progress)
-    layers = eligible_layers(model, config)
-    if not layers:
-        raise ValueError("no nn.Linear or Conv1D layer to quantize (check the skip patterns)")
-    if isinstance(config, CALIBRATED):
-        check_calibration(config, calibration)
-        from lowbit.calibrate.run import calibrate
-
-        chosen = {name for name, _ in layers}
-        try:
-            model.lowbit_calibration = calibrate(model, config, calibration, lambda name: name not in chosen, progress)
-        except BaseException:
-            for name, module in layers:  # calibration replaces layers as it goes: put the originals back
-                replace_module(model, name, module)
-            raise
-        own_memory(model)
-        model.lowbit_config = config
-        return model
-    warn_post_training_ternary(config)
-    # Build every replacement first and swap them in only when all succeeded: a layer that cannot be quantized
-    # (an inf weight) leaves the model as it was, not half converted.
-    built = []
-    for name, module in tqdm(layers, desc="quantizing", disable=None if progress else True, leave=False):
-        try:
-            with torch.no_grad():
-                built.append((name, build_layer(module, config)))
-        except (ValueError, TypeError, RuntimeError) as e:
-            raise type(e)(f"layer {name}: {e} (the model was left unchanged)") from e
-    for name, layer in built:
-        replace_module(model, name, layer)
-    own_memory(model)
+        targets = {n: f for n, f in plan_targets(model, config).items() if f != KEEP}
+        apply_formats(model, targets, config.embeddings, calibration, progress, "calibrating the plan")
+    else:
+        layers = eligible_layers(model, config)
+        if not layers:
+            raise ValueError("no nn.Linear or Conv1D layer to quantize (check the skip patterns)")
+        targets = {name: config for name, _ in layers}
+        if is_calibrated(config):  # calibration goes block by block: eligible layers outside the blocks stay as they are
+            check_calibration(config, calibration)
+            prefix, _ = find_blocks(model)
+            targets = {n: f for n, f in targets.items() if n.startswith(prefix + ".")}
+        desc = f"{type(config).__name__.removesuffix('Config')} {getattr(config, 'bits', '')}-bit"
+        apply_formats(model, targets, KEEP, calibration, progress, desc)
     model.lowbit_config = config
     return model
+
+
+def apply_formats(model: nn.Module, targets: dict[str, QuantConfig | str], embeddings: str = KEEP,
+                  calibration: torch.Tensor | None = None, progress: bool = True, desc: str = "calibrating") -> None:
+    """The one quantization pipeline: each named layer in its format (a config, or ``HALF`` for bf16 weights), the
+    embeddings in theirs, calibrated formats block by block on ``calibration``, each with its own settings.
+
+    One transaction: every layer that needs no calibration is built before any is swapped in, and a failure during
+    calibration puts every original layer (and the embeddings) back, so a failure leaves the model as it was."""
+    calibrated = {n: f for n, f in targets.items() if is_calibrated(f)}
+    if calibrated:
+        check_calibration(next(iter(calibrated.values())), calibration)
+        prefix, _ = find_blocks(model)
+        outside = [n for n in calibrated if not n.startswith(prefix + ".")]
+        if outside:
+            raise ValueError(f"{outside[0]} is outside the model's blocks: GPTQ and SpQR calibrate block by block; "
+                             "give it a format without calibration (int8-weight, rtn4, bfloat16, ...)")
+    for f in {id(f): f for f in targets.values()}.values():
+        warn_post_training_ternary(f)
+    built = []
+    plain = [(n, f) for n, f in targets.items() if n not in calibrated]
+    for name, fmt in tqdm(plain, desc="quantizing", disable=None if progress else True, leave=False):
+        module = model.get_submodule(name)
+        try:
+            with torch.no_grad():
+                built.append((name, HalfLinear.from_linear(module) if fmt == HALF else build_layer(module, fmt)))
+        except (ValueError, TypeError, RuntimeError) as e:
+            raise type(e)(f"layer {name}: {e} (the model was left unchanged)") from e
+    originals = {n: model.get_submodule(n) for n in targets}
+    emb_before = model.get_input_embeddings() if embeddings != KEEP else None
+    head_before = model.get_output_embeddings() if emb_before is not None else None
+    quantize_embeddings(model, embeddings)
+    for name, layer in built:
+        replace_module(model, name, layer)
+    if calibrated:  # later blocks calibrate on the outputs of the quantized ones, every format in place
+        quantizers = {n: layer_quantizer(c) for n, c in calibrated.items()}
+        try:
+            model.lowbit_calibration = quantize_sequential(
+                model, calibration, lambda name, module, H: quantizers[name](name, module, H),
+                lambda name: name not in calibrated, progress, desc,
+                token_clip=lambda name: calibrated[name].token_clip,  # each layer its own config's settings
+                true_sequential=lambda name: calibrated[name].true_sequential)
+        except BaseException:
+            for name, module in originals.items():
+                replace_module(model, name, module)
+            if emb_before is not None:
+                model.set_input_embeddings(emb_before)
+                model.set_output_embeddings(head_before)
+            raise
+    own_memory(model)
 
 
 def own_memory(model: nn.Module) -> None:

@@ -19,8 +19,9 @@ from tqdm import tqdm
 from lowbit.checkpoint import CheckpointError, Saving, assign, check_target, shard_limit
 from lowbit.eval.memory import peak_rss_bytes
 from lowbit.manifest import CONFIG_ERRORS
-from lowbit.config import CALIBRATED, QuantConfig, config_from_name
-from lowbit.nn.base import replace_module
+from lowbit.config import QuantConfig, config_from_name
+from lowbit.registry import is_calibrated
+from lowbit.nn.base import owner_of, replace_module
 from lowbit.quantize import build_layer, check_calibration, check_config, eligible_layers, warn_post_training_ternary
 from lowbit.shards import SafetensorsFolder, ShardError
 
@@ -98,7 +99,7 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: 
     src = Path(src)
     dst = check_target(dst)
     limit = shard_limit(max_shard_size)
-    if isinstance(config, CALIBRATED):
+    if is_calibrated(config):
         check_calibration(config, calibration)
     try:
         source = SafetensorsFolder(src)
@@ -111,7 +112,7 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: 
         if not chosen:
             raise ValueError("no nn.Linear or Conv1D layer to quantize (check the skip patterns)")
         with Saving(dst, limit) as saving:
-            if isinstance(config, CALIBRATED):
+            if is_calibrated(config):
                 stats = _calibrated(model, config, set(chosen), calibration, source, saving, progress)
             else:
                 warn_post_training_ternary(config)
@@ -167,8 +168,7 @@ def _rtn(model: nn.Module, config: QuantConfig, layers: set[str], source: Safete
 
 
 def _tensor(model: nn.Module, name: str) -> torch.Tensor:
-    owner_name, _, attr = name.rpartition(".")
-    owner = model.get_submodule(owner_name) if owner_name else model
+    owner, attr = owner_of(model, name)
     return owner._parameters[attr] if attr in owner._parameters else owner._buffers[attr]
 
 

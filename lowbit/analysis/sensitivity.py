@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from lowbit.calibrate.sequential import block_inputs, clip_tokens, find_blocks, output, with_hidden
 from lowbit.eval.memory import memory_report
-from lowbit.nn.base import is_linear_like, linear_weight, replace_module
+from lowbit.nn.base import is_linear_like, linear_weight, owner_of, replace_module
 
 # The candidate formats of a block's linear layers, from 8 bits down (issue 19's list). Ternary is left out by
 # default: post-training it costs SmolLM2-135M's perplexity x10^5 (docs/quality.md), for no plan to pick.
@@ -144,11 +144,11 @@ def _layer_bytes(layer: nn.Module) -> int:
 def _quantized(name: str, module: nn.Module, config, x: torch.Tensor) -> nn.Module:
     """``module`` alone in ``config``'s format (GPTQ / SpQR from the Hessian of its full-precision inputs ``x``)."""
     from lowbit.calibrate.run import layer_quantizer
-    from lowbit.config import CALIBRATED
+    from lowbit.registry import is_calibrated
     from lowbit.quantize import build_layer
 
     with torch.no_grad():
-        if isinstance(config, CALIBRATED):
+        if is_calibrated(config):
             xc = clip_tokens(x, config.token_clip) if config.token_clip else x
             return layer_quantizer(config)(name, module, 2 * xc.t() @ xc / xc.shape[0])
         return build_layer(module, config)
@@ -203,8 +203,7 @@ class _Runner:
     def __init__(self, model: nn.Module, calibration: torch.Tensor, chunk: int = 8):
         self.model, self.ids = model, calibration
         self.prefix, self.blocks = find_blocks(model)
-        self.parent = model.get_submodule(self.prefix.rpartition(".")[0]) if "." in self.prefix else model
-        self.attr = self.prefix.rpartition(".")[2]
+        self.parent, self.attr = owner_of(model, self.prefix)
         with torch.no_grad():
             self.inputs = [block_inputs(model, self.blocks[0], calibration, chunk)]
             for block in self.blocks[:-1]:  # each block's full-precision input, per chunk

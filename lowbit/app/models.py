@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from lowbit.cache import cache_dir
+from lowbit.checkpoint import is_hf_lowbit_folder, load, load_tokenizer
 from lowbit.jsonfile import read_json
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -94,45 +95,73 @@ def check_config_json(folder: str | os.PathLike) -> None:
     read_json(Path(folder) / "config.json")
 
 
-def load_model(spec: str, dtype: torch.dtype = torch.float32, tokenizer_required: bool = True):
-    """(model, tokenizer) from ``smollm2-135m``, a GGUF file, a transformers folder or a lowbit checkpoint; the
-    tokenizer is None where a folder holds none and ``tokenizer_required`` is False (quantizing needs none)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+def model_kind(spec: str) -> str:
+    """What a MODEL argument names, decided here for every command: "bundled" (smollm2-135m), "gguf" (a .gguf file),
+    "lowbit" (a lowbit.save checkpoint) or "transformers" (a folder with config.json, a lowbit model's save_pretrained
+    output among them); FileNotFoundError or ValueError, one line, for anything else."""
     if spec.lower() == DEFAULT_MODEL:
-        return load_default_model(dtype)
+        return "bundled"
     path = Path(spec)
     if not path.exists():
         raise FileNotFoundError(f"no such model: {spec} (give {DEFAULT_MODEL}, a .gguf file, a transformers folder "
                                 "or a lowbit checkpoint folder)")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     if path.is_file():
         if path.suffix != ".gguf":
             raise ValueError(f"{spec} is a file but not a .gguf model")
+        return "gguf"
+    if (path / "lowbit.json").is_file():
+        return "lowbit"
+    if (path / "config.json").is_file():
+        return "transformers"
+    raise ValueError(f"{spec} is a folder with neither lowbit.json nor config.json: not a model")
+
+
+def streamable(spec: str) -> bool:
+    """Whether MODEL is a transformers folder of full-precision safetensors weights, which ``lowbit.stream`` quantizes
+    tensor by tensor without building the model."""
+    try:
+        if model_kind(spec) != "transformers":
+            return False
+    except (OSError, ValueError):
+        return False
+    path = Path(spec)
+    return not is_hf_lowbit_folder(path) and ((path / "model.safetensors").is_file()
+                                              or (path / "model.safetensors.index.json").is_file())
+
+
+def load_model(spec: str, dtype: torch.dtype = torch.float32, tokenizer_required: bool = True):
+    """(model, tokenizer) from ``smollm2-135m``, a GGUF file, a transformers folder or a lowbit checkpoint; the
+    tokenizer is None where a folder holds none and ``tokenizer_required`` is False (quantizing needs none)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    kind, path = model_kind(spec), Path(spec)
+    if kind == "bundled":
+        return load_default_model(dtype)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if kind == "gguf":
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
         model.hf_quantizer = None
         return model.eval(), AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    if (path / "lowbit.json").is_file():
-        from lowbit.checkpoint import load, load_tokenizer
-
+    if kind == "lowbit":
         tok = load_tokenizer(path)
         if tok is None and tokenizer_required:
             raise ValueError(f"{spec} holds no tokenizer: save it with lowbit.save(model, dir, tokenizer=tok)")
         return load(path), tok
-    if (path / "config.json").is_file():
-        check_config_json(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        return model.eval(), folder_tokenizer(path, tokenizer_required)
-    raise ValueError(f"{spec} is a folder with neither lowbit.json nor config.json: not a model")
+    check_config_json(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return model.eval(), folder_tokenizer(path, tokenizer_required)
 
 
 def gguf_of(spec: str) -> Path:
     """The GGUF file behind ``spec``: the bundled model's, or ``spec`` itself if it is a .gguf file."""
-    if spec.lower() == DEFAULT_MODEL:
+    try:
+        kind = model_kind(spec)
+    except (OSError, ValueError):
+        kind = None  # not a model at all: not a GGUF file either, which is what this caller needs said
+    if kind == "bundled":
         return default_gguf()
-    path = Path(spec)
-    if path.is_file() and path.suffix == ".gguf":
-        return path
+    if kind == "gguf":
+        return Path(spec)
     raise ValueError(f"--method native reads a GGUF file's own quantized weights; {spec} is not a GGUF model "
                      f"(give {DEFAULT_MODEL} or a .gguf file)")
 

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from lowbit.interop.bitsandbytes import quiet_kernel_notice
+from lowbit.nn.base import owner_of
 
 
 def bnb_int8_layer(linear: nn.Linear, threshold: float = 6.0) -> nn.Module:
@@ -47,6 +48,6 @@ def bnb_swap(model: nn.Module, kind: str = "int8", threshold: float = 6.0,
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and any(b in name for b in blocks):
             new = bnb_int8_layer(module, threshold) if kind == "int8" else bnb_nf4_layer(module)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, new)
+            parent, child = owner_of(model, name)
+            setattr(parent, child, new)
     return model.eval()

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from lowbit.nn.base import owner_of
+
 # architecture -> (transformers config class, its extra fields). Small: 4 blocks of width 256.
 ARCHITECTURES = {
     "llama": ("LlamaConfig", {}),
@@ -56,7 +58,7 @@ def outlier_model(arch: str, seed: int = 0, hidden: int = 256, layers: int = 4, 
 def _input_norms(model: torch.nn.Module, name: str) -> tuple[str, ...]:
     """The names, within the block holding ``name``, of the norms whose output a linear layer reads (Gemma2 / 3's
     post_attention_layernorm and post_feedforward_layernorm norm a block's outputs instead)."""
-    block = model.get_submodule(name.rpartition(".")[0]) if "layers." in name else None
+    block = owner_of(model, name)[0] if "layers." in name else None
     if block is None:
         return ()
     if hasattr(block, "pre_feedforward_layernorm"):

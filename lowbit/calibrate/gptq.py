@@ -5,8 +5,13 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from torch import nn
 
+from lowbit.config import GPTQConfig
 from lowbit.functional.grouped import minmax_stats, round_to_grid
+from lowbit.nn.base import linear_weight
+from lowbit.nn.intn import BITS_AND_GROUP, IntLinear
+from lowbit.registry import Format, Method, register
 
 # quant(j, w, rest) -> dequantized column j; ``rest`` is the current W[:, j:block_end] (for group statistics).
 ColumnQuantizer = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -81,3 +86,15 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, 
 
     gptq_sweep(W, hinv, quant, block)
     return codes, scale, zero
+
+
+def gptq_layer(module: nn.Module, H: torch.Tensor, config: GPTQConfig) -> IntLinear:
+    """The IntLinear that GPTQ makes of one linear layer from the Hessian ``H`` of its inputs."""
+    codes, scale, zero = gptq_quantize(linear_weight(module), H, config.bits, config.group_size, config.act_order,
+                                       config.damp, clip_search=config.clip_search)
+    return IntLinear.from_codes(codes, scale, zero, module.bias, config.bits, config.group_size, config.compute_dtype)
+
+
+register(Format(GPTQConfig, IntLinear, gptq_layer, calibrated=True, suffixes=True,
+                methods={"gptq": Method({}, "GPTQ: intN groups of 128, errors compensated with calibration data "
+                                            "(gptq3, gptq4)", BITS_AND_GROUP)}))

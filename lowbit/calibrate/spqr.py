@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from lowbit.calibrate.gptq import gptq_sweep, inverse_hessian
+from lowbit.config import SpQRConfig
 from lowbit.functional import fixed_order
 from lowbit.functional.grouped import (SpQRWeight, dequantize_stats, grid_values, minmax_stats, quantize_stats,
                                       round_to_grid)
+from lowbit.nn.base import linear_weight
+from lowbit.nn.intn import BITS_AND_GROUP
+from lowbit.nn.spqr import SpQRLinear
+from lowbit.registry import Format, Method, register
 
 
 def spqr_quantize(W: torch.Tensor, H: torch.Tensor, bits: int = 3, group_size: int = 16, stat_bits: int = 3,
@@ -71,3 +77,15 @@ def spqr_quantize(W: torch.Tensor, H: torch.Tensor, bits: int = 3, group_size: i
 
     gptq_sweep(W, hinv, quant, block)
     return res
+
+
+def spqr_layer(module: nn.Module, H: torch.Tensor, config: SpQRConfig) -> SpQRLinear:
+    """The SpQRLinear that SpQR makes of one linear layer from the Hessian ``H`` of its inputs."""
+    q = spqr_quantize(linear_weight(module), H, config.bits, config.group_size, 3, config.stat_group,
+                      config.outlier_threshold, config.max_outliers, config.damp)
+    return SpQRLinear.from_spqr(q, module.bias, config.bits, config.group_size, config.stat_group, config.compute_dtype)
+
+
+register(Format(SpQRConfig, SpQRLinear, spqr_layer, calibrated=True, suffixes=True,
+                methods={"spqr": Method({}, "SpQR: intN groups of 16 with 3-bit statistics + sparse fp16 outliers "
+                                            "(spqr3, spqr4)", BITS_AND_GROUP)}))

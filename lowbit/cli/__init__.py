@@ -14,6 +14,7 @@ from lowbit.cli import train  # noqa: F401, E402
 from lowbit.cli import export  # noqa: F401, E402
 from lowbit.cli import advise  # noqa: F401, E402
 from lowbit.cli import doctor  # noqa: F401, E402
+from lowbit.cli import methods  # noqa: F401, E402
 from lowbit.cli.common import app, passive_wait_needed
 
 

@@ -36,9 +36,9 @@ def run_compare(model: str, methods: list[str], text: Optional[Path], tokens: in
 @friendly
 def compare_cmd(
     model: str = typer.Argument("smollm2-135m", help=MODEL_HELP),
-    methods: str = typer.Option(  # lowbit.app.methods.DEFAULT_COMPARE
-        ",".join(("fp32", "bf16", "int8", "int8-absmax", "int8-weight", "nf4", "fp4", "int4", "ternary")),
-        help="comma-separated methods; also rtn3, rtn4, gptq3, gptq4, spqr3, spqr4"),
+    methods: Optional[str] = typer.Option(
+        None, help="comma-separated methods (default: fp32, bf16 and the uncalibrated formats, "
+                   "lowbit.app.methods.DEFAULT_COMPARE; `lowbit methods` lists them all)"),
     text: Optional[Path] = typer.Option(None, help=TEXT_HELP),
     tokens: int = typer.Option(8192, help="tokens of the text to score"),
     window: int = typer.Option(512, help="tokens per window"),
@@ -54,7 +54,9 @@ def compare_cmd(
     """
     setup()
     out = out_path(out_arg)
-    names = parse_methods(methods)
+    from lowbit.app.methods import DEFAULT_COMPARE
+
+    names = parse_methods(methods) if methods is not None else list(DEFAULT_COMPARE)
     check_scoring(tokens, window, stride)
     check_writable_dir(out)
     use_threads(threads)

@@ -16,8 +16,8 @@ from lowbit.cli.common import (THREADS_HELP, app, friendly, first_line, MODEL_HE
 def quantize(
     model: str = typer.Argument(..., help=MODEL_HELP),
     method: Optional[str] = typer.Option(None, "--method", "-m",
-                                         help="int8 | int8-absmax | int8-weight | nf4 | fp4 | int4 | ternary | rtn | gptq | "
-                                              "spqr | bf16 (default nf4)"),
+                                         help="a method: nf4 (default), int8, gptq3, bf16, ... (`lowbit methods` lists "
+                                              "them all)"),
     plan: Optional[Path] = typer.Option(None, help="a per-layer plan (JSON, from lowbit advise) instead of --method"),
     embeddings: Optional[str] = typer.Option(None, help="the token embeddings (and a head tied to them): float32 "
                                                         "(default: kept), bfloat16, int8 or int4 rows"),
@@ -44,6 +44,7 @@ def quantize(
     out = out_path(out_arg)
     import lowbit
     from lowbit.app.methods import LOADED, apply_method, check_method, method_config, needs_calibration
+    from lowbit.app.models import streamable
     from lowbit.checkpoint import check_target, parse_size
     from lowbit.nn.embedding import EMBEDDING_FORMATS
 
@@ -77,7 +78,7 @@ def quantize(
         gguf_of(model)  # a model that is no GGUF: said now, before anything loads
     if the_plan is not None:
         return _quantize_by_plan(model, the_plan, calib_text, out, max_shard_size)
-    if stream and not native and method != "bf16" and embeddings in (None, "float32") and _streamable(model):
+    if stream and not native and method != "bf16" and embeddings in (None, "float32") and streamable(model):
         return _quantize_streamed(Path(model), method, options, calib_text, out, max_shard_size)
     t = time.perf_counter()
     m, tok = load(model, native=native, tokenizer=needs_calibration(method))  # as streamed: saved if there is one
@@ -145,19 +146,12 @@ def _quantize_by_plan(model: str, plan, calib_text: Optional[Path], out: Path, m
                   f"({linear_bits_per_param(m):.3f} bits/param over the linear layers), quantized in {seconds:.1f} s")
 
 
-def _streamable(model: str) -> bool:
-    """Whether MODEL is a transformers folder with safetensors weights (not a lowbit checkpoint)."""
-    path = Path(model)
-    return (path.is_dir() and (path / "config.json").is_file() and not (path / "lowbit.json").exists()
-            and ((path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()))
-
-
 def _quantize_streamed(src: Path, method: str, options: dict, calib_text: Optional[Path], out: Path,
                        max_shard_size: str) -> None:
     from transformers import AutoTokenizer
 
     from lowbit.app.methods import method_config, needs_calibration
-    from lowbit.interop.hf import is_hf_lowbit_folder
+    from lowbit.checkpoint import is_hf_lowbit_folder
     from lowbit.stream import quantize_checkpoint
 
     if is_hf_lowbit_folder(src):

@@ -24,6 +24,7 @@ from lowbit.checkpoint import check_layers
 from lowbit.jsonfile import JSONFileError, loads_bounded
 from lowbit.manifest import CONFIG_ERRORS, CheckpointError
 from lowbit.nn import Linear4bit, QuantLinear
+from lowbit.nn.base import owner_of
 
 STATE_PREFIX = "weight.quant_state.bitsandbytes__"
 # bitsandbytes (0.50), imported on a CPU with AVX512_BF16, logs that it could not fetch an optional kernel from the
@@ -176,8 +177,8 @@ def from_bnb_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor],
         if in_f is not None and (in_f, old.out_features) != (layer.in_features, layer.out_features):
             raise CheckpointError(f"shape mismatch at {prefix}: state dict {layer.out_features}x{layer.in_features}, "
                              f"model {old.out_features}x{in_f}")
-        parent, _, child = prefix.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, layer)
+        parent, child = owner_of(model, prefix)
+        setattr(parent, child, layer)
     rest = {k: v for k, v in state_dict.items() if k.rpartition(".")[0] not in prefixes and not
             any(k.startswith(p + ".weight.") for p in prefixes)}
     try:

@@ -20,11 +20,15 @@ from transformers.quantizers.auto import (AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from lowbit.config import CALIBRATED, BaseConfig, config_from_dict
+from lowbit.checkpoint import (FORMAT_VERSION, LAYER_TYPES, MANIFEST, QUANT_METHOD, check_complete, check_layers,
+                               check_shard_headers, layer_layout, layer_specs, quantization_config_dict, read_manifest,
+                               restore_buffer_dtypes, swap_layers, verify_shards)
+from lowbit.config import BaseConfig
+from lowbit.plan import quantization_from_dict
+from lowbit.registry import is_calibrated
 from lowbit.jsonfile import JSONFileError, read_json
 from lowbit.manifest import CheckpointError
-
-QUANT_METHOD = "lowbit"
+from lowbit.nn.base import owner_of
 
 
 class LowbitConfig(QuantizationConfigMixin):
@@ -43,24 +47,16 @@ class LowbitConfig(QuantizationConfigMixin):
         return (config, kwargs) if return_unused_kwargs else config
 
     def to_dict(self) -> dict:
-        from lowbit.checkpoint import FORMAT_VERSION
-
-        version = FORMAT_VERSION if self.format_version is None else self.format_version
-        d = {"quant_method": QUANT_METHOD, "format_version": version, "config": self.config,
-             "layers": self.layers}
-        if self.buffer_dtypes:
-            d["buffer_dtypes"] = self.buffer_dtypes
-        return d
+        return quantization_config_dict(self.config, self.layers, self.buffer_dtypes, self.format_version)
 
     def to_diff_dict(self) -> dict:
         return self.to_dict()
 
     def lowbit_config(self) -> BaseConfig | None:
-        return None if self.config is None else config_from_dict(self.config)
+        return None if self.config is None else quantization_from_dict(self.config)
 
     def check(self) -> None:
         """Raise CheckpointError (one line) unless this entry can be read by this lowbit."""
-        from lowbit.checkpoint import FORMAT_VERSION, LAYER_TYPES
         from lowbit.manifest import check_layer_spec
 
         where = "config.json: quantization_config"
@@ -83,7 +79,7 @@ class LowbitConfig(QuantizationConfigMixin):
             for name, spec in self.layers.items():
                 check_layer_spec(name, spec, LAYER_TYPES)
             if self.config is not None:
-                config_from_dict(self.config)
+                quantization_from_dict(self.config)
         except (CheckpointError, ValueError, TypeError) as e:
             raise CheckpointError(f"{where}: {str(e).removeprefix('lowbit.json: ')}") from None
 
@@ -108,7 +104,7 @@ def _mark_initialized(model, name: str) -> None:
     Some models' ``_init_weights`` reach a child's weight from the parent (GPT-2: ``module.c_proj.weight`` of each
     attention and MLP block), so the parent is marked too, where it holds no tensors of its own that could need it."""
     model.get_submodule(name)._is_hf_initialized = True
-    parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+    parent = owner_of(model, name)[0]
     if parent is not model and not any(True for _ in parent.parameters(recurse=False)) \
             and not any(True for _ in parent.buffers(recurse=False)):
         parent._is_hf_initialized = True
@@ -156,7 +152,7 @@ class LowbitHfQuantizer(HfQuantizer):
 
     def __init__(self, quantization_config, **kwargs) -> None:
         if isinstance(quantization_config, BaseConfig):  # from_pretrained(..., quantization_config=lowbit.NF4Config())
-            if isinstance(quantization_config, CALIBRATED):
+            if is_calibrated(quantization_config):
                 raise ValueError(f"{type(quantization_config).__name__} needs calibration data, which from_pretrained "
                                  "cannot pass: load the model, then lowbit.quantize(model, config, calibration=ids)")
             quantization_config = LowbitConfig(config=quantization_config.to_dict())
@@ -181,8 +177,6 @@ class LowbitHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, **kwargs) -> None:
         if self.pre_quantized:
-            from lowbit.checkpoint import check_shard_headers, layer_layout, swap_layers
-
             files = kwargs.get("checkpoint_files") or []
             check_files(model.config.name_or_path, files)
             swap_layers(model, self.quantization_config.layers)
@@ -207,8 +201,6 @@ class LowbitHfQuantizer(HfQuantizer):
         return LowbitQuantize(self)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        from lowbit.checkpoint import check_complete, check_layers, layer_specs, restore_buffer_dtypes
-
         layers = layer_specs(model)
         left = [name for name in self.targets if name not in layers]
         if left:
@@ -243,7 +235,6 @@ def check_folder(folder, layers: dict) -> None:
 
     from safetensors import SafetensorError, safe_open
 
-    from lowbit.checkpoint import MANIFEST, read_manifest, verify_shards
     from lowbit.manifest import safe_file
 
     folder = Path(folder)
@@ -277,8 +268,6 @@ def check_files(folder, files: list[str]) -> None:
     link out of it) and, for a ``lowbit.save`` checkpoint, are the shards its lowbit.json names."""
     from pathlib import Path
 
-    from lowbit.checkpoint import MANIFEST, read_manifest
-
     folder = Path(folder) if Path(folder).is_dir() else Path(files[0]).parent if files else None
     if folder is None:
         return
@@ -301,48 +290,6 @@ def register() -> None:
         register_quantization_config(QUANT_METHOD)(LowbitConfig)
     if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
         register_quantizer(QUANT_METHOD)(LowbitHfQuantizer)
-
-
-def hf_files(model) -> dict | None:
-    """config.json content for a lowbit checkpoint of a transformers model (with its quantization_config), or None
-    for a model transformers did not build."""
-    config = getattr(model, "config", None)
-    if not hasattr(config, "to_dict") or not hasattr(model, "named_modules"):
-        return None
-    from lowbit.checkpoint import unsaved_buffer_dtypes, layer_specs
-
-    layers = layer_specs(model)
-    qconfig = getattr(model, "lowbit_config", None)
-    d = config.to_dict()
-    d.pop("quantization_config", None)
-    if layers or qconfig is not None:
-        d["quantization_config"] = LowbitConfig(config=qconfig.to_dict() if qconfig is not None else None,
-                                                layers=layers, buffer_dtypes=unsaved_buffer_dtypes(model)).to_dict()
-    d["architectures"] = [type(model).__name__]
-    return d
-
-
-def is_hf_lowbit_folder(directory) -> bool:
-    """Whether ``directory`` is a transformers folder whose config.json names lowbit (``save_pretrained`` output);
-    CheckpointError (one line) for a config.json that is not JSON, or too large or deep to parse safely."""
-    from pathlib import Path
-
-    path = Path(directory) / "config.json"
-    try:
-        q = read_json(path).get("quantization_config") if path.is_file() else None
-    except JSONFileError as e:  # said here: transformers would parse it next, and fail with a traceback
-        raise CheckpointError(str(e)) from None
-    except (OSError, AttributeError):
-        return False
-    return isinstance(q, dict) and q.get("quant_method") == QUANT_METHOD
-
-
-def load_hf_folder(directory, dtype: torch.dtype | str = "auto"):
-    """A transformers folder written by ``save_pretrained`` from a lowbit model, through transformers."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    AutoConfig.from_pretrained(directory)  # a config transformers cannot read fails here, with its message
-    return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).eval()
 
 
 register()  # importing this module is what registers lowbit (hf_hook imports it when transformers' registry loads)

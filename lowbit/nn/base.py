@@ -86,10 +86,18 @@ def check_range(t: torch.Tensor, name: str, low: float | None = None, high: floa
         raise ValueError(f"{name} holds {hi:g}, above its format's {high:g}")
 
 
+def owner_of(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """(the module that holds what ``name`` names in ``model``, its attribute name there): for ``"a.b.weight"``,
+    ``(model.a.b, "weight")``; for a name without a dot, ``(model, name)``. The submodule, parameter or buffer itself
+    need not exist (only its owner must)."""
+    module_name, _, attr = name.rpartition(".")
+    return (model.get_submodule(module_name) if module_name else model), attr
+
+
 def replace_module(model: nn.Module, name: str, layer: nn.Module) -> None:
     """Put ``layer`` where the submodule called ``name`` is."""
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+    parent, child = owner_of(model, name)
+    setattr(parent, child, layer)
 
 
 class FrozenWeightMatmul(torch.autograd.Function):
@@ -145,6 +153,11 @@ class QuantLinear(nn.Module):
     def dequantize(self) -> torch.Tensor:
         """The [out, in] weight this layer stands for, in float32."""
         raise NotImplementedError
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows ``ids`` of the weight in float32, rebuilt from those rows alone (for embedding tables); formats
+        whose rows cannot be read apart raise TypeError."""
+        raise TypeError(f"{type(self).__name__} cannot be read row by row")
 
     def check_values(self) -> None:
         """Raise ValueError unless every stored value is one the format can hold: what a loader runs on tensors it did

@@ -8,7 +8,9 @@ from lowbit import functional as F
 from lowbit.formats import ternary_2bit_valid, unpack_ternary_2bit
 from lowbit.functional.validate import check_finite_stats
 from lowbit.kernels.matmul import q8_gemv, ternary_int8
+from lowbit.config import TernaryConfig
 from lowbit.nn.base import QuantLinear, check_range, linear_weight
+from lowbit.registry import Format, Method, register
 
 
 NORM_EPS = 1e-6  # of the parameter-free RMSNorm that trained b1.58 layers apply to their input
@@ -87,3 +89,8 @@ class BitLinear(QuantLinear):
         acc = ternary_int8(xq, self.weight_packed, self.out_features, self.trits).float()  # exact int32
         y = acc * (absmax / 127).unsqueeze(1) * self.weight_gamma
         return self._finish(y.to(self.compute_dtype), dtype).reshape(*shape[:-1], self.out_features)
+
+
+register(Format(TernaryConfig, BitLinear, lambda module, c: BitLinear.from_linear(module, c.compute_dtype),
+                methods={"ternary": Method({}, "BitNet b1.58 ternary weights + int8 activations (post-training: "
+                                               "b1.58 needs training)")}))

@@ -10,13 +10,14 @@ from torch import nn
 
 from lowbit.nn.base import DequantLinear, QuantLinear, linear_weight
 from lowbit.nn.int8 import Int8Linear
-from lowbit.nn.intn import IntLinear, unpack_codes
-from lowbit.functional.absmax import Affine, dequantize_affine
+from lowbit.nn.intn import IntLinear
+from lowbit.registry import register_layer
 
 EMBEDDING_FORMATS = ("float32", "bfloat16", "int8", "int4")  # float32: left as it is
 INT4_ROW_GROUP = 64  # 4-bit rows: an fp16 scale and a uint8 zero per 64 weights (4.375 bits a weight)
 
 
+@register_layer
 class HalfLinear(DequantLinear):
     """y = x @ W^T + b with W stored in bfloat16: 16 bits a weight, for layers (LM heads) worth more than 8."""
 
@@ -37,19 +38,13 @@ class HalfLinear(DequantLinear):
         return self.weight_bf16.to(dtype) if out is None else out.copy_(self.weight_bf16)
 
 
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.weight_bf16[ids].float()
+
+
 def rows_of(layer: QuantLinear, ids: torch.Tensor) -> torch.Tensor:
-    """Rows ``ids`` of ``layer``'s weight in float32, rebuilt from the stored rows alone (not the whole weight)."""
-    if isinstance(layer, HalfLinear):
-        return layer.weight_bf16[ids].float()
-    if isinstance(layer, Int8Linear):  # as Int8Linear.dequantize, row by row
-        return layer.weight_codes[ids].float() * (layer.weight_absmax[ids] / 127).unsqueeze(1)
-    if isinstance(layer, IntLinear) and layer.bits in (4, 8) and layer.in_features * layer.bits % 8 == 0:
-        per_row = layer.in_features * layer.bits // 8  # each row starts on a byte
-        packed = layer.weight_packed.view(layer.out_features, per_row)[ids].reshape(-1)
-        codes = unpack_codes(packed, ids.numel() * layer.in_features, layer.bits).view(-1, layer.in_features)
-        q = Affine(codes, layer.weight_scale[ids].float(), layer.weight_zero[ids].float(), layer.bits, layer.group_size)
-        return dequantize_affine(q, torch.float32)
-    raise TypeError(f"{type(layer).__name__} cannot be read row by row")
+    """Rows ``ids`` of ``layer``'s weight in float32, rebuilt from the stored rows alone (``QuantLinear.rows``)."""
+    return layer.rows(ids)
 
 
 def _rows_layer(fmt: str, dim: int, vocab: int) -> QuantLinear:
@@ -63,6 +58,7 @@ def _rows_layer(fmt: str, dim: int, vocab: int) -> QuantLinear:
                      f"got {fmt!r}")
 
 
+@register_layer
 class QuantEmbedding(nn.Module):
     """nn.Embedding whose table is stored in bfloat16, int8 rows (absmax per token) or 4-bit rows; outputs float32."""
 

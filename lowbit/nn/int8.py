@@ -4,11 +4,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lowbit.config import INT8_ACTIVATIONS, int8_activations
+from lowbit.config import INT8_ACTIVATIONS, Int8Config, int8_activations
 from lowbit.functional import outlier_columns, quantize_absmax, quantize_zeropoint_rows
 from lowbit.functional.validate import check_finite_stats
 from lowbit.kernels.matmul import cpu_kernels, int8_int8, int8_linear, q8_gemv
 from lowbit.nn.base import QuantLinear, check_range, linear_weight, needs_autograd
+from lowbit.registry import Format, Method, register
 
 
 class Int8Linear(QuantLinear):
@@ -62,6 +63,9 @@ class Int8Linear(QuantLinear):
 
     def dequantize(self) -> torch.Tensor:
         return self.weight_codes.float() * (self.weight_absmax / 127).unsqueeze(1)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.weight_codes[ids].float() * (self.weight_absmax[ids] / 127).unsqueeze(1)  # as dequantize
 
     def weight_tiles(self, dtype: torch.dtype):
         scale = (self.weight_absmax / 127).to(dtype).unsqueeze(1)
@@ -126,3 +130,19 @@ class Int8Linear(QuantLinear):
     def extra_repr(self) -> str:
         mode = "weight-only" if self.weight_only else f"threshold={self.threshold}, activations={self.activations}"
         return f"{super().extra_repr()}, {mode}"
+
+
+_THRESHOLD = {"threshold": "threshold"}
+register(Format(Int8Config, Int8Linear,
+                lambda module, c: Int8Linear.from_linear(module, c.threshold, c.weight_only, c.compute_dtype,
+                                                         c.activations),
+                methods={
+                    "int8": Method({"activations": "zeropoint"}, "LLM.int8(): int8 weights, int8 zero-point "
+                                   "activations per token, |x| >= 6 columns in float", _THRESHOLD),
+                    "int8-absmax": Method({"activations": "absmax"}, "LLM.int8() with absmax activations per token, "
+                                          "as bitsandbytes runs it", _THRESHOLD),
+                    "int8-zp": Method({"activations": "zeropoint"}, "the same as int8 (zero-point activations; its "
+                                      "name from before they became the default)", _THRESHOLD),
+                    "int8-weight": Method({"weight_only": True, "activations": "absmax"},
+                                          "int8 weights (absmax per output row), float activations"),
+                }))

@@ -9,7 +9,9 @@ from lowbit.functional.absmax import Affine, dequantize_affine
 from lowbit.functional.grouped import minmax_stats, round_to_grid
 from lowbit.formats import pack_2bit, pack_3bit, pack_4bit, unpack_2bit, unpack_3bit, unpack_4bit
 from lowbit.kernels.matmul import LutWeight
+from lowbit.config import IntConfig
 from lowbit.nn.base import DequantLinear, check_range, linear_weight
+from lowbit.registry import Format, Method, register
 
 _PACKERS = {2: (pack_2bit, unpack_2bit), 3: (pack_3bit, unpack_3bit), 4: (pack_4bit, unpack_4bit),
             8: (lambda c: c.reshape(-1).to(torch.uint8), lambda p, n: p[:n])}
@@ -97,6 +99,15 @@ class IntLinear(DequantLinear):
         n = self.in_features * self.out_features
         return unpack_codes(self.weight_packed, n, self.bits).view(self.out_features, self.in_features)
 
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.bits not in (4, 8) or self.in_features * self.bits % 8:
+            return super().rows(ids)
+        per_row = self.in_features * self.bits // 8  # each row starts on a byte
+        packed = self.weight_packed.view(self.out_features, per_row)[ids].reshape(-1)
+        codes = unpack_codes(packed, ids.numel() * self.in_features, self.bits).view(-1, self.in_features)
+        q = Affine(codes, self.weight_scale[ids].float(), self.weight_zero[ids].float(), self.bits, self.group_size)
+        return dequantize_affine(q, torch.float32)
+
     def lut_weight(self) -> LutWeight | None:
         if self.bits not in CODE_LUTS:
             return None
@@ -111,3 +122,11 @@ class IntLinear(DequantLinear):
     def extra_repr(self) -> str:
         zero = "" if self.zero_dtype == "uint8" else ", float zero"
         return f"{super().extra_repr()}, int{self.bits}, group_size={self.group_size}{zero}"
+
+
+BITS_AND_GROUP = {"bits": "bits", "blocksize": "group_size"}  # the command's --bits and --blocksize
+register(Format(IntConfig, IntLinear,
+                lambda module, c: IntLinear.from_linear(module, c.bits, c.group_size, c.compute_dtype, c.clip_search),
+                methods={"rtn": Method({}, "round-to-nearest uniform intN, fp16 scale + zero per group of 128 (rtn3, "
+                                           "rtn4: 3 or 4 bits)", BITS_AND_GROUP)},
+                suffixes=True))

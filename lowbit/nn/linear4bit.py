@@ -7,7 +7,9 @@ from torch import nn
 from lowbit import functional as F
 from lowbit.formats import codebook, pack_4bit, unpack_4bit
 from lowbit.kernels.matmul import LutWeight
+from lowbit.config import NF4Config
 from lowbit.nn.base import DequantLinear, check_range, linear_weight
+from lowbit.registry import Format, Method, register
 
 QUANT_TYPES = ("nf4", "fp4", "int4")
 INT4_LUT = torch.arange(16, dtype=torch.float32)  # uniform codes: value = (code - zero) * scale
@@ -108,3 +110,15 @@ class Linear4bit(DequantLinear):
     def extra_repr(self) -> str:
         dq = ", double_quant" if self.double_quant else ""
         return f"{super().extra_repr()}, {self.quant_type}, blocksize={self.blocksize}{dq}, compute={self.compute_dtype}"
+
+
+_BLOCKS = {"blocksize": "blocksize", "double_quant": "double_quant"}
+register(Format(NF4Config, Linear4bit,
+                lambda module, c: Linear4bit.from_linear(module, c.quant_type, c.blocksize, c.double_quant,
+                                                         c.compute_dtype),
+                methods={
+                    "nf4": Method({"quant_type": "nf4"}, "NF4 blocksize 64 + double quantization (QLoRA)", _BLOCKS),
+                    "fp4": Method({"quant_type": "fp4"}, "FP4 blocksize 64 + double quantization", _BLOCKS),
+                    "int4": Method({"quant_type": "int4"}, "uniform asymmetric int4, groups of 64",
+                                   {"blocksize": "blocksize"}),
+                }))

@@ -8,8 +8,10 @@ from lowbit.formats import pack_3bit, unpack_3bit
 from lowbit.kernels.matmul import LutWeight
 from lowbit.nn.base import DequantLinear, check_range
 from lowbit.nn.intn import CODE_LUTS, pack_codes, packed_bytes, unpack_codes
+from lowbit.registry import register_layer
 
 
+@register_layer  # built by SpQR's calibration (lowbit.calibrate.spqr), loaded from checkpoints without it
 class SpQRLinear(DequantLinear):
     """W = (codes - zero) * scale + sparse outliers; scale and zero per (row, group), themselves 3-bit."""
 
