@@ -65,27 +65,18 @@ def test_fixtures_are_all_there():
     assert sorted(p.name for p in FIXTURES.iterdir() if p.is_dir()) == sorted(NAMES)
 
 
+LOADERS = {"lowbit.load": lowbit.load, "from_pretrained": AutoModelForCausalLM.from_pretrained}
+
+
+@pytest.mark.parametrize("loader", LOADERS)
 @pytest.mark.parametrize("name", NAMES)
-def test_lowbit_load(name, one_thread):
+def test_old_checkpoint_loads_to_its_logits(name, loader, one_thread):
     directory = FIXTURES / name
     before = listing(directory)
     ids, want = expected(name)
-    model = lowbit.load(directory)
+    model = LOADERS[loader](directory)
     stored_tensors_are_the_models(model, directory)
     got = logits_of(model, ids)
     assert got.dtype == want.dtype and got.shape == want.shape
     assert same_logits(got, want), f"{name}: max |diff| {(got - want).abs().max().item():.3g}"
     assert listing(directory) == before  # loading wrote nothing into the fixture
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_from_pretrained(name, one_thread):
-    directory = FIXTURES / name
-    before = listing(directory)
-    ids, want = expected(name)
-    model = AutoModelForCausalLM.from_pretrained(directory)
-    stored_tensors_are_the_models(model, directory)
-    got = logits_of(model, ids)
-    assert got.dtype == want.dtype and got.shape == want.shape
-    assert same_logits(got, want), f"{name}: max |diff| {(got - want).abs().max().item():.3g}"
-    assert listing(directory) == before
