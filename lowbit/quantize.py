@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from lowbit.calibrate.run import layer_quantizer
+from lowbit.calibrate.run import layer_quantizer, progress_label
 from lowbit.calibrate.sequential import find_blocks, quantize_sequential
 from lowbit.config import QuantConfig, TernaryConfig, config_from_name
 from lowbit.embeddings import quantize_embeddings
@@ -118,11 +118,12 @@ def quantize(model: nn.Module, config: "QuantConfig | str | Plan", progress: boo
         if not layers:
             raise ValueError("no nn.Linear or Conv1D layer to quantize (check the skip patterns)")
         targets = {name: config for name, _ in layers}
+        desc = "calibrating"
         if is_calibrated(config):  # calibration goes block by block: eligible layers outside the blocks stay as they are
             check_calibration(config, calibration)
             prefix, _ = find_blocks(model)
             targets = {n: f for n, f in targets.items() if n.startswith(prefix + ".")}
-        desc = f"{type(config).__name__.removesuffix('Config')} {getattr(config, 'bits', '')}-bit"
+            desc = progress_label(config)
         apply_formats(model, targets, KEEP, calibration, progress, desc)
     model.lowbit_config = config
     return model

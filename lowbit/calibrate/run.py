@@ -19,11 +19,15 @@ def layer_quantizer(config) -> LayerQuantizer:
     return lambda name, module, H: fmt.build(module, H, config)
 
 
+def progress_label(config) -> str:
+    """What a calibration's progress bar says: "GPTQ 4-bit", "SpQR 3-bit"."""
+    return f"{type(config).__name__.removesuffix('Config')} {config.bits}-bit"
+
+
 def calibrate(model: nn.Module, config, batches: torch.Tensor, skip=lambda name: False, progress: bool = True,
               before_block=None, after_block=None) -> dict:
     """Quantize the linear layers inside the model's blocks by ``config``'s calibrated format, block by block;
     return timing stats."""
-    desc = f"{type(config).__name__.removesuffix('Config')} {config.bits}-bit"
-    return quantize_sequential(model, batches, layer_quantizer(config), skip, progress, desc,
+    return quantize_sequential(model, batches, layer_quantizer(config), skip, progress, progress_label(config),
                                token_clip=config.token_clip, true_sequential=config.true_sequential,
                                before_block=before_block, after_block=after_block)
