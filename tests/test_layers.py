@@ -4,7 +4,7 @@ from torch import nn
 
 import lowbit
 import lowbit.functional as F
-from lowbit.nn import BitLinear, Int8Linear, Linear4bit
+from lowbit.nn import BitLinear, Int8Linear, IntLinear, Linear4bit
 
 # Every test here runs once per kernel build and prefill GEMM dtype this CPU can run (conftest.forced_path).
 pytestmark = pytest.mark.usefixtures("forced_path")
@@ -39,7 +39,9 @@ def test_int8_weight_only_equals_dequantized_weight(linear):
 @pytest.mark.parametrize("quant_type,double_quant", [("nf4", False), ("nf4", True), ("fp4", False), ("fp4", True), ("int4", False)])
 @pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
 def test_linear4bit_matches_its_dequantized_weight(linear, quant_type, double_quant, compute_dtype):
-    layer = Linear4bit.from_linear(linear, quant_type, 64, double_quant, compute_dtype)
+    # "int4" is NF4Config's uniform variant, an IntLinear with float32 scales since the format registry (issue 33)
+    layer = (IntLinear.from_linear(linear, 4, 64, compute_dtype, scale_dtype="float32") if quant_type == "int4" else
+             Linear4bit.from_linear(linear, quant_type, 64, double_quant, compute_dtype))
     x = torch.randn(5, 200)
     expected = nn.functional.linear(x.to(compute_dtype), layer.dequantize(compute_dtype)).float() + linear.bias
     assert torch.allclose(layer(x), expected.to(x.dtype), atol=1e-2 if compute_dtype == torch.bfloat16 else 1e-5)

@@ -50,7 +50,8 @@ def test_the_readme_int4_config_and_method_names_work():
     assert NF4Config(quant_type="int4").double_quant is False  # the README's NF4Config(quant_type="int4")
     assert NF4Config().double_quant is True
     model = lowbit.quantize(tiny_llama(), NF4Config(quant_type="int4"), progress=False)
-    assert model.model.layers[0].mlp.up_proj.quant_type == "int4"
+    up = model.model.layers[0].mlp.up_proj  # uniform 4-bit groups: an IntLinear since the format registry (issue 33)
+    assert (type(up).__name__, up.bits, up.group_size, up.weight_scale.dtype) == ("IntLinear", 4, 64, torch.float32)
     by_name = lowbit.quantize(tiny_llama(), "nf4", progress=False)
     assert by_name.lowbit_config == NF4Config() and torch.equal(
         logits(by_name), logits(lowbit.quantize(tiny_llama(), NF4Config(), progress=False)))

@@ -17,7 +17,7 @@ from torch import nn
 
 from lowbit.config import DTYPES
 from lowbit.manifest import CheckpointError
-from lowbit.nn import Int8Linear, QuantEmbedding, QuantLinear
+from lowbit.nn import Int8Linear, IntLinear, Linear4bit, QuantEmbedding, QuantLinear
 from lowbit.registry import layer_types
 from lowbit.nn.base import check_range, is_linear_like, linear_weight, owner_of
 
@@ -39,15 +39,28 @@ def layer_specs(model: nn.Module) -> dict[str, dict]:
     return specs
 
 
+def current_spec(spec: dict) -> tuple[type | None, dict]:
+    """A saved layer spec as today's layers take it: (class or None if unknown, constructor arguments). Specs
+    written by older lowbit say what they meant then: an Int8Linear without "activations" had absmax ones (zero-point
+    ones came later); a Linear4bit of quant_type "int4" is the IntLinear of 4-bit groups that it stored, with float32
+    scales and zeros under the same tensor names."""
+    spec = dict(spec)
+    cls = LAYER_TYPES.get(spec.pop("type", None))
+    if cls is Int8Linear:
+        spec.setdefault("activations", "absmax")
+    if cls is Linear4bit and spec.get("quant_type") == "int4":
+        kept = {k: spec[k] for k in ("in_features", "out_features", "bias", "compute_dtype") if k in spec}
+        cls, spec = IntLinear, {**kept, "bits": 4, "group_size": spec.get("blocksize", 64), "zero_dtype": "float32",
+                                "scale_dtype": "float32"}
+    return cls, spec
+
+
 def swap_layers(model: nn.Module, layers: dict) -> None:
     """Put an empty lowbit layer (on the meta device) in place of each module ``layers`` names, as its spec says."""
-    for name, spec in layers.items():
-        spec = dict(spec)
-        cls = LAYER_TYPES.get(spec.pop("type", None))
+    for name, saved in layers.items():
+        cls, spec = current_spec(saved)
         if cls is None:
             raise CheckpointError(f"layer {name}: unknown lowbit layer type; known: {', '.join(LAYER_TYPES)}")
-        if cls is Int8Linear:  # written before zero-point activations existed (and became the default): absmax
-            spec.setdefault("activations", "absmax")
         try:
             old = model.get_submodule(name)
         except AttributeError:
@@ -55,7 +68,7 @@ def swap_layers(model: nn.Module, layers: dict) -> None:
         if cls is QuantEmbedding:
             _check_embedding(name, old, spec)
         elif isinstance(old, QuantLinear):
-            if type(old) is not cls or old.init_kwargs() != {k: spec[k] for k in old.init_kwargs()}:
+            if type(old) is not cls or old.init_kwargs() != {k: spec.get(k) for k in old.init_kwargs()}:
                 raise CheckpointError(f"layer {name} is already a different lowbit layer")
         elif is_linear_like(old):
             out_f, in_f = linear_weight(old).shape

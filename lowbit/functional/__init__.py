@@ -5,10 +5,10 @@ from lowbit.functional.absmax import (
     dequantize_affine,
     outlier_columns,
     quantize_absmax,
-    quantize_affine,
     quantize_zeropoint_rows,
 )
 from lowbit.functional.bits import bits_per_param
+from lowbit.functional.grouped import quantize_affine
 from lowbit.functional.blockwise import (
     Blockwise,
     NestedAbsmax,

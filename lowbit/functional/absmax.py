@@ -87,34 +87,8 @@ class Affine:
     group_size: int
 
 
-def quantize_affine(x: torch.Tensor, bits: int, group_size: int | None = None) -> Affine:
-    """Zero-point intN (N = 2..8) of a 2-D tensor, in groups of ``group_size`` along the last dim (None: whole rows)."""
-    check_float(x)
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
-        raise ValueError(f"bits must be an integer in 2..8, got {bits!r}")
-    if x.dim() != 2:
-        raise ValueError(f"quantize_affine takes a 2-D tensor, got shape {tuple(x.shape)}")
-    rows, cols = x.shape
-    group_size = cols if group_size is None else group_size
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
-        raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
-    pad = -cols % group_size
-    xf = torch.nn.functional.pad(x.float(), (0, pad))
-    groups = xf.view(rows, -1, group_size)
-    # Padding must not widen a group's range: take min/max over the real columns only.
-    valid = torch.nn.functional.pad(torch.ones(cols, dtype=torch.bool), (0, pad)).view(-1, group_size)
-    lo = torch.where(valid, groups, torch.inf).amin(dim=2).clamp(max=0)
-    hi = torch.where(valid, groups, -torch.inf).amax(dim=2).clamp(min=0)
-    qmax = 2**bits - 1
-    scale = (hi - lo) / qmax
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    zero = torch.round(-lo / scale).clamp(0, qmax)
-    codes = torch.clamp(torch.round(groups / scale.unsqueeze(2)) + zero.unsqueeze(2), 0, qmax)
-    return Affine(codes.reshape(rows, -1)[:, :cols].to(torch.uint8), scale, zero, bits, group_size)
-
-
 def dequantize_affine(q: Affine, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Inverse of quantize_affine: (codes - zero) * scale."""
+    """Inverse of ``functional.grouped.quantize_affine``: (codes - zero) * scale."""
     rows, cols = q.codes.shape
     groups = q.scale.shape[1]
     if q.scale.shape != (rows, -(-cols // q.group_size)) or q.zero.shape != q.scale.shape:

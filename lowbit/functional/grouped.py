@@ -5,9 +5,13 @@ from dataclasses import dataclass
 
 import torch
 
+from lowbit.functional.absmax import Affine
+from lowbit.functional.validate import check_float
 
-def minmax_stats(w: torch.Tensor, bits: int, clip_search: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row asymmetric scale (rounded to fp16, as stored) and integer zero over a [rows, group] slice.
+
+def minmax_stats(w: torch.Tensor, bits: int, clip_search: bool = False,
+                 scale_dtype: torch.dtype = torch.float16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row asymmetric scale (rounded to ``scale_dtype``, as stored) and integer zero over a [rows, group] slice.
 
     ``clip_search``: shrink each row's range by the factor in 1.0, 0.95, ..., 0.5 that gives the least
     squared rounding error (the range search of the reference GPTQ code), instead of the plain min-max.
@@ -17,7 +21,7 @@ def minmax_stats(w: torch.Tensor, bits: int, clip_search: bool = False) -> tuple
     maxq = 2**bits - 1
 
     def stats(p: float) -> tuple[torch.Tensor, torch.Tensor]:
-        scale = ((hi0 - lo0) * p / maxq).half().float()
+        scale = ((hi0 - lo0) * p / maxq).to(scale_dtype).float()
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         return scale, torch.round(-lo0 * p / scale).clamp(0, maxq)
 
@@ -72,3 +76,28 @@ class SpQRWeight:
     stat_zero: torch.Tensor  # float32 [2, row_blocks, groups]: second-level zero point
     outliers: torch.Tensor  # bool [out, in]
     values: torch.Tensor  # float32 [out, in]: the exact (fp16-rounded) weight where ``outliers``
+
+
+def quantize_affine(x: torch.Tensor, bits: int, group_size: int | None = None, clip_search: bool = False,
+                    scale_dtype: torch.dtype = torch.float32) -> Affine:
+    """Zero-point intN (N = 2..8) of a 2-D tensor in groups of ``group_size`` columns (None: whole rows): min-max
+    statistics per group (``minmax_stats``, the scale rounded to ``scale_dtype``), each value to the nearest code.
+    The one affine quantizer: round-to-nearest layers and GPTQ's groups take their codes the same way."""
+    check_float(x)
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise ValueError(f"bits must be an integer in 2..8, got {bits!r}")
+    if x.dim() != 2:
+        raise ValueError(f"quantize_affine takes a 2-D tensor, got shape {tuple(x.shape)}")
+    rows, cols = x.shape
+    group_size = cols if group_size is None else group_size
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
+        raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
+    w = x.float()
+    groups = -(-cols // group_size)
+    scale, zero = torch.empty(rows, groups), torch.empty(rows, groups)
+    codes = torch.empty(rows, cols, dtype=torch.uint8)
+    for g in range(groups):
+        part = slice(g * group_size, (g + 1) * group_size)
+        scale[:, g], zero[:, g] = minmax_stats(w[:, part], bits, clip_search, scale_dtype)
+        codes[:, part] = round_to_grid(w[:, part], scale[:, g:g + 1], zero[:, g:g + 1], bits).to(torch.uint8)
+    return Affine(codes, scale, zero, bits, group_size)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from lowbit.functional.absmax import Affine, dequantize_affine
-from lowbit.functional.grouped import minmax_stats, round_to_grid
+from lowbit.functional.grouped import quantize_affine
 from lowbit.formats import pack_2bit, pack_3bit, pack_4bit, unpack_2bit, unpack_3bit, unpack_4bit
 from lowbit.kernels.matmul import LutWeight
 from lowbit.config import IntConfig
@@ -35,17 +35,20 @@ def unpack_codes(packed: torch.Tensor, n: int, bits: int) -> torch.Tensor:
 
 
 _ZERO_DTYPES = {"uint8": torch.uint8, "float32": torch.float32}
+_SCALE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
 class IntLinear(DequantLinear):
-    """y = x @ ((codes - zero) * scale)^T, codes of ``bits`` bits, scale (fp16) and zero per group.
+    """y = x @ ((codes - zero) * scale)^T, codes of ``bits`` bits, scale and zero per group.
 
     The zero is an integer code (uint8: round-to-nearest, GPTQ, GGUF Q4_0 / Q8_0) or, with ``zero_dtype="float32"``,
-    any number: GGUF's Q4_1 stores w = q * d + m, which is (q - (-m / d)) * d.
+    any number: GGUF's Q4_1 stores w = q * d + m, which is (q - (-m / d)) * d. The scale is float16, or float32
+    (``scale_dtype``) for ``NF4Config(quant_type="int4")``, which has always kept it so.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, bits: int = 4, group_size: int = 128,
-                 compute_dtype: torch.dtype = torch.float32, zero_dtype: str = "uint8") -> None:
+                 compute_dtype: torch.dtype = torch.float32, zero_dtype: str = "uint8",
+                 scale_dtype: str = "float16") -> None:
         super().__init__(in_features, out_features, bias, compute_dtype)
         if bits not in _PACKERS:
             raise ValueError(f"bits must be one of {sorted(_PACKERS)}, got {bits!r}")
@@ -53,41 +56,39 @@ class IntLinear(DequantLinear):
             raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
         if zero_dtype not in _ZERO_DTYPES:
             raise ValueError(f"zero_dtype must be one of {', '.join(_ZERO_DTYPES)}, got {zero_dtype!r}")
-        self.bits, self.group_size, self.zero_dtype = bits, group_size, zero_dtype
+        if scale_dtype not in _SCALE_DTYPES:
+            raise ValueError(f"scale_dtype must be one of {', '.join(_SCALE_DTYPES)}, got {scale_dtype!r}")
+        self.bits, self.group_size, self.zero_dtype, self.scale_dtype = bits, group_size, zero_dtype, scale_dtype
         groups = -(-in_features // group_size)
         self.register_buffer("weight_packed", torch.zeros(packed_bytes(in_features * out_features, bits), dtype=torch.uint8))
-        self.register_buffer("weight_scale", torch.ones(out_features, groups, dtype=torch.float16))
+        self.register_buffer("weight_scale", torch.ones(out_features, groups, dtype=_SCALE_DTYPES[scale_dtype]))
         self.register_buffer("weight_zero", torch.zeros(out_features, groups, dtype=_ZERO_DTYPES[zero_dtype]))
 
     @classmethod
     def from_linear(cls, module: nn.Module, bits: int = 4, group_size: int = 128,
-                    compute_dtype: torch.dtype = torch.float32, clip_search: bool = False) -> "IntLinear":
+                    compute_dtype: torch.dtype = torch.float32, clip_search: bool = False,
+                    scale_dtype: str = "float16") -> "IntLinear":
         """Round-to-nearest: min-max statistics per group (optionally range-searched), weights to the nearest point."""
-        w = linear_weight(module).float()
-        scale = torch.empty(w.shape[0], -(-w.shape[1] // group_size))
-        zero = torch.empty_like(scale)
-        codes = torch.empty(w.shape, dtype=torch.uint8)
-        for g in range(scale.shape[1]):
-            cols = slice(g * group_size, (g + 1) * group_size)
-            scale[:, g], zero[:, g] = minmax_stats(w[:, cols], bits, clip_search)
-            codes[:, cols] = round_to_grid(w[:, cols], scale[:, g:g + 1], zero[:, g:g + 1], bits).to(torch.uint8)
-        return cls.from_codes(codes, scale, zero, module.bias, bits, group_size, compute_dtype)
+        q = quantize_affine(linear_weight(module), bits, group_size, clip_search, _SCALE_DTYPES[scale_dtype])
+        return cls.from_codes(q.codes, q.scale, q.zero, module.bias, bits, group_size, compute_dtype,
+                              scale_dtype=scale_dtype)
 
     @classmethod
     def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bias: torch.Tensor | None,
                    bits: int, group_size: int, compute_dtype: torch.dtype = torch.float32,
-                   zero_dtype: str = "uint8") -> "IntLinear":
+                   zero_dtype: str = "uint8", scale_dtype: str = "float16") -> "IntLinear":
         """A layer holding the given integer codes [out, in] and per-group scale / zero."""
         out_f, in_f = codes.shape
-        layer = cls(in_f, out_f, bias is not None, bits, group_size, compute_dtype, zero_dtype)
+        layer = cls(in_f, out_f, bias is not None, bits, group_size, compute_dtype, zero_dtype, scale_dtype)
         layer.weight_packed = pack_codes(codes, bits)
-        layer.weight_scale = scale.to(torch.float16)
+        layer.weight_scale = scale.to(_SCALE_DTYPES[scale_dtype])
         layer.weight_zero = zero.to(_ZERO_DTYPES[zero_dtype])
         layer.copy_bias(bias)
         return layer
 
     def init_kwargs(self) -> dict:
-        return {**super().init_kwargs(), "bits": self.bits, "group_size": self.group_size, "zero_dtype": self.zero_dtype}
+        return {**super().init_kwargs(), "bits": self.bits, "group_size": self.group_size, "zero_dtype": self.zero_dtype,
+                "scale_dtype": self.scale_dtype}
 
     def check_values(self) -> None:
         super().check_values()  # packed codes are all in range; scales may be negative (GGUF Q4_0 stores such)

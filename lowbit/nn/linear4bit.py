@@ -1,18 +1,19 @@
-"""Linear4bit: NF4 / FP4 blockwise (optionally double-quantized) or uniform int4 grouped weights."""
+"""Linear4bit: NF4 / FP4 blockwise weights (optionally double-quantized). ``NF4Config(quant_type="int4")`` builds
+an IntLinear (uniform 4-bit groups), the format it is."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
 from lowbit import functional as F
-from lowbit.formats import codebook, pack_4bit, unpack_4bit
+from lowbit.formats import codebook
 from lowbit.kernels.matmul import LutWeight
 from lowbit.config import NF4Config
 from lowbit.nn.base import DequantLinear, check_range, linear_weight
+from lowbit.nn.intn import IntLinear
 from lowbit.registry import Format, Method, register
 
-QUANT_TYPES = ("nf4", "fp4", "int4")
-INT4_LUT = torch.arange(16, dtype=torch.float32)  # uniform codes: value = (code - zero) * scale
+QUANT_TYPES = ("nf4", "fp4")
 
 
 class Linear4bit(DequantLinear):
@@ -22,17 +23,10 @@ class Linear4bit(DequantLinear):
                  blocksize: int = 64, double_quant: bool = False, compute_dtype: torch.dtype = torch.float32) -> None:
         super().__init__(in_features, out_features, bias, compute_dtype)
         if quant_type not in QUANT_TYPES:
-            raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
-        if quant_type == "int4" and double_quant:
-            raise ValueError("double quantization applies to nf4/fp4 absmax, not to int4 scales")
+            raise ValueError(f"quant_type must be one of {QUANT_TYPES} (uniform int4 is IntLinear), got {quant_type!r}")
         self.quant_type, self.blocksize, self.double_quant = quant_type, blocksize, double_quant
         n = in_features * out_features
         self.register_buffer("weight_packed", torch.zeros(-(-n // 2), dtype=torch.uint8))
-        if quant_type == "int4":
-            groups = -(-in_features // blocksize)
-            self.register_buffer("weight_scale", torch.ones(out_features, groups))
-            self.register_buffer("weight_zero", torch.zeros(out_features, groups))
-            return
         self.register_buffer("weight_code", codebook(quant_type))
         nblocks = -(-n // blocksize)
         if double_quant:
@@ -58,10 +52,6 @@ class Linear4bit(DequantLinear):
 
     def set_weight(self, w: torch.Tensor) -> None:
         """Quantize and store an [out, in] float weight."""
-        if self.quant_type == "int4":
-            q = F.quantize_affine(w, 4, self.blocksize)
-            self.weight_packed, self.weight_scale, self.weight_zero = pack_4bit(q.codes), q.scale, q.zero
-            return
         q = F.quantize_4bit(w, self.quant_type, self.blocksize, self.double_quant)
         self.weight_packed = q.codes
         if self.double_quant:
@@ -90,8 +80,6 @@ class Linear4bit(DequantLinear):
 
     def lut_weight(self) -> LutWeight | None:
         n, k = self.out_features, self.in_features
-        if self.quant_type == "int4":
-            return LutWeight(self.weight_packed, n, k, 4, INT4_LUT, self.blocksize, self.weight_scale, self.weight_zero)
         if k % self.blocksize:  # blocks run over the flat weight: here they would straddle rows
             return None
         if self.double_quant:
@@ -101,10 +89,6 @@ class Linear4bit(DequantLinear):
         return LutWeight(self.weight_packed, n, k, 4, self.weight_code, self.blocksize, self.weight_absmax)
 
     def dequantize(self, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
-        if self.quant_type == "int4":
-            codes = unpack_4bit(self.weight_packed, self.in_features * self.out_features).view(self.out_features, -1)
-            w = F.dequantize_affine(F.Affine(codes, self.weight_scale, self.weight_zero, 4, self.blocksize), dtype)
-            return w if out is None else out.copy_(w)
         return F.dequantize_4bit(self.blockwise(), dtype, out=out)
 
     def extra_repr(self) -> str:
@@ -113,9 +97,15 @@ class Linear4bit(DequantLinear):
 
 
 _BLOCKS = {"blocksize": "blocksize", "double_quant": "double_quant"}
-register(Format(NF4Config, Linear4bit,
-                lambda module, c: Linear4bit.from_linear(module, c.quant_type, c.blocksize, c.double_quant,
-                                                         c.compute_dtype),
+def build_4bit(module: nn.Module, c: NF4Config) -> Linear4bit | IntLinear:
+    """The layer of an NF4Config: NF4 / FP4 blocks, or for "int4" uniform 4-bit groups of ``blocksize`` with the
+    float32 scales that format has kept since it was a Linear4bit variant."""
+    if c.quant_type == "int4":
+        return IntLinear.from_linear(module, 4, c.blocksize, c.compute_dtype, scale_dtype="float32")
+    return Linear4bit.from_linear(module, c.quant_type, c.blocksize, c.double_quant, c.compute_dtype)
+
+
+register(Format(NF4Config, Linear4bit, build_4bit,
                 methods={
                     "nf4": Method({"quant_type": "nf4"}, "NF4 blocksize 64 + double quantization (QLoRA)", _BLOCKS),
                     "fp4": Method({"quant_type": "fp4"}, "FP4 blocksize 64 + double quantization", _BLOCKS),
