@@ -68,11 +68,13 @@ def check_config(config) -> None:
     format_of(config)
 
 
-def warn_post_training_ternary(config) -> None:
-    """Warn that ternary weights made after training lose the model (they are for BitNet b1.58 training)."""
+def warn_post_training_ternary(config, stacklevel: int = 3) -> None:
+    """Warn that ternary weights made after training lose the model (they are for BitNet b1.58 training);
+    ``stacklevel`` 3 points at the caller of the function that calls this."""
     if isinstance(config, TernaryConfig):
         warnings.warn("ternary weights made post-training lose most of what the model knew (SmolLM2-135M: perplexity "
-                      "from 12 to millions): BitNet b1.58 models are trained ternary from the start", stacklevel=3)
+                      "from 12 to millions): BitNet b1.58 models are trained ternary from the start",
+                      stacklevel=stacklevel)
 
 
 def check_calibration(config, calibration) -> None:
@@ -145,7 +147,7 @@ def apply_formats(model: nn.Module, targets: dict[str, QuantConfig | str], embed
             raise ValueError(f"{outside[0]} is outside the model's blocks: GPTQ and SpQR calibrate block by block; "
                              "give it a format without calibration (int8-weight, rtn4, bfloat16, ...)")
     for f in {id(f): f for f in targets.values()}.values():
-        warn_post_training_ternary(f)
+        warn_post_training_ternary(f, stacklevel=4)  # the line that called lowbit.quantize
     built = []
     plain = [(n, f) for n, f in targets.items() if n not in calibrated]
     for name, fmt in tqdm(plain, desc="quantizing", disable=None if progress else True, leave=False):
