@@ -54,7 +54,8 @@ LUT_LAYERS = {
     "nf4": lambda lin: Linear4bit.from_linear(lin, "nf4", 64),
     "nf4-dq": lambda lin: Linear4bit.from_linear(lin, "nf4", 64, double_quant=True),
     "fp4-dq": lambda lin: Linear4bit.from_linear(lin, "fp4", 64, double_quant=True),
-    "int4-g64": lambda lin: Linear4bit.from_linear(lin, "int4", 64),
+    # NF4Config(quant_type="int4")'s layer: an IntLinear with float32 scales since the format registry (issue 33)
+    "int4-g64": lambda lin: IntLinear.from_linear(lin, 4, 64, scale_dtype="float32"),
     "int4-gptq-g128": lambda lin: IntLinear.from_linear(lin, 4, 128),
     "int2-g16": lambda lin: IntLinear.from_linear(lin, 2, 16),
     "int2-g256": lambda lin: IntLinear.from_linear(lin, 2, 256),
