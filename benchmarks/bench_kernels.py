@@ -94,7 +94,7 @@ def kernel_rows(n: int, k: int, repeats: int, rounds: int) -> tuple[list[dict], 
         "nf4": Linear4bit.from_linear(lin, "nf4", 64),
         "nf4+dq": Linear4bit.from_linear(lin, "nf4", 64, double_quant=True),
         "fp4+dq": Linear4bit.from_linear(lin, "fp4", 64, double_quant=True),
-        "int4 g64": Linear4bit.from_linear(lin, "int4", 64),
+        "int4 g64": IntLinear.from_linear(lin, 4, 64, scale_dtype="float32"),  # NF4Config(quant_type="int4")
         "gptq int4 g128": IntLinear.from_linear(lin, 4, 128),
         "int2 g64": IntLinear.from_linear(lin, 2, 64),
         "gptq int3 g128": IntLinear.from_linear(lin, 3, 128),
