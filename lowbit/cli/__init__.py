@@ -6,6 +6,7 @@ import sys
 # Importing a module registers its command; this order is the order of `lowbit --help`.
 from lowbit.cli import quantize  # noqa: F401, E402
 from lowbit.cli import evaluate  # noqa: F401, E402
+from lowbit.cli import run  # noqa: F401, E402
 from lowbit.cli import compare  # noqa: F401, E402
 from lowbit.cli import outliers  # noqa: F401, E402
 from lowbit.cli import demo  # noqa: F401, E402
