@@ -14,6 +14,7 @@ import copy
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from transformers.core_model_loading import ConversionOps
 from transformers.quantizers.auto import (AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING,
                                           register_quantization_config, register_quantizer)
@@ -27,7 +28,7 @@ from lowbit.config import BaseConfig
 from lowbit.plan import quantization_from_dict
 from lowbit.registry import is_calibrated
 from lowbit.jsonfile import JSONFileError, read_json
-from lowbit.manifest import CheckpointError
+from lowbit.manifest import CheckpointError, check_layer_spec, safe_file
 from lowbit.nn.base import owner_of
 
 
@@ -57,8 +58,6 @@ class LowbitConfig(QuantizationConfigMixin):
 
     def check(self) -> None:
         """Raise CheckpointError (one line) unless this entry can be read by this lowbit."""
-        from lowbit.manifest import check_layer_spec
-
         where = "config.json: quantization_config"
         v = self.format_version
         if v is None:
@@ -159,6 +158,7 @@ class LowbitHfQuantizer(HfQuantizer):
         super().__init__(quantization_config, **kwargs)
         self.lowbit_config = None
         self.targets: set[str] = set()
+        self.listed: set[str] | None = None  # the shards lowbit.json names, once check_folder has read it
 
     def validate_environment(self, *args, **kwargs) -> None:
         if self.pre_quantized:
@@ -170,7 +170,7 @@ class LowbitHfQuantizer(HfQuantizer):
     def update_attn_implementation(self, config):
         # The first call that sees the folder, before transformers reads any of its files.
         if self.pre_quantized and Path(config.name_or_path).is_dir():
-            check_folder(config.name_or_path, self.quantization_config.layers)
+            self.listed = check_folder(config.name_or_path, self.quantization_config.layers)
         # The model's config carries transformers' form of the quantization config from here on (saving it too).
         config.quantization_config = self.quantization_config
         return config
@@ -178,7 +178,7 @@ class LowbitHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, **kwargs) -> None:
         if self.pre_quantized:
             files = kwargs.get("checkpoint_files") or []
-            check_files(model.config.name_or_path, files)
+            check_files(model.config.name_or_path, files, self.listed)
             swap_layers(model, self.quantization_config.layers)
             self.layout = layer_layout(model)  # what the files must fill in: checked in their headers, then read
             self.read = check_shard_headers(files, model, self.layout)
@@ -226,25 +226,21 @@ class LowbitHfQuantizer(HfQuantizer):
         return True
 
 
-def check_folder(folder, layers: dict) -> None:
+def check_folder(folder, layers: dict) -> set[str] | None:
     """Raise CheckpointError unless the lowbit checkpoint in the local ``folder`` passes the checks ``lowbit.load``
     runs, before transformers reads a byte of it (its dtype guess reads the first shard's header): every shard a
     plain file inside the folder, readable as safetensors, and, for a ``lowbit.save`` checkpoint, matching its
-    checksum in lowbit.json, whose layers config.json must describe."""
-    from pathlib import Path
-
-    from safetensors import SafetensorError, safe_open
-
-    from lowbit.manifest import safe_file
-
+    checksum in lowbit.json, whose layers config.json must describe. Returns the shard names lowbit.json lists (None
+    for a ``save_pretrained`` folder, which has no lowbit.json)."""
     folder = Path(folder)
+    listed = None
     if (folder / MANIFEST).is_file():
         manifest = read_manifest(folder)  # shard names: plain files inside the folder
         if layers != manifest["layers"]:
             raise CheckpointError(f"{folder}: config.json describes other layers than {MANIFEST}: the checkpoint "
                                   "is damaged")
         verify_shards(folder, manifest)
-        names = [s["file"] for s in manifest["shards"]]
+        names = listed = {s["file"] for s in manifest["shards"]}
     else:  # save_pretrained output: transformers' files alone, with no checksums to hold them to
         index = folder / "model.safetensors.index.json"
         try:
@@ -261,13 +257,13 @@ def check_folder(folder, layers: dict) -> None:
                 pass
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"shard {name} cannot be read ({e}): the file is damaged") from None
+    return listed
 
 
-def check_files(folder, files: list[str]) -> None:
+def check_files(folder, files: list[str], listed: set[str] | None) -> None:
     """Raise CheckpointError unless the shards transformers is about to read lie inside the checkpoint's folder (no
-    link out of it) and, for a ``lowbit.save`` checkpoint, are the shards its lowbit.json names."""
-    from pathlib import Path
-
+    link out of it) and, for a ``lowbit.save`` checkpoint, are the shards its lowbit.json names (``listed``, from
+    ``check_folder``)."""
     folder = Path(folder) if Path(folder).is_dir() else Path(files[0]).parent if files else None
     if folder is None:
         return
@@ -277,9 +273,10 @@ def check_files(folder, files: list[str]) -> None:
         real = Path(f).resolve()
         if root not in real.parents:
             raise CheckpointError(f"{f} points outside the checkpoint folder (to {real}): refused")
-    if (folder / MANIFEST).is_file():
-        named = {s["file"] for s in read_manifest(folder)["shards"]}
-        if {Path(f).name for f in files} != named or any(Path(f).resolve().parent != folder.resolve() for f in files):
+    if listed is None and (folder / MANIFEST).is_file():  # a folder check_folder did not see (the hub's cache)
+        listed = {s["file"] for s in read_manifest(folder)["shards"]}
+    if listed is not None:
+        if {Path(f).name for f in files} != listed or any(Path(f).resolve().parent != folder.resolve() for f in files):
             raise CheckpointError(f"{folder}: model.safetensors.index.json names other shards than {MANIFEST}: "
                                   "the checkpoint is damaged")
 
