@@ -6,20 +6,27 @@ them), then --new greedy tokens one at a time; median of --repeats runs. Each ro
 into the time its weights take to read at the bandwidth this run measured (bytes read per token / GB/s of the
 project's read probe at that thread count) and the rest (dispatch, attention, norms, kernels below bandwidth).
 
-llama.cpp comes from llama-cpp-python, built from source into its own venv (several minutes, once; the flags: see
-README's benchmarks section):
-    python3 -m venv .venv-llamacpp && CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF
-    -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" .venv-llamacpp/bin/pip install numpy==2.4.6 llama-cpp-python==0.3.36
-It runs on the bundled Q4_1 file and on a Q8_0 that llama.cpp's own quantizer makes from lowbit's F16 export.
+llama.cpp comes from llama-cpp-python 0.3.36 built from source into its own venv with its AVX-512 paths (GCC 12
+miscompiles only its AMX tile code, so only AMX is switched off; an AVX2 build would be a handicapped peer).
+--build-llamacpp makes it (4-30 minutes, once):
+    python3 -m venv .venv-llamacpp && CMAKE_ARGS="-DGGML_NATIVE=ON" CFLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+    CXXFLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" .venv-llamacpp/bin/pip install numpy==2.4.6 llama-cpp-python==0.3.36
+It runs on the bundled Q4_1 file and on Q4_0, IQ4_NL and Q8_0 files that llama.cpp's own quantizer makes from
+lowbit's F16 export of the model.
+
+The targets (issue 34) pair each lowbit format with llama.cpp's nearest: the Q4_1 file in its own codes
+(native-q4_1) with llama.cpp on that file, NF4 + int8 embeddings with Q4_0, int8 weight-only + int8 embeddings with
+Q8_0; the table after the rows gives lowbit / llama.cpp for decode and prefill at each thread count.
 
 Usage: python benchmarks/bench_e2e.py [--threads 1,2] [--repeats 5] [--methods ...] [--busy] [--json F]
---busy runs everything again with a competing process spinning on one core (issue 17 item 5).
+--busy runs everything again with a competing process spinning on one core.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -30,12 +37,22 @@ from timing import median_seconds
 ROOT = Path(__file__).resolve().parent.parent
 LLAMA_PY = ROOT / ".venv-llamacpp" / "bin" / "python"
 METHODS = ("fp32", "bf16", "int8-weight", "llm-int8", "llm-int8-absmax", "nf4", "nf4-dq", "nf4-bf16", "native-q4_1",
-           "ternary", "nf4+int8-head", "nf4-bf16+int8-head", "native-q4_1+int8-head")
+           "ternary", "nf4+int8-emb", "int8-weight+int8-emb", "native-q4_1+int8-emb")
+TARGET_METHODS = ("native-q4_1,native-q4_1+int8-emb,nf4+int8-emb,int8-weight+int8-emb,nf4,fp32,native-q4_1@python,"
+                  "nf4+int8-emb@python")
 # nf4 is NF4 without double quantization (NF4Config's default turns it on: that is nf4-dq); nf4-bf16 computes in
 # bf16 (NF4Config(compute_dtype=torch.bfloat16)), which runs the bf16-dot kernel on CPUs with AVX512_BF16.
-# METHOD@transformers: the same model decoded by transformers' own forward and cache (HFDecoder), what lowbit's
-# speed figures measured before its lean decoder. METHOD@auto: decode threads chosen while decoding, as
-# lowbit.generate(threads="auto") does (ThreadChooser); the row's thread count is the most it may use.
+# +int8-emb: the token embeddings and the head tied to them in int8 rows (lowbit.quantize_embeddings, the
+# Plan(embeddings="int8") of the CLI). METHOD@python: the Python decode step (LOWBIT_NATIVE=0), the native step's
+# predecessor; METHOD@transformers: transformers' own forward and cache (HFDecoder). METHOD@auto: decode threads
+# chosen while decoding, as lowbit.generate(threads="auto") does (ThreadChooser).
+# lowbit format -> the llama.cpp file it is held against (issue 34's targets)
+# (native-q4_1+int8-emb: the file's Q8_0 token embeddings, which lowbit dequantizes to fp32, kept as int8 rows)
+TARGETS = {"native-q4_1": "llama.cpp Q4_1 (bundled)", "native-q4_1+int8-emb": "llama.cpp Q4_1 (bundled)",
+           "nf4+int8-emb": "llama.cpp Q4_0 (its quantizer)", "int8-weight+int8-emb": "llama.cpp Q8_0 (its quantizer)"}
+LLAMA_BUILD = ('python3 -m venv .venv-llamacpp && CMAKE_ARGS="-DGGML_NATIVE=ON" '
+               'CFLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" CXXFLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" '
+               '.venv-llamacpp/bin/pip install numpy==2.4.6 llama-cpp-python==0.3.36')
 
 # Runs inside .venv-llamacpp: prefill and greedy decode times of one GGUF file at each thread count.
 _LLAMA = r"""
@@ -64,7 +81,7 @@ print(json.dumps(out))
 _QUANTIZE = r"""
 import ctypes, sys, llama_cpp
 params = llama_cpp.llama_model_quantize_default_params()
-params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
+params.ftype = getattr(llama_cpp, "LLAMA_FTYPE_MOSTLY_" + sys.argv[3])
 sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(params)))
 """
 
@@ -97,7 +114,6 @@ def build(method: str, base):
 
     import lowbit
     from lowbit.app.models import load_native
-    from lowbit.nn import Int8Linear
 
     name, _, head = method.split("@")[0].partition("+")
     if name == "native-q4_1":
@@ -119,10 +135,10 @@ def build(method: str, base):
                 lowbit.quantize(model, configs[name], progress=False)
         elif name != "fp32":
             raise SystemExit(f"unknown method {method!r}: expected some of {', '.join(METHODS)}")
-    if head == "int8-head":
-        # Diagnostic: the tied fp32 head (113 MB read per token) as a separate per-row int8 copy, the bytes of
-        # llama.cpp's Q8_0 head. lowbit.quantize keeps the head in full precision today.
-        model.lm_head = Int8Linear.from_linear(model.lm_head, weight_only=True)
+    if head == "int8-emb":
+        lowbit.quantize_embeddings(model, "int8")
+    elif head:
+        raise SystemExit(f"unknown method {method!r}: the one suffix is +int8-emb")
     return model.eval()
 
 
@@ -152,20 +168,38 @@ def llama_rows(files: dict[str, Path], prompt: list[int], new: int, repeats: int
 
 
 def llama_files(work: Path, base, tok) -> dict[str, Path]:
-    """The bundled Q4_1 file and a Q8_0 made by llama.cpp's quantizer from lowbit's F16 export of the model."""
+    """The bundled Q4_1 file, and Q4_0, IQ4_NL and Q8_0 files made by llama.cpp's quantizer from lowbit's F16
+    export of the model."""
     from lowbit.app.models import default_gguf
     from lowbit.interop.gguf_export import export_gguf
 
     files = {"llama.cpp Q4_1 (bundled)": default_gguf()}
     f16 = work / "smollm2-f16.gguf"
     export_gguf(base, tok, f16, "f16", progress=False)
-    q8 = work / "smollm2-q8_0.gguf"
-    done = subprocess.run([str(LLAMA_PY), "-c", _QUANTIZE, str(f16), str(q8)], capture_output=True, text=True)
-    if done.returncode == 0 and q8.exists():
-        files["llama.cpp Q8_0 (its quantizer)"] = q8
-    else:
-        print(f"llama.cpp could not quantize to Q8_0: {done.stderr.strip()[-300:]}", file=sys.stderr)
+    for ftype in ("Q4_0", "IQ4_NL", "Q8_0"):
+        out = work / f"smollm2-{ftype.lower()}.gguf"
+        done = subprocess.run([str(LLAMA_PY), "-c", _QUANTIZE, str(f16), str(out), ftype], capture_output=True,
+                              text=True)
+        if done.returncode == 0 and out.exists():
+            files[f"llama.cpp {ftype} (its quantizer)"] = out
+        else:
+            print(f"llama.cpp could not quantize to {ftype}: {done.stderr.strip()[-300:]}", file=sys.stderr)
     return files
+
+
+def ensure_llamacpp(build: bool) -> bool:
+    """Whether llama.cpp's venv is there; with ``build``, make it first (the AVX-512 build, see the docstring)."""
+    if LLAMA_PY.exists() or not build:
+        return LLAMA_PY.exists()
+    print(f"building llama.cpp (several minutes): {LLAMA_BUILD}", file=sys.stderr)
+    return subprocess.run(LLAMA_BUILD, shell=True, cwd=ROOT).returncode == 0 and LLAMA_PY.exists()
+
+
+def llama_build_line() -> str:
+    """How the llama.cpp that ran was built: its version and the CPU features its ggml reports."""
+    code = ("import llama_cpp; print(llama_cpp.__version__, llama_cpp.llama_print_system_info().decode().strip())")
+    done = subprocess.run([str(LLAMA_PY), "-c", code], capture_output=True, text=True)
+    return done.stdout.strip() or done.stderr.strip()[-200:]
 
 
 def run(args, busy: bool) -> list[dict]:
@@ -185,13 +219,15 @@ def run(args, busy: bool) -> list[dict]:
         nbytes = weight_bytes_per_token(model)
         for t in threads:
             torch.set_num_threads(t)
+            os.environ["LOWBIT_NATIVE"] = "0" if method.endswith("@python") else "1"
             r = speed(model, args.prompt, args.new, args.repeats,
                       decoder="transformers" if method.endswith("@transformers") else "lean",
                       threads="auto" if method.endswith("@auto") else None)
+            os.environ.pop("LOWBIT_NATIVE")
             rows.append({"engine": "lowbit", "method": method, "threads": t, "bytes": nbytes, "bw": bw[t],
                          "prefill_s": r["prefill_s"], "decode_s": r["decode_s"]})
         del model
-    if not args.no_llamacpp and LLAMA_PY.exists():
+    if not args.no_llamacpp and ensure_llamacpp(args.build_llamacpp):
         with tempfile.TemporaryDirectory() as work:
             files = llama_files(Path(work), base, tok)
             for name, per_thread in llama_rows(files, prompt[0].tolist(), args.new, args.repeats, threads).items():
@@ -199,7 +235,7 @@ def run(args, busy: bool) -> list[dict]:
                     rows.append({"engine": "llama.cpp", "method": name, "threads": t,
                                  "bytes": gguf_bytes_per_token(files[name]), "bw": bw[t], **r})
     elif not args.no_llamacpp:
-        print(f"no llama.cpp: {LLAMA_PY} is missing (see this file's docstring)", file=sys.stderr)
+        print(f"no llama.cpp: {LLAMA_PY} is missing (--build-llamacpp makes it)", file=sys.stderr)
     for r in rows:
         r.update(busy=busy, prompt=args.prompt, new=args.new)
     return rows
@@ -216,14 +252,33 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def targets(rows: list[dict]) -> str:
+    """lowbit / llama.cpp, decode and prefill, for each pair of TARGETS both sides of which ran."""
+    by = {(r["engine"], r["method"], r["threads"]): r for r in rows}
+    lines = ["| lowbit | llama.cpp | threads | decode tok/s lowbit / llama.cpp | ratio | prefill tok/s lowbit / "
+             "llama.cpp | ratio |", "|---|---|---|---|---|---|---|"]
+    for ours, theirs in TARGETS.items():
+        for t in sorted({r["threads"] for r in rows}):
+            a, b = by.get(("lowbit", ours, t)), by.get(("llama.cpp", theirs, t))
+            if a is None or b is None:
+                continue
+            da, db = a["new"] / a["decode_s"], b["new"] / b["decode_s"]
+            pa, pb = a["prompt"] / a["prefill_s"], b["prompt"] / b["prefill_s"]
+            lines.append(f"| {ours} | {theirs} | {t} | {da:.1f} / {db:.1f} | **{da / db:.2f}x** | {pa:.0f} / {pb:.0f} "
+                         f"| **{pa / pb:.2f}x** |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=64)
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", default=TARGET_METHODS, help=f"comma-separated, of {', '.join(METHODS)} (each "
+                    "may end in @python, @transformers or @auto)")
     ap.add_argument("--no-llamacpp", action="store_true")
+    ap.add_argument("--build-llamacpp", action="store_true", help="build llama.cpp's venv first if it is missing")
     ap.add_argument("--busy", action="store_true", help="also run with a process spinning on one core")
     ap.add_argument("--json", type=Path, help="write the rows here too")
     args = ap.parse_args()
@@ -233,19 +288,24 @@ def main() -> None:
     from lowbit.eval.speed import machine
 
     print(f"machine: {machine()}")
+    if LLAMA_PY.exists():
+        print(f"llama.cpp: llama-cpp-python {llama_build_line()}")
     rows = run(args, busy=False)
     probe = ", ".join(f"{r['bw']:.1f} GB/s at {r['threads']} thread(s)" for r in rows if r["method"] == rows[0]["method"])
     print(f"\nquiet machine: prompt {args.prompt} tokens, greedy decode {args.new}, median of {args.repeats}; "
           f"read probe {probe}")
     print(table(rows))
+    print("\ntargets (quiet):")
+    print(targets(rows))
     if args.busy:
         hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
         try:
             busy_rows = run(args, busy=True)
         finally:
             hog.kill()
-        print(f"\nwith a process spinning on one core (load 1 of 2):")
+        print("\nwith a process spinning on one core (load 1 of 2):")
         print(table(busy_rows))
+        print(targets(busy_rows))
         rows += busy_rows
     if args.json:
         args.json.write_text(json.dumps({"machine": machine(), "torch": torch.__version__, "rows": rows}, indent=1))

@@ -144,6 +144,17 @@ def kernel_rows(n: int, k: int, repeats: int, rounds: int) -> tuple[list[dict], 
                 xa = real if name.startswith("LLM") else x[dtype]
                 add("lowbit " + name, "fp32" if dtype == torch.float32 else "bf16", lay.stored_bits() // 8,
                     lambda l=lay, a=xa: l(a), lambda l=lay, d=dtype: l(xp.to(d)))
+        # The native decode step's int8-activation kernel (x quantized per block of 8, VNNI), where the build has it.
+        from lowbit.kernels import fast
+        from lowbit.kernels.matmul import lut_plan
+
+        ext = fast()
+        for name in ("nf4", "nf4+dq", "int4 g64"):
+            layer = lowbit_layers[name]
+            plan = None if ext is None else lut_plan(ext, layer.lut_weight(), torch.float32)
+            if plan is not None and plan.takes_int8_x():
+                add(f"lowbit {name}, int8 activations (decode step)", "int8", layer.stored_bits() // 8,
+                    lambda p=plan: p.gemv_int8x(x[torch.float32]))
         # Rounds over every row, so that the machine's drift hits all rows alike; median of the rounds' medians.
         times = {i: [] for i in range(len(entries))}
         for _ in range(rounds):

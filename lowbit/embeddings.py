@@ -31,6 +31,9 @@ def quantize_embeddings(model: nn.Module, format: str) -> nn.Module:
         raise ValueError(f"the embeddings are {emb.format} already; load the full-precision model to choose again")
     if not isinstance(emb, nn.Embedding):
         raise TypeError(f"the input embeddings are a {type(emb).__name__}, not an nn.Embedding")
+    if type(emb).forward is not nn.Embedding.forward:  # Gemma's scaled rows: a table alone would lose the scale
+        raise ValueError(f"the input embeddings are a {type(emb).__name__}, whose forward does more than look up "
+                         "rows (a scale); lowbit stores plain nn.Embedding tables only")
     if tied and isinstance(head, QuantLinear):
         raise ValueError("the LM head is quantized already")
     q = QuantEmbedding.from_embedding(emb, format)

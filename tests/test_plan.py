@@ -154,6 +154,18 @@ def test_embeddings_errors():
         quantize_embeddings(base, "int4")
 
 
+def test_scaled_embeddings_are_refused_not_stored_without_their_scale():
+    # Gemma multiplies its rows by sqrt(hidden) in the embedding's forward: a table alone would drop that.
+    import transformers
+
+    config = transformers.GemmaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    model = transformers.GemmaForCausalLM(config)
+    with pytest.raises(ValueError, match="GemmaTextScaledWordEmbedding.*a scale"):
+        quantize_embeddings(model, "int8")
+    assert type(model.get_input_embeddings()).__name__ == "GemmaTextScaledWordEmbedding"
+
+
 def test_real_model_int8_embeddings(smollm, tmp_path):
     """SmolLM2-135M with its tied 113 MB fp32 table in int8 rows: a quarter of the bytes, the same greedy answer."""
     model, tok = smollm

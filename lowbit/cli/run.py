@@ -53,6 +53,10 @@ def run(
                    top_p=top_p, generator=None if seed is None else torch.Generator().manual_seed(seed))
     lowbit.generate(m, torch.tensor([[0]]), max_new_tokens=0, **{k: v for k, v in options.items()
                                                                  if k != "max_new_tokens"})  # options checked now
+    from lowbit.decode import decode_path  # the CLI imports torch and lowbit only once a command runs
+
+
+    err.print(f"[dim]decode: {decode_path(m)}[/]")
     if prompt is not None:
         _turn(m, tok, [{"role": "user", "content": prompt}] if chat else prompt, options)
         return

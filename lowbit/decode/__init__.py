@@ -44,6 +44,18 @@ def decoder_for(model: nn.Module, batch: int, max_len: int) -> StaticDecoder | H
     return StaticDecoder(model, batch, max_len) if supports(model, max_len) is None else HFDecoder(model)
 
 
+def decode_path(model: nn.Module) -> str:
+    """One line: which decode step ``lowbit.generate`` runs for one sequence of ``model``, and why not a faster one."""
+    why = supports(model, 16)
+    if why is not None:
+        return f"transformers' forward ({why})"
+    decoder = StaticDecoder(model, 1, 16)
+    if decoder.native is None:
+        return f"lowbit's Python step (no native step: {decoder.native_why})"
+    n = decoder.native.int8_weights
+    return f"lowbit's native step ({f'int8 activations for {n} 4-bit weights' if n else 'float32 activations'})"
+
+
 def _is_int(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 

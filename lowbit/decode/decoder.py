@@ -9,19 +9,68 @@ each step's keys and values in place.
 from __future__ import annotations
 
 import gc
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowbit.kernels import fast
+from lowbit.decode.native import native_step
+from lowbit.kernels import fast, fast_prefill
 from lowbit.kernels.matmul import cpu_kernels, few_rows_call, few_rows_many
 
-# Architectures whose decoder layer is: RMSNorm, q/k/v (biases allowed), RoPE, causal attention with grouped
-# kv heads, o, RMSNorm, gated MLP. Others (q/k norms, sliding windows, soft-capping...) run through transformers.
-ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+# Architectures whose decoder layer is: RMSNorm, q/k/v (biases allowed; Phi3's in one fused weight), RoPE, causal
+# attention with grouped kv heads, o, RMSNorm, gated MLP (Phi3's gate and up fused). Gemma differs in its norms'
+# gain (1 + w) and its scaled embeddings (its embedding module scales them). Others (q/k norms, sliding windows,
+# soft-capping...) run through transformers.
+ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "GemmaForCausalLM", "Phi3ForCausalLM")
+_WINDOWED = ("MistralForCausalLM", "Phi3ForCausalLM")  # a sliding window whenever the config names one
+
+
+@dataclass
+class Norm:
+    """An RMSNorm as the model applies it: ``gain`` (Gemma's 1 + w, made once in float32), its epsilon, and whether
+    the gain multiplies in float32 before the cast back (Gemma) or after it (Llama)."""
+
+    gain: torch.Tensor
+    eps: float
+    gain_in_float: bool = False
+
+    @classmethod
+    def of(cls, module: nn.Module, gemma: bool) -> "Norm":
+        eps = getattr(module, "variance_epsilon", None) or module.eps
+        return cls((1.0 + module.weight.float()) if gemma else module.weight, eps, gemma)
+
+
+@dataclass
+class LayerParts:
+    """A decoder layer's pieces: q/k/v as one fused module or three, o, gate/up as one fused module (gate rows
+    first) or two, down, the norms before attention and before the MLP."""
+
+    qkv: tuple[nn.Module, ...]
+    o: nn.Module
+    gate_up: tuple[nn.Module, ...]
+    down: nn.Module
+    norm1: Norm
+    norm2: Norm
+    act: Callable[[torch.Tensor], torch.Tensor]
+    scaling: float
+
+
+def layer_parts(model: nn.Module) -> list[LayerParts]:
+    """The pieces of each decoder layer of a model ``supports`` accepts."""
+    gemma = type(model).__name__ == "GemmaForCausalLM"
+    parts = []
+    for layer in model.model.layers:
+        a, m = layer.self_attn, layer.mlp
+        qkv = (a.qkv_proj,) if hasattr(a, "qkv_proj") else (a.q_proj, a.k_proj, a.v_proj)
+        gate_up = (m.gate_up_proj,) if hasattr(m, "gate_up_proj") else (m.gate_proj, m.up_proj)
+        act = getattr(m, "act_fn", None) or m.activation_fn
+        parts.append(LayerParts(qkv, a.o_proj, gate_up, m.down_proj, Norm.of(layer.input_layernorm, gemma),
+                                Norm.of(layer.post_attention_layernorm, gemma), act, a.scaling))
+    return parts
 
 
 @contextmanager
@@ -46,13 +95,20 @@ def supports(model: nn.Module, max_len: int | None = None) -> str | None:
     config = model.config
     # A sliding window changes nothing while the whole sequence fits in it.
     window = getattr(config, "sliding_window", None)
-    windowed = getattr(config, "use_sliding_window", name == "MistralForCausalLM") and window is not None
+    windowed = getattr(config, "use_sliding_window", name in _WINDOWED) and window is not None
     if windowed and (max_len is None or max_len > window):
         return f"sliding-window attention over {window} positions"
     if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
         return "the model has forward hooks (offloading or adapters with hooks)"
     if any(getattr(layer.self_attn, "q_norm", None) is not None for layer in model.model.layers):
         return "q/k norms"
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) != 1.0:
+        return "rotary embeddings over part of each head"
+    # These pick their frequencies from the sequence's length: one table made up front would not match.
+    original = rope.get("original_max_position_embeddings") or getattr(config, "original_max_position_embeddings", None)
+    if rope.get("rope_type") in ("dynamic", "longrope") and (max_len is None or original is None or max_len > original):
+        return f"{rope.get('rope_type')} rotary embeddings past {original} positions"
     return None
 
 
@@ -78,15 +134,16 @@ def _dense_call(module: nn.Linear) -> Callable[[torch.Tensor], torch.Tensor]:
                          module.forward)
 
 
-def _fused(modules: tuple[nn.Module, ...]) -> Callable[[torch.Tensor], list] | None:
+def _group(modules: tuple[nn.Module, ...]) -> Callable[[torch.Tensor], list]:
     # q, k and v (or gate and up) read one input: where each is a lowbit LUT layer with a decode plan, one kernel
     # call computes all of them, the same sums as their own calls, in one parallel region instead of several.
     # Other inputs take each layer's forward, as the layers' own decode calls do.
     plans = [getattr(m, "decode_plan", lambda: None)() for m in modules]
-    if any(p is None for p in plans):
-        return None
-    biases = [None if m.bias is None else m.bias.float() for m in modules]
-    return few_rows_many(fast(), plans, modules[0].in_features, biases, [m.forward for m in modules])
+    if len(modules) > 1 and all(p is not None for p in plans):
+        biases = [None if m.bias is None else m.bias.float() for m in modules]
+        return few_rows_many(fast(), plans, modules[0].in_features, biases, [m.forward for m in modules])
+    calls = [_call(m) for m in modules]
+    return lambda h: [c(h) for c in calls]
 
 
 class StaticDecoder:
@@ -97,6 +154,7 @@ class StaticDecoder:
         if why is not None:
             raise ValueError(f"StaticDecoder: {why}")
         config, inner = model.config, model.model
+        self.model_name = type(model).__name__
         self.max_len, self.pos = max_len, 0
         # Set by the first padded call: which cached positions hold real tokens, and each row's real-token count
         # (its next RoPE position). None keeps every row's positions 0, 1, 2... and no key mask.
@@ -105,7 +163,7 @@ class StaticDecoder:
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.embed, self.head = inner.embed_tokens, _call(model.lm_head)
-        self.final_norm = (inner.norm.weight, inner.norm.variance_epsilon)
+        self.final_norm = Norm.of(inner.norm, self.model_name == "GemmaForCausalLM")
         p = next(model.parameters())
         self.dtype = getattr(inner.embed_tokens, "compute_dtype", None) or inner.embed_tokens.weight.dtype
         positions = torch.arange(max_len, device=p.device)[None]
@@ -115,27 +173,32 @@ class StaticDecoder:
         half = self.head_dim // 2
         self.cos, self.sin = cos[0], torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)  # [max_len, head_dim]
         shape = (batch, self.kv_heads, max_len, self.head_dim)
+        self.config, self.lm_head, self.hidden = config, model.lm_head, config.hidden_size
+        self.parts = layer_parts(model)
+        self.intermediate = self.parts[0].down.in_features
+        self.q_rows, self.kv_rows = self.heads * self.head_dim, self.kv_heads * self.head_dim
         self.blocks = []
-        for layer in inner.layers:
-            a, m = layer.self_attn, layer.mlp
+        for parts in self.parts:
             self.blocks.append(dict(
-                norm1=(layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon),
-                norm2=(layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon),
-                q=_call(a.q_proj), k=_call(a.k_proj), v=_call(a.v_proj), o=_call(a.o_proj),
-                gate=_call(m.gate_proj), up=_call(m.up_proj), down=_call(m.down_proj), act=m.act_fn, scaling=a.scaling,
-                qkv=_fused((a.q_proj, a.k_proj, a.v_proj)), gate_up=_fused((m.gate_proj, m.up_proj)),
+                norm1=parts.norm1, norm2=parts.norm2, qkv=_group(parts.qkv), o=_call(parts.o),
+                gate_up=_group(parts.gate_up), down=_call(parts.down), act=parts.act, scaling=parts.scaling,
                 k_cache=torch.zeros(shape, dtype=self.dtype, device=p.device),
                 v_cache=torch.zeros(shape, dtype=self.dtype, device=p.device)))
+        # One sequence, one token at a time: the native step where it runs this model (else None, and why).
+        self.native, self.native_why = (None, "batches of several sequences") if batch > 1 else native_step(self)
 
     @staticmethod
-    def _norm(x: torch.Tensor, norm: tuple[torch.Tensor, float]) -> torch.Tensor:
-        # transformers' RMSNorm: in float32, then the gain in the input's dtype
-        weight, eps = norm
+    def _norm(x: torch.Tensor, norm: Norm) -> torch.Tensor:
+        # transformers' RMSNorm: in float32, then the gain in the input's dtype (Gemma: the gain in float32 first)
         if x.dtype == torch.float32:  # the same arithmetic in one fused op
-            return F.rms_norm(x, weight.shape, weight, eps)
+            return F.rms_norm(x, norm.gain.shape, norm.gain, norm.eps)
         h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-        return weight * h.to(x.dtype)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.eps)
+        return (h * norm.gain).to(x.dtype) if norm.gain_in_float else norm.gain * h.to(x.dtype)
+
+    def _split(self, outs: list[torch.Tensor], sizes: tuple[int, ...]) -> list[torch.Tensor]:
+        # a fused weight's output (Phi3's qkv_proj, gate_up_proj) cut into its parts
+        return outs if len(outs) == len(sizes) else list(outs[0].split(sizes, dim=-1))
 
     def _padded(self, real: torch.Tensor, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """cos and sin [batch, 1, t, head_dim] at each row's own positions, and the attention mask [batch, 1, t, end]
@@ -179,30 +242,36 @@ class StaticDecoder:
                 key, query = torch.arange(end, device=ids.device), torch.arange(start, end, device=ids.device)
                 mask = key[None] <= query[:, None]
         x = self.embed(ids)
-        for blk in self.blocks:
-            h = self._norm(x, blk["norm1"])
-            q, k, v = blk["qkv"](h) if blk["qkv"] else (blk["q"](h), blk["k"](h), blk["v"](h))
-            q = q.view(b, t, self.heads, self.head_dim).transpose(1, 2)
-            k = k.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-            v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-            qk = torch.cat((q, k), dim=1)  # queries and keys rotated together
-            qk = qk * cos + qk.roll(self.head_dim // 2, -1) * sin
-            q, k = qk[:, :self.heads], qk[:, self.heads:]
-            blk["k_cache"][:, :, start:end] = k
-            blk["v_cache"][:, :, start:end] = v
-            keys, values = blk["k_cache"][:, :, :end], blk["v_cache"][:, :, :end]
-            # One float32 query per kv head group: three small matmuls beat SDPA's kernel setup (33 us a call).
-            if t == 1 and x.dtype == torch.float32:
-                scores = q.reshape(b, self.kv_heads, -1, self.head_dim) @ keys.transpose(2, 3) * blk["scaling"]
-                if mask is not None:  # padding cached: [b, 1, 1, end] over [b, kv heads, group, end]
-                    scores = scores.masked_fill(~mask, float("-inf"))
-                attn = (scores.softmax(-1) @ values).view(b, self.heads, 1, self.head_dim)
-            else:
-                attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal,
-                                                      scale=blk["scaling"], enable_gqa=self.heads != self.kv_heads)
-            x = x + blk["o"](attn.transpose(1, 2).reshape(b, t, -1))
-            h = self._norm(x, blk["norm2"])
-            gate, up = blk["gate_up"](h) if blk["gate_up"] else (blk["gate"](h), blk["up"](h))
-            x = x + blk["down"](blk["act"](gate) * up)
+        if self.native is not None and t == 1 and self.real is None:
+            self.pos = end
+            return self.native(x.reshape(-1), start)
+        # The prompt (several tokens into an empty cache) multiplies in bf16 where lowbit.kernels.prefill_path() says
+        # so; later calls of several tokens stay float32.
+        with fast_prefill() if t > 1 and start == 0 else nullcontext():
+            for blk in self.blocks:
+                h = self._norm(x, blk["norm1"])
+                q, k, v = self._split(blk["qkv"](h), (self.q_rows, self.kv_rows, self.kv_rows))
+                q = q.view(b, t, self.heads, self.head_dim).transpose(1, 2)
+                k = k.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+                v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+                qk = torch.cat((q, k), dim=1)  # queries and keys rotated together
+                qk = qk * cos + qk.roll(self.head_dim // 2, -1) * sin
+                q, k = qk[:, :self.heads], qk[:, self.heads:]
+                blk["k_cache"][:, :, start:end] = k
+                blk["v_cache"][:, :, start:end] = v
+                keys, values = blk["k_cache"][:, :, :end], blk["v_cache"][:, :, :end]
+                # One float32 query per kv head group: three small matmuls beat SDPA's kernel setup (33 us a call).
+                if t == 1 and x.dtype == torch.float32:
+                    scores = q.reshape(b, self.kv_heads, -1, self.head_dim) @ keys.transpose(2, 3) * blk["scaling"]
+                    if mask is not None:  # padding cached: [b, 1, 1, end] over [b, kv heads, group, end]
+                        scores = scores.masked_fill(~mask, float("-inf"))
+                    attn = (scores.softmax(-1) @ values).view(b, self.heads, 1, self.head_dim)
+                else:
+                    attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal,
+                                                          scale=blk["scaling"], enable_gqa=self.heads != self.kv_heads)
+                x = x + blk["o"](attn.transpose(1, 2).reshape(b, t, -1))
+                h = self._norm(x, blk["norm2"])
+                gate, up = self._split(blk["gate_up"](h), (self.intermediate,) * 2)
+                x = x + blk["down"](blk["act"](gate) * up)
         self.pos = end
         return self.head(self._norm(x[:, -1:], self.final_norm))[:, -1].float()

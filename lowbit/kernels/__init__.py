@@ -4,13 +4,21 @@ Both follow the CPU's features by default, and each can be forced on any machine
 
     LOWBIT_KERNELS=auto | avx512_bf16 | avx512_vnni | avx512 | scalar | reference   (a build this CPU cannot run is an error)
     LOWBIT_GEMM=auto | bf16 | fp32      (prefill GEMMs of bf16-compute layers: bf16 even where the CPU emulates it)
+    LOWBIT_PREFILL=auto | bf16 | exact  (the prompt's GEMMs of float32-compute quantized layers in lowbit's decoder)
 
 or ``with lowbit.kernels.force(kernels="scalar", gemm="bf16"): ...``.
+
+The prompt of ``lowbit.generate`` runs inside ``fast_prefill()``: there, on CPUs that multiply bf16 in hardware
+(AVX512_BF16 or AMX), quantized layers that compute in float32 multiply their dequantized weight tiles and the
+activations in bf16, 2.2x faster GEMMs, at a measured perplexity cost (docs/speed.md). Everywhere else (a layer's
+forward, perplexity, training) the GEMMs of float32 layers stay float32; ``LOWBIT_PREFILL=exact`` keeps them so in
+the decoder too.
 """
 from __future__ import annotations
 
 import os
 from contextlib import contextmanager
+from contextvars import ContextVar
 from functools import lru_cache
 from types import ModuleType
 from typing import Iterator
@@ -18,7 +26,10 @@ from typing import Iterator
 from lowbit.kernels import cpu, cpu_ext
 
 GEMM_PATHS = ("auto", "bf16", "fp32")
+PREFILL_PATHS = ("auto", "bf16", "exact")
 _forced: dict[str, str | None] = {"kernels": None, "gemm": None}
+# Per thread and task: another thread's perplexity or training stays float32 while one runs a prompt.
+_prefill: ContextVar[bool] = ContextVar("lowbit_fast_prefill", default=False)
 
 
 def _choice(kind: str, env: str) -> str:
@@ -44,6 +55,35 @@ def _resolve_gemm(choice: str, flags: frozenset[str]) -> str:
     if choice == "auto":  # bf16 only where the CPU multiplies it natively: emulated bf16 is 3-4x slower than fp32
         return "bf16" if cpu.native_bf16() else "fp32"
     return choice
+
+
+@lru_cache(maxsize=None)
+def _resolve_prefill(choice: str, flags: frozenset[str]) -> str:
+    if choice not in PREFILL_PATHS:
+        raise ValueError(f"LOWBIT_PREFILL={choice!r}: expected one of {', '.join(PREFILL_PATHS)}")
+    if choice == "auto":
+        return "bf16" if cpu.native_bf16() else "exact"
+    return choice
+
+
+def prefill_path() -> str:
+    """The dtype of float32-compute layers' GEMMs inside ``fast_prefill()``: "bf16" or "exact" (float32)."""
+    return _resolve_prefill(os.environ.get("LOWBIT_PREFILL", "").strip().lower() or "auto", cpu.cpu_flags())
+
+
+@contextmanager
+def fast_prefill() -> Iterator[None]:
+    """Within: float32-compute quantized layers run their many-row GEMMs as ``prefill_path()`` says."""
+    token = _prefill.set(True)
+    try:
+        yield
+    finally:
+        _prefill.reset(token)
+
+
+def float32_gemm_dtype():
+    """bf16 inside ``fast_prefill()`` where ``prefill_path()`` is bf16, else None (float32)."""
+    return "bf16" if _prefill.get() and prefill_path() == "bf16" else None
 
 
 def kernel_path() -> str:
@@ -84,4 +124,5 @@ def reference_only():
 
 def describe() -> str:
     """One line: the paths that run on this machine now."""
-    return f"kernels {kernel_path()}, bf16 prefill GEMMs in {gemm_path()}"
+    return (f"kernels {kernel_path()}, bf16 prefill GEMMs in {gemm_path()}, float32 layers' prompt GEMMs in lowbit's "
+            f"decoder {prefill_path()}")

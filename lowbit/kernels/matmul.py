@@ -5,70 +5,23 @@ cache-sized tiles of rows and multiplies them with torch's GEMM.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from lowbit.kernels import fast, gemm_path, reference
+from lowbit.kernels import fast, float32_gemm_dtype, gemm_path, reference
+from lowbit.kernels.layouts import LutLayout
 
 GEMV_MAX_ROWS = 8  # up to this many rows of x, the fused GEMV beats dequantize + GEMM
 TILE_BYTES = 1 << 20  # one dequantized tile of rows: about an L2 cache
 
 
-@dataclass
-class LutWeight:
-    """A [N, K] weight of ``bits``-bit codes: lut[code] * scale[block] - scale[block] * zero[block] per row block.
-
-    ``scale`` is float32 or float16 [N, groups], or the uint8 codes of double quantization (then
-    ``nested_absmax``, ``nested_table``, ``offset``, ``nested_block`` decode it); ``zero`` is None, float32 or uint8.
-    SpQR: ``scale`` holds the packed 3-bit codes of scales and zeros [2, N, groups], each decoded as
-    code * stat_scale + stat_zero (float16 [2, ceil(N / stat_group), groups]); the outliers (CSR ``rowptr``,
-    ``cols``, float16 ``values``) replace single weights.
-    """
-
-    packed: torch.Tensor
-    N: int
-    K: int
-    bits: int
-    lut: torch.Tensor
-    block: int
-    scale: torch.Tensor
-    zero: torch.Tensor | None = None
-    nested_absmax: torch.Tensor | None = None
-    nested_table: torch.Tensor | None = None
-    offset: float = 0.0
-    nested_block: int = 256
-    stat_scale: torch.Tensor | None = None
-    stat_zero: torch.Tensor | None = None
-    stat_group: int = 0
-    rowptr: torch.Tensor | None = None
-    cols: torch.Tensor | None = None
-    values: torch.Tensor | None = None
-
-    def args(self) -> tuple:
-        return (self.packed, self.N, self.K, self.bits, self.lut, self.block, self.scale, self.zero,
-                self.nested_absmax, self.nested_table, float(self.offset), self.nested_block,
-                self.stat_scale, self.stat_zero, self.stat_group, self.rowptr, self.cols, self.values)
-
-    def lane(self) -> int:
-        """Codes in one 32-bit lane of the kernels (3-bit: one 24-bit word)."""
-        return 8 if self.bits == 3 else 32 // self.bits
-
-    def fits_kernel(self) -> bool:
-        """Whether the compiled kernels take this layout (rows on word boundaries, blocks whole lanes)."""
-        lane = self.lane()
-        chunk = 16 * lane
-        row_start = self.K * self.bits % 8 == 0 and (self.bits != 3 or self.K % 8 == 0)
-        return (self.bits in (2, 3, 4) and row_start and self.block % lane == 0
-                and (chunk % self.block == 0 or self.block % chunk == 0))
-
-
 def gemm_dtype(compute_dtype: torch.dtype) -> torch.dtype:
     """The dtype of prefill GEMMs: bf16 for bf16 compute where the CPU multiplies bf16 natively (or where forced,
-    see ``lowbit.kernels``), else fp32 (3-4x faster than emulated bf16)."""
+    see ``lowbit.kernels``), else fp32 (3-4x faster than emulated bf16); float32 compute in bf16 inside
+    ``lowbit.kernels.fast_prefill()`` where ``prefill_path()`` says so."""
     if compute_dtype != torch.bfloat16:
-        return torch.float32
+        return torch.bfloat16 if compute_dtype == torch.float32 and float32_gemm_dtype() else torch.float32
     return torch.bfloat16 if gemm_path() == "bf16" else torch.float32
 
 
@@ -131,20 +84,20 @@ def cpu_kernels(x: torch.Tensor):
     return fast() if x.device.type == "cpu" else None
 
 
-def bf16_dot(ext, w: LutWeight, compute_dtype: torch.dtype) -> bool:
+def bf16_dot(ext, w: LutLayout, compute_dtype: torch.dtype) -> bool:
     """Whether ``w``'s GEMVs take the bf16-dot kernel: bf16 compute, 4- or 2-bit codes, and a build that has it (CPUs
     with AVX512_BF16). x and the code table are then rounded to bf16 and summed in float32, as bitsandbytes' fused
     CPU kernel does; elsewhere bf16-compute GEMVs run in float32."""
     return compute_dtype == torch.bfloat16 and w.bits in (2, 4) and ext.bf16_dot
 
 
-def lut_plan(ext, w: LutWeight, compute_dtype: torch.dtype):
-    """``w`` bound once: ``plan.gemv(x)`` is its GEMV (float32 x, a few rows), with the checks and arguments taken
-    here, and ``ext.lut_gemv_many(plans, x)`` runs several plans of one K in one call."""
-    return ext.LutPlan(bf16_dot(ext, w, compute_dtype), *w.args())
+def lut_plan(ext, w: LutLayout, compute_dtype: torch.dtype):
+    """``w`` bound once: ``plan.gemv(x)`` is its GEMV (float32 x, a few rows), with the checks taken here, and
+    ``ext.lut_gemv_many(plans, x)`` runs several plans of one K in one call."""
+    return w.plan(ext, bf16_dot(ext, w, compute_dtype))
 
 
-def lut_linear(x: torch.Tensor, w: LutWeight, compute_dtype: torch.dtype,
+def lut_linear(x: torch.Tensor, w: LutLayout, compute_dtype: torch.dtype,
                bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] @ W^T (+ bias) in float32 out, on the kernels when they apply."""
     ext = cpu_kernels(x)
@@ -155,8 +108,8 @@ def lut_linear(x: torch.Tensor, w: LutWeight, compute_dtype: torch.dtype,
     else:  # prefill: x in the kernel's lane order meets tiles of W dequantized in that same order
         dtype = gemm_dtype(compute_dtype)
         xp = ext.lut_permute_x(x.float(), w.bits).to(dtype)
-        y = tiled_matmul(xp, w.N, lambda r0, r1, tile: ext.lut_dequant_rows(*w.args(), r0, r1, tile), xp.shape[1],
-                         dtype).float()
+        plan = w.plan(ext)
+        y = tiled_matmul(xp, w.N, lambda r0, r1, tile: plan.dequant_rows(r0, r1, tile), xp.shape[1], dtype).float()
     return y if bias is None else y + bias.float()
 
 

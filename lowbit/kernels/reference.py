@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from lowbit.formats.packing import pack_4bit, pack_ternary_2bit, unpack_2bit, unpack_3bit, unpack_4bit
+from lowbit.kernels.layouts import DoubleQuantLut, LutLayout, PlainLut, SpQRLut
 
 
 def _blocks(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, int]:
@@ -93,39 +94,50 @@ def quantize_ternary_2bit(x: torch.Tensor, divisor: float) -> torch.Tensor:
     return pack_ternary_2bit(trits)
 
 
-def _spqr_stats(w) -> tuple[torch.Tensor, torch.Tensor]:
+def _spqr_stats(w: SpQRLut) -> tuple[torch.Tensor, torch.Tensor]:
     """Float32 scale and zero [N, groups] from SpQR's 3-bit codes and their second-level statistics."""
     groups = w.stat_scale.shape[-1]
-    codes = unpack_3bit(w.scale, 2 * w.N * groups).view(2, w.N, groups).float()
+    codes = unpack_3bit(w.stat_codes, 2 * w.N * groups).view(2, w.N, groups).float()
     rows = torch.arange(w.N) // w.stat_group
     scale, zero = (codes[i] * w.stat_scale[i].float()[rows] + w.stat_zero[i].float()[rows] for i in range(2))
     return torch.where(scale > 0, scale, torch.full_like(scale, 1e-8)), zero
 
 
-def lut_dequantize(w) -> torch.Tensor:
-    """The float32 [N, K] weight of a ``matmul.LutWeight``: lut[code] * scale - scale * zero per row block."""
-    n = w.N * w.K
-    codes = {4: unpack_4bit, 3: unpack_3bit, 2: unpack_2bit}[w.bits](w.packed, n).view(w.N, w.K).long()
-    if w.stat_scale is not None:  # SpQR
+def lut_dequantize(w: LutLayout) -> torch.Tensor:
+    """The float32 [N, K] weight of a ``layouts`` layout: lut[code] * scale - scale * zero per row block."""
+    codes = _codes(w)
+    if isinstance(w, SpQRLut):
         scale, zero = _spqr_stats(w)
         out = (w.lut[codes] - zero.repeat_interleave(w.block, dim=1)[:, :w.K]) * scale.repeat_interleave(w.block, dim=1)[:, :w.K]
         if w.rowptr is not None:
             rows = torch.repeat_interleave(torch.arange(w.N), torch.diff(w.rowptr.long()))
             out[rows, w.cols.long()] = w.values.float()
         return out
-    scale = w.scale
-    if scale.dtype == torch.uint8:  # double quantization
-        nested = w.nested_absmax.repeat_interleave(w.nested_block)[:scale.numel()]
-        scale = w.nested_table[scale.reshape(-1).long()] * nested + w.offset
+    scale, scale_zero = lut_scale_zero(w)
+    out = w.lut[codes] * scale
+    return out if scale_zero is None else out - scale_zero
+
+
+def _codes(w: LutLayout) -> torch.Tensor:
+    return {4: unpack_4bit, 3: unpack_3bit, 2: unpack_2bit}[w.bits](w.packed, w.N * w.K).view(w.N, w.K).long()
+
+
+def lut_scale_zero(w: PlainLut | DoubleQuantLut) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Each weight's scale and scale * zero (None without zero points) [N, K] of a plain or double-quantized layout."""
+    if isinstance(w, DoubleQuantLut):
+        nested = w.nested_absmax.repeat_interleave(w.nested_block)[:w.codes.numel()]
+        scale, zero = w.nested_table[w.codes.reshape(-1).long()] * nested + w.offset, None
+    else:
+        scale, zero = w.scale, w.zero
     scale = scale.float().reshape(w.N, -1)
-    out = w.lut[codes] * scale.repeat_interleave(w.block, dim=1)[:, :w.K]
-    if w.zero is not None:
-        out = out - (scale * w.zero.float().reshape(w.N, -1)).repeat_interleave(w.block, dim=1)[:, :w.K]
-    return out
+    scale_zero = None if zero is None else scale * zero.float().reshape(w.N, -1)
+    spread = [None if t is None else t.repeat_interleave(w.block, dim=1)[:, :w.K] for t in (scale, scale_zero)]
+    return spread[0], spread[1]
 
 
-def lut_linear(x: torch.Tensor, w, compute_dtype: torch.dtype, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] @ W^T (+ bias) for a ``matmul.LutWeight``, multiplied in compute_dtype, float32 out."""
+def lut_linear(x: torch.Tensor, w: LutLayout, compute_dtype: torch.dtype,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] @ W^T (+ bias) for a ``layouts`` layout, multiplied in compute_dtype, float32 out."""
     return dense_linear(x, lut_dequantize(w).to(compute_dtype), compute_dtype, bias)
 
 
@@ -139,3 +151,46 @@ def dense_linear(x: torch.Tensor, w: torch.Tensor, compute_dtype: torch.dtype,
         return torch.nn.functional.linear(x, w, None if bias is None else bias.float())
     y = torch.nn.functional.linear(x, w).float()
     return y if bias is None else y + bias.float()
+
+
+X_BLOCK = 8  # the int8-activation kernels quantize x per block of this many values (one lane of the kernel)
+
+
+LO_SCALE = 254.0  # the second table's scale: a non-integral table is hi + lo / LO_SCALE
+
+
+def int8_codebook(lut: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """The values the int8-activation kernels use for a code table, and its multiplier m: the values themselves
+    where they are integers in [-127, 127] (m = 1), else hi + lo / 254 with hi = round(m * lut), m = 127 / max|lut|,
+    and lo = round(254 * (m * lut - hi)) (two integer tables, float32 arithmetic as the kernel's)."""
+    most = float(lut.abs().max())
+    exact = bool((lut == lut.round()).all()) and most <= 127
+    one = torch.tensor(1.0, dtype=torch.float32)
+    mult = one if exact or most == 0 else torch.tensor(127.0, dtype=torch.float32) / lut.abs().max().float()
+    scaled = lut.float() * mult
+    hi = torch.round(scaled)
+    if exact:
+        return hi.double(), float(mult)
+    lo = torch.round((scaled - hi) * torch.tensor(LO_SCALE, dtype=torch.float32))
+    return hi.double() + lo.double() / LO_SCALE, float(mult)
+
+
+def quantize_x_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of float32 x [M, K] as int8 codes round(x / d) and d = max|x| / 127 per block of ``X_BLOCK`` (d and the
+    codes 0 where a block is all 0), d repeated over each block's values: (codes [M, K], d [M, K]), both float32."""
+    m, k = x.shape
+    blocks = torch.nn.functional.pad(x.float(), (0, -k % X_BLOCK)).view(m, -1, X_BLOCK)
+    d = blocks.abs().amax(-1, keepdim=True) / 127
+    codes = torch.where(d > 0, torch.round(blocks / torch.where(d > 0, d, torch.ones_like(d))), torch.zeros_like(blocks))
+    d = d.expand_as(blocks)
+    return codes.reshape(m, -1)[:, :k], d.reshape(m, -1)[:, :k]
+
+
+def lut_linear_int8x(x: torch.Tensor, w: PlainLut | DoubleQuantLut) -> torch.Tensor:
+    """x [M, K] @ W^T as the int8-activation kernels compute it, in float64: x quantized per block
+    (``quantize_x_int8``), the codes' values from ``int8_codebook``, the zero-point term with float x."""
+    table, mult = int8_codebook(w.lut)
+    scale, scale_zero = lut_scale_zero(w)
+    xq, d = quantize_x_int8(x)
+    y = (xq.double() * d.double()) @ (table[_codes(w)].double() * scale.double() / mult).t()
+    return y if scale_zero is None else y - x.double() @ scale_zero.double().t()

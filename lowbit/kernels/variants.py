@@ -10,7 +10,7 @@ import platform
 from pathlib import Path
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = ("quant.cpp", "matmul.cpp", "bindings.cpp")
+SOURCES = ("quant.cpp", "matmul.cpp", "engine.cpp", "bindings.cpp")
 # -fopenmp: at::parallel_for is an inline OpenMP region, serial without it.
 BASE_FLAGS = ["-O3", "-fno-math-errno", "-ffp-contract=off", "-fopenmp"]
 _AVX512 = ["-mavx2", "-mfma", "-mf16c", "-mbmi", "-mbmi2", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]

@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import math
 import threading
+from typing import Any
 
 import torch
 from torch import nn
 
 from lowbit.config import check_compute_dtype
 from lowbit.kernels import fast, ops
-from lowbit.kernels.matmul import LutWeight, few_rows_call, gemm_dtype, lut_linear, lut_plan
+from lowbit.kernels.layouts import LutLayout
+from lowbit.kernels.matmul import few_rows_call, gemm_dtype, lut_linear, lut_plan
 from lowbit.kernels.reference import dense_linear
 
 _scratch = threading.local()
@@ -198,6 +200,11 @@ class QuantLinear(nn.Module):
         where a layer can, the kernel and its arguments are looked up once instead of at every token."""
         return self.forward
 
+    def decode_weight(self) -> Any:
+        """This layer's weight as lowbit's native decode step multiplies it (a ``DecodeWeight`` of the compiled
+        kernels, ``lowbit.decode.native``), or None where that step has no kernel for it."""
+        return None
+
     def _bound_gemv(self, gemv):
         # gemv computes what quantized_forward computes for a few float32 rows (same kernel, then the bias)
         bias = None if self.bias is None else self.bias.float()
@@ -261,18 +268,19 @@ class DequantLinear(QuantLinear):
     def dequantize(self, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
-    def lut_weight(self) -> LutWeight | None:
-        """The weight as the LUT kernels take it, or None where they do not apply."""
+    def lut_weight(self) -> LutLayout | None:
+        """The weight as the LUT kernels take it (a ``lowbit.kernels.layouts`` layout), or None where they do not
+        apply."""
         return None
 
     def _lut_kernels(self):
-        """(LutWeight, compiled kernels) where the CPU kernels take this layer's weight, else None."""
+        """(layout, compiled kernels) where the CPU kernels take this layer's weight, else None."""
         lut = self.lut_weight() if self.qweight.device.type == "cpu" else None
         ext = fast() if lut is not None and lut.fits_kernel() else None
         return None if ext is None else (lut, ext)
 
     def _row_kernel(self):
-        """(LutWeight, compiled kernels) where backward rebuilds rows on the kernels, else None: also for weights of
+        """(layout, compiled kernels) where backward rebuilds rows on the kernels, else None: also for weights of
         one backward tile, which ``dequantize`` rebuilds whole in column order (no lane-order gather after)."""
         if self.in_features * self.out_features * 4 <= BACKWARD_TILE_BYTES:
             return None
@@ -292,12 +300,12 @@ class DequantLinear(QuantLinear):
             yield 0, self.out_features, self.dequantize(dtype)
             return
         lut, ext = kernel
-        tile = None
+        plan, tile = lut.plan(ext), None
         for r0, r1 in self.row_ranges(dtype):
             if tile is None:  # one buffer for every tile, as wide as the kernel's padded rows
                 width = ext.lut_permute_x(torch.zeros(1, self.in_features), lut.bits).shape[1]
                 tile = torch.empty(r1 - r0, width, dtype=dtype)
-            ext.lut_dequant_rows(*lut.args(), r0, r1, tile)
+            plan.dequant_rows(r0, r1, tile)
             yield r0, r1, tile[:r1 - r0]
 
     def decode_plan(self):
@@ -305,6 +313,13 @@ class DequantLinear(QuantLinear):
         where the kernels do not take it."""
         kernels = self._lut_kernels()
         return None if kernels is None else lut_plan(kernels[1], kernels[0], self.compute_dtype)
+
+    def decode_weight(self) -> Any:
+        kernels = self._lut_kernels()
+        if kernels is None:
+            return None
+        lut, ext = kernels
+        return ext.DecodeWeight.lut(lut_plan(ext, lut, self.compute_dtype), lut.N, lut.K, self.bias)
 
     def decode_call(self):
         plan = self.decode_plan()
@@ -326,6 +341,8 @@ class DequantLinear(QuantLinear):
             y = lut_linear(x.reshape(-1, self.in_features), lut, self.compute_dtype, self.bias)
             return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         shape = (self.out_features, self.in_features)
+        # The GEMM's dtype: compute_dtype, or bf16 for a float32 layer inside lowbit.kernels.fast_prefill().
+        dtype = gemm_dtype(self.compute_dtype) if cpu_inference and self.compute_dtype == torch.float32 else self.compute_dtype
         # Without autograd the weight goes to one reused buffer, not to a fresh allocation per call.
-        w = self.dequantize(self.compute_dtype, scratch(shape, self.compute_dtype) if cpu_inference else None)
-        return dense_linear(x, w, self.compute_dtype, self.bias).to(x.dtype)
+        w = self.dequantize(dtype, scratch(shape, dtype) if cpu_inference else None)
+        return dense_linear(x, w, dtype, self.bias).to(x.dtype)

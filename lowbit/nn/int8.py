@@ -1,6 +1,8 @@
 """Int8Linear: LLM.int8() (Dettmers et al., 2022) with outlier decomposition, and int8 weight-only."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -71,6 +73,12 @@ class Int8Linear(QuantLinear):
         scale = (self.weight_absmax / 127).to(dtype).unsqueeze(1)
         for r0, r1 in self.row_ranges(dtype):
             yield r0, r1, self.weight_codes[r0:r1].to(dtype) * scale[r0:r1]
+
+    def decode_weight(self) -> Any:
+        ext = cpu_kernels(self.weight_codes)
+        if ext is None or not self.weight_only or self.compute_dtype != torch.float32:  # as decode_call
+            return None
+        return ext.DecodeWeight.int8(self.weight_codes, (self.weight_absmax / 127).float(), self.bias)
 
     def decode_call(self):
         ext = cpu_kernels(self.weight_codes)

@@ -8,7 +8,7 @@ from torch import nn
 from lowbit.functional.absmax import Affine, dequantize_affine
 from lowbit.functional.grouped import quantize_affine
 from lowbit.formats import pack_2bit, pack_3bit, pack_4bit, unpack_2bit, unpack_3bit, unpack_4bit
-from lowbit.kernels.matmul import LutWeight
+from lowbit.kernels.layouts import LutLayout, PlainLut
 from lowbit.config import IntConfig
 from lowbit.nn.base import DequantLinear, check_range, linear_weight
 from lowbit.registry import Format, Method, register
@@ -109,10 +109,10 @@ class IntLinear(DequantLinear):
         q = Affine(codes, self.weight_scale[ids].float(), self.weight_zero[ids].float(), self.bits, self.group_size)
         return dequantize_affine(q, torch.float32)
 
-    def lut_weight(self) -> LutWeight | None:
+    def lut_weight(self) -> LutLayout | None:
         if self.bits not in CODE_LUTS:
             return None
-        return LutWeight(self.weight_packed, self.out_features, self.in_features, self.bits, CODE_LUTS[self.bits],
+        return PlainLut(self.weight_packed, self.out_features, self.in_features, self.bits, CODE_LUTS[self.bits],
                          self.group_size, self.weight_scale, self.weight_zero)  # zero: uint8 or float32, both taken
 
     def dequantize(self, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:

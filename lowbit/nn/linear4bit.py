@@ -7,7 +7,7 @@ from torch import nn
 
 from lowbit import functional as F
 from lowbit.formats import codebook
-from lowbit.kernels.matmul import LutWeight
+from lowbit.kernels.layouts import DoubleQuantLut, LutLayout, PlainLut
 from lowbit.config import NF4Config
 from lowbit.nn.base import DequantLinear, check_range, linear_weight
 from lowbit.nn.intn import IntLinear
@@ -78,15 +78,15 @@ class Linear4bit(DequantLinear):
             q.absmax = self.weight_absmax
         return q
 
-    def lut_weight(self) -> LutWeight | None:
+    def lut_weight(self) -> LutLayout | None:
         n, k = self.out_features, self.in_features
         if k % self.blocksize:  # blocks run over the flat weight: here they would straddle rows
             return None
         if self.double_quant:
-            return LutWeight(self.weight_packed, n, k, 4, self.weight_code, self.blocksize, self.weight_nested_codes,
-                             None, self.weight_nested_absmax, self.weight_nested_code, float(self.weight_nested_offset),
-                             F.blockwise.DOUBLE_QUANT_BLOCKSIZE)
-        return LutWeight(self.weight_packed, n, k, 4, self.weight_code, self.blocksize, self.weight_absmax)
+            return DoubleQuantLut(self.weight_packed, n, k, 4, self.weight_code, self.blocksize,
+                                  self.weight_nested_codes, self.weight_nested_absmax, self.weight_nested_code,
+                                  float(self.weight_nested_offset), F.blockwise.DOUBLE_QUANT_BLOCKSIZE)
+        return PlainLut(self.weight_packed, n, k, 4, self.weight_code, self.blocksize, self.weight_absmax)
 
     def dequantize(self, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
         return F.dequantize_4bit(self.blockwise(), dtype, out=out)

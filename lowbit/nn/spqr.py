@@ -5,7 +5,7 @@ import torch
 
 from lowbit.functional.grouped import SpQRWeight, dequantize_stats
 from lowbit.formats import pack_3bit, unpack_3bit
-from lowbit.kernels.matmul import LutWeight
+from lowbit.kernels.layouts import LutLayout, SpQRLut
 from lowbit.nn.base import DequantLinear, check_range
 from lowbit.nn.intn import CODE_LUTS, pack_codes, packed_bytes, unpack_codes
 from lowbit.registry import register_layer
@@ -76,13 +76,12 @@ class SpQRLinear(DequantLinear):
     def outlier_rows(self) -> torch.Tensor:
         return torch.repeat_interleave(torch.arange(self.out_features), torch.diff(self.outlier_rowptr.long()))
 
-    def lut_weight(self) -> LutWeight | None:
+    def lut_weight(self) -> LutLayout | None:
         if self.bits not in CODE_LUTS:
             return None
-        return LutWeight(self.weight_packed, self.out_features, self.in_features, self.bits, CODE_LUTS[self.bits],
-                         self.group_size, self.stat_packed, stat_scale=self.stat_scale, stat_zero=self.stat_zero,
-                         stat_group=self.stat_group, rowptr=self.outlier_rowptr, cols=self.outlier_cols,
-                         values=self.outlier_values)
+        return SpQRLut(self.weight_packed, self.out_features, self.in_features, self.bits, CODE_LUTS[self.bits],
+                       self.group_size, self.stat_packed, self.stat_scale, self.stat_zero, self.stat_group,
+                       self.outlier_rowptr, self.outlier_cols, self.outlier_values)
 
     def dequantize(self, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
         w = self.dense_part()

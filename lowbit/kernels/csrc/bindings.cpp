@@ -2,6 +2,7 @@
 #include <torch/types.h>
 #include <torch/csrc/utils/pybind.h>  // lighter than torch/extension.h: a third less build time
 
+#include "engine.h"
 #include "lut_plan.h"
 
 #include <string>
@@ -18,13 +19,6 @@ std::vector<torch::Tensor> quantize_rowwise_zeropoint(torch::Tensor x);
 torch::Tensor quantize_ternary_2bit(torch::Tensor x, double divisor);
 
 torch::Tensor lut_permute_x(torch::Tensor x, int64_t bits);
-void lut_dequant_rows(torch::Tensor packed, int64_t N, int64_t K, int64_t bits, torch::Tensor lut, int64_t block,
-                      torch::Tensor scale, c10::optional<torch::Tensor> zero,
-                      c10::optional<torch::Tensor> nested_absmax, c10::optional<torch::Tensor> nested_table,
-                      double offset, int64_t nested_block, c10::optional<torch::Tensor> stat_scale,
-                      c10::optional<torch::Tensor> stat_zero, int64_t stat_group, c10::optional<torch::Tensor> rowptr,
-                      c10::optional<torch::Tensor> cols, c10::optional<torch::Tensor> values, int64_t r0, int64_t r1,
-                      torch::Tensor out);
 torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor codes, torch::Tensor row_scale);
 torch::Tensor float_gemv(torch::Tensor x, torch::Tensor w);
 torch::Tensor int8_int8_gemv(torch::Tensor xq, torch::Tensor codes, torch::Tensor code_sums);
@@ -58,14 +52,31 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
   // module_local: each kernel build (several may load in one process) has its own LutPlan type
   pybind11::class_<LutPlan, std::shared_ptr<LutPlan>>(m, "LutPlan", pybind11::module_local())
-      .def(pybind11::init<bool, torch::Tensor, int64_t, int64_t, int64_t, torch::Tensor, int64_t, torch::Tensor,
-                          c10::optional<torch::Tensor>, c10::optional<torch::Tensor>, c10::optional<torch::Tensor>,
-                          double, int64_t, c10::optional<torch::Tensor>, c10::optional<torch::Tensor>, int64_t,
-                          c10::optional<torch::Tensor>, c10::optional<torch::Tensor>, c10::optional<torch::Tensor>>())
-      .def("gemv", &LutPlan::gemv);
+      .def_static("plain", &LutPlan::plain)
+      .def_static("double_quant", &LutPlan::double_quant)
+      .def_static("spqr", &LutPlan::spqr)
+      .def("gemv", &LutPlan::gemv)
+      .def("dequant_rows", &LutPlan::dequant_rows)
+      .def("takes_int8_x", &lut_takes_int8_x)
+      .def("gemv_int8x", &lut_gemv_int8x);
   m.def("lut_gemv_many", &lut_gemv_many);
+  pybind11::class_<DecodeWeight, std::shared_ptr<DecodeWeight>>(m, "DecodeWeight", pybind11::module_local())
+      .def_static("lut", &DecodeWeight::lut)
+      .def_static("dense", &DecodeWeight::dense)
+      .def_static("int8", &DecodeWeight::int8)
+      .def_readonly("N", &DecodeWeight::N)
+      .def_readonly("K", &DecodeWeight::K)
+      // whether the step multiplies this weight by int8 activations when asked to
+      .def_property_readonly("takes_int8_x", [](const DecodeWeight& w) {
+        return w.kind == DecodeWeight::Kind::Lut && lut_takes_int8_x(*w.plan);
+      });
+  pybind11::class_<DecodeEngine>(m, "DecodeEngine", pybind11::module_local())
+      .def(pybind11::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, double, std::string, torch::Tensor,
+                          torch::Tensor, torch::Tensor, std::shared_ptr<DecodeWeight>, bool>())
+      .def("add_layer", &DecodeEngine::add_layer)
+      // the GIL released: the step runs its own thread team and touches no Python object
+      .def("step", &DecodeEngine::step, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("lut_permute_x", &lut_permute_x);
-  m.def("lut_dequant_rows", &lut_dequant_rows);
   m.def("int8_gemv", &int8_gemv);
   m.def("float_gemv", &float_gemv);
   m.def("int8_int8_gemv", &int8_int8_gemv);

@@ -17,6 +17,7 @@
 #include <immintrin.h>
 
 #include "lut_plan.h"
+#include "rows.h"
 
 #include <algorithm>
 #include <cmath>
@@ -361,9 +362,7 @@ LutFormat make_format(torch::Tensor packed, int64_t N, int64_t K, int64_t bits, 
                       double offset, int64_t nested_block, c10::optional<torch::Tensor> stat_scale,
                       c10::optional<torch::Tensor> stat_zero, int64_t stat_group,
                       c10::optional<torch::Tensor> rowptr, c10::optional<torch::Tensor> cols,
-                      c10::optional<torch::Tensor> values, int64_t r0 = 0, int64_t r1 = -1) {
-  if (r1 < 0) r1 = N;  // the rows this call reads: only their outliers are checked (prefill calls once a tile)
-  TORCH_CHECK(0 <= r0 && r0 <= r1 && r1 <= N, "bad row range");
+                      c10::optional<torch::Tensor> values) {
   TORCH_CHECK(bits == 4 || bits == 3 || bits == 2, "LUT kernels take 4-, 3- or 2-bit codes");
   TORCH_CHECK(K * bits % 8 == 0 && (bits != 3 || K % 8 == 0), "rows must start on a byte (3-bit: on a 24-bit word)");
   LutFormat f;
@@ -433,13 +432,14 @@ LutFormat make_format(torch::Tensor packed, int64_t N, int64_t K, int64_t bits, 
                 "outliers must be rowptr int32 [N + 1], cols int16/int32 and values float16 of one length");
     const int32_t* rp = f.rowptr.data_ptr<int32_t>();
     TORCH_CHECK(rp[0] == 0 && rp[N] == f.values.numel(), "outlier rowptr does not match the outlier count");
-    bool ok = rp[r0] >= 0 && rp[r1] <= f.values.numel();
-    for (int64_t n = r0; n < r1; ++n) ok &= rp[n] <= rp[n + 1];
+    // Every row's outliers are checked, once per plan.
+    bool ok = true;
+    for (int64_t n = 0; n < N; ++n) ok &= rp[n] <= rp[n + 1];
     TORCH_CHECK(ok, "outlier rowptr must not decrease");
     if (f.cols.scalar_type() == torch::kInt16) f.cols16_p = f.cols.data_ptr<int16_t>();
     else f.cols32_p = f.cols.data_ptr<int32_t>();
     // A corrupt file must not read past x (plain loops over one type, so that they vectorize).
-    const int64_t j0 = rp[r0], j1 = rp[r1];
+    const int64_t j0 = 0, j1 = rp[N];
     if (f.cols16_p) for (int64_t j = j0; j < j1; ++j) ok &= f.cols16_p[j] >= 0 && f.cols16_p[j] < K;
     else for (int64_t j = j0; j < j1; ++j) ok &= f.cols32_p[j] >= 0 && f.cols32_p[j] < K;
     TORCH_CHECK(ok, "outlier columns out of range");
@@ -631,6 +631,90 @@ void lut_rows_scalar(const LutFormat& f, const float* x, int64_t M, float* y, in
   }
 }
 
+#if defined(LOWBIT_AVX512) && defined(__AVX512VNNI__)
+// Integer activations (rows.h, LutRowInput with int8_x): x quantized to int8 per block of 8 (absmax / 127, as
+// llama.cpp's Q8_0 does per 32), 4-bit codes looked up as bytes in a 16-entry integer table (vpshufb), and vpdpbusd summing
+// four byte products into each int32 lane: about half the instructions of the float32 kernel per weight. The table
+// holds the codes' values exactly where they are integers in [-127, 127] (int4 groups, GGUF Q4_0/Q4_1), else
+// round(127 * lut / max|lut|) (NF4, FP4). vpdpbusd multiplies unsigned by signed bytes: the table is stored + 128
+// and 128 * (the lane's sum of x codes) taken off after. Lane l of chunk c holds weights 128c + 8l .. + 7: the
+// high nibbles (even weights) meet x's even codes, the low nibbles the odd ones. The zero-point term keeps
+// float32 x (its lane sums), as the float kernel does.
+//
+// A table that is not integral (NF4, FP4) is two tables: hi = round(m * lut) and lo = round(254 * (m * lut - hi)),
+// each a pass of vpdpbusd; hi + lo / 254 carries the codes' values to 1 / 32258 of the largest, where hi alone
+// (1 / 254) was the larger part of the error (NF4 SmolLM2 layers: 5e-3 of the output's norm from the table, 4e-3
+// from x's rounding).
+constexpr float kLoScale = 254.f;
+
+struct Q8Table {
+  __m512i hi, lo;
+  float inv_mult;
+  bool two;
+};
+
+Q8Table q8_table(const LutFormat& f) {
+  float most = 0.f;
+  bool integral = true;
+  for (int i = 0; i < 16; ++i) {
+    most = std::max(most, std::fabs(f.lut[i]));
+    integral &= f.lut[i] == std::nearbyint(f.lut[i]);
+  }
+  const bool exact = integral && most <= 127.f;
+  const float mult = exact ? 1.f : (most > 0.f ? 127.f / most : 1.f);
+  alignas(16) uint8_t hi[16], lo[16];
+  for (int i = 0; i < 16; ++i) {
+    const float v = f.lut[i] * mult, h = std::nearbyint(v);
+    hi[i] = static_cast<uint8_t>(static_cast<int>(h) + 128);
+    lo[i] = static_cast<uint8_t>(static_cast<int>(std::nearbyint((v - h) * kLoScale)) + 128);
+  }
+  return {_mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i*>(hi))),
+          _mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i*>(lo))), 1.f / mult, !exact};
+}
+
+// Sum of byte products of a chunk's weights (looked up in `table` + 128) with x's codes, 128 * x's sums taken off.
+inline __m512i q8_chunk(__m512i table, __m512i hi_idx, __m512i lo_idx, const int8_t* xq, __m512i xs128) {
+  __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_shuffle_epi8(table, hi_idx), _mm512_loadu_si512(xq));
+  d = _mm512_dpbusd_epi32(d, _mm512_shuffle_epi8(table, lo_idx), _mm512_loadu_si512(xq + 64));
+  return _mm512_sub_epi32(d, xs128);
+}
+
+template <bool TWO>
+void lut_rows_q8(const LutFormat& f, const Q8Table& table, const int8_t* xq, const int32_t* xs128, const float* dx,
+                 const float* ls, float* y, int64_t n0, int64_t n1, float* s, float* nz) {
+  const int64_t chunks = f.padded_k() / 128;
+  const LaneConstants lanes(f);
+  const bool zero = f.has_zero();
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  const __m512 lo_scale = _mm512_set1_ps(1.f / kLoScale);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = f.packed + n * f.row_bytes;
+    f.prefetch_constants(n);
+    f.row_constants(n, s, nz);
+    __m512 accq = _mm512_setzero_ps(), accz = _mm512_setzero_ps();
+    for (int64_t c = 0; c < chunks; ++c) {
+      prefetch_ahead(row + c * 64);
+      const __m512i v = load_chunk<4>(row, c, f.row_bytes);
+      const __m512i hi_idx = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4), lo_idx = _mm512_and_si512(v, low4);
+      const __m512i sums = _mm512_loadu_si512(xs128 + c * 16);
+      __m512 dot = _mm512_cvtepi32_ps(q8_chunk(table.hi, hi_idx, lo_idx, xq + c * 128, sums));
+      if constexpr (TWO)
+        dot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q8_chunk(table.lo, hi_idx, lo_idx, xq + c * 128, sums)), lo_scale, dot);
+      accq = _mm512_fmadd_ps(dot, _mm512_mul_ps(lanes.get(s, c), _mm512_loadu_ps(dx + c * 16)), accq);
+      if (zero) accz = _mm512_fmadd_ps(lanes.get(nz, c), _mm512_loadu_ps(ls + c * 16), accz);
+    }
+    y[n] = _mm512_reduce_add_ps(accq) * table.inv_mult + _mm512_reduce_add_ps(accz);
+  }
+}
+
+void lut_rows_q8(const LutFormat& f, const int8_t* xq, const int32_t* xs128, const float* dx, const float* ls,
+                 float* y, int64_t n0, int64_t n1, float* s, float* nz) {
+  const Q8Table table = q8_table(f);
+  if (table.two) lut_rows_q8<true>(f, table, xq, xs128, dx, ls, y, n0, n1, s, nz);
+  else lut_rows_q8<false>(f, table, xq, xs128, dx, ls, y, n0, n1, s, nz);
+}
+#endif
+
 }  // namespace
 
 namespace {
@@ -713,25 +797,51 @@ torch::Tensor lut_gemv_one(const LutFormat& f, torch::Tensor x, bool bf16_dot) {
 }
 }  // namespace
 
-// A LUT weight bound once for the GEMVs of a decode loop: make_format's checks and the 18 arguments are taken at
-// construction, and each call passes x only (a small layer's call took 4.7 us when every call passed them all,
-// 2 us of it there).
-// The layer's buffers must stay as they are while the plan is used.
-LutPlan::LutPlan(bool bf16_dot, torch::Tensor packed, int64_t N, int64_t K, int64_t bits, torch::Tensor lut,
-                 int64_t block, torch::Tensor scale, c10::optional<torch::Tensor> zero,
-                 c10::optional<torch::Tensor> nested_absmax, c10::optional<torch::Tensor> nested_table, double offset,
-                 int64_t nested_block, c10::optional<torch::Tensor> stat_scale, c10::optional<torch::Tensor> stat_zero,
-                 int64_t stat_group, c10::optional<torch::Tensor> rowptr, c10::optional<torch::Tensor> cols,
-                 c10::optional<torch::Tensor> values)
-    : format(std::make_shared<const LutFormat>(make_format(packed, N, K, bits, lut, block, scale, zero, nested_absmax,
-                                                     nested_table, offset, nested_block, stat_scale, stat_zero,
-                                                     stat_group, rowptr, cols, values))),
-      packed(packed),
-      bf16_dot(bf16_dot) {
+// A LUT weight bound once for the GEMVs of a decode loop: make_format's checks are taken at construction, and
+// each call passes x only (a small layer's call took 4.7 us when every call passed all 18 arguments, 2 us of it
+// there). The layer's buffers must stay as they are while the plan is used.
+namespace {
+std::shared_ptr<LutPlan> make_plan(LutFormat f, torch::Tensor packed, bool bf16_dot) {
 #if !(defined(LOWBIT_AVX512) && defined(__AVX512BF16__))
   TORCH_CHECK(!bf16_dot, "this build has no bf16-dot kernel");
 #endif
-  TORCH_CHECK(!bf16_dot || bits == 4 || bits == 2, "the bf16-dot kernel takes 4- or 2-bit codes");
+  TORCH_CHECK(!bf16_dot || f.bits == 4 || f.bits == 2, "the bf16-dot kernel takes 4- or 2-bit codes");
+  auto plan = std::make_shared<LutPlan>();
+  plan->format = std::make_shared<const LutFormat>(std::move(f));
+  plan->packed = packed;
+  plan->bf16_dot = bf16_dot;
+  return plan;
+}
+}  // namespace
+
+std::shared_ptr<LutPlan> LutPlan::plain(bool bf16_dot, torch::Tensor packed, int64_t N, int64_t K, int64_t bits,
+                                        torch::Tensor lut, int64_t block, torch::Tensor scale,
+                                        c10::optional<torch::Tensor> zero) {
+  TORCH_CHECK(scale.scalar_type() == torch::kFloat32 || scale.scalar_type() == torch::kFloat16,
+              "scale must be float32 or float16");
+  return make_plan(make_format(packed, N, K, bits, lut, block, scale, zero, c10::nullopt, c10::nullopt, 0.0, 0,
+                               c10::nullopt, c10::nullopt, 0, c10::nullopt, c10::nullopt, c10::nullopt),
+                   packed, bf16_dot);
+}
+
+std::shared_ptr<LutPlan> LutPlan::double_quant(bool bf16_dot, torch::Tensor packed, int64_t N, int64_t K,
+                                               torch::Tensor lut, int64_t block, torch::Tensor codes,
+                                               torch::Tensor nested_absmax, torch::Tensor nested_table, double offset,
+                                               int64_t nested_block) {
+  TORCH_CHECK(codes.scalar_type() == torch::kUInt8, "double-quantized absmax codes must be uint8");
+  return make_plan(make_format(packed, N, K, 4, lut, block, codes, c10::nullopt, nested_absmax, nested_table, offset,
+                               nested_block, c10::nullopt, c10::nullopt, 0, c10::nullopt, c10::nullopt, c10::nullopt),
+                   packed, bf16_dot);
+}
+
+std::shared_ptr<LutPlan> LutPlan::spqr(bool bf16_dot, torch::Tensor packed, int64_t N, int64_t K, int64_t bits, torch::Tensor lut,
+                                       int64_t block, torch::Tensor stat_codes, torch::Tensor stat_scale,
+                                       torch::Tensor stat_zero, int64_t stat_group,
+                                       c10::optional<torch::Tensor> rowptr, c10::optional<torch::Tensor> cols,
+                                       c10::optional<torch::Tensor> values) {
+  return make_plan(make_format(packed, N, K, bits, lut, block, stat_codes, c10::nullopt, c10::nullopt, c10::nullopt,
+                               0.0, 0, stat_scale, stat_zero, stat_group, rowptr, cols, values),
+                   packed, bf16_dot);
 }
 
 torch::Tensor LutPlan::gemv(torch::Tensor x) const {
@@ -747,7 +857,7 @@ std::vector<torch::Tensor> lut_gemv_many(const std::vector<std::shared_ptr<LutPl
   return lut_gemv_impl(fs, bf16, x);
 }
 
-// x [M, K] float32 in the lane order of a LUT format with these bits (for lut_dequant_rows tiles).
+// x [M, K] float32 in the lane order of a LUT format with these bits (for LutPlan::dequant_rows tiles).
 torch::Tensor lut_permute_x(torch::Tensor x, int64_t bits) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2, "x must be float32 [M, K]");
   x = x.contiguous();
@@ -813,15 +923,9 @@ void dequant_rows_impl(const LutFormat& f, int64_t r0, int64_t r1, T* out, int64
 }  // namespace
 
 // Rows [r0, r1) of W dequantized in lane order into out [r1 - r0, Kp] (float32 or bfloat16).
-void lut_dequant_rows(torch::Tensor packed, int64_t N, int64_t K, int64_t bits, torch::Tensor lut, int64_t block,
-                      torch::Tensor scale, c10::optional<torch::Tensor> zero,
-                      c10::optional<torch::Tensor> nested_absmax, c10::optional<torch::Tensor> nested_table,
-                      double offset, int64_t nested_block, c10::optional<torch::Tensor> stat_scale,
-                      c10::optional<torch::Tensor> stat_zero, int64_t stat_group, c10::optional<torch::Tensor> rowptr,
-                      c10::optional<torch::Tensor> cols, c10::optional<torch::Tensor> values, int64_t r0, int64_t r1,
-                      torch::Tensor out) {
-  const LutFormat f = make_format(packed, N, K, bits, lut, block, scale, zero, nested_absmax, nested_table, offset,
-                                  nested_block, stat_scale, stat_zero, stat_group, rowptr, cols, values, r0, r1);
+void LutPlan::dequant_rows(int64_t r0, int64_t r1, torch::Tensor out) const {
+  const LutFormat& f = *static_cast<const LutFormat*>(format.get());
+  TORCH_CHECK(0 <= r0 && r0 <= r1 && r1 <= f.N, "bad row range");
   const int64_t Kp = f.padded_k();
   TORCH_CHECK(out.is_contiguous() && out.numel() >= (r1 - r0) * Kp, "out too small");
   if (out.dtype() == torch::kFloat32)
@@ -1216,4 +1320,140 @@ std::string compiled_isa() {
 #else
   return "scalar";
 #endif
+}
+
+// One-row products over a range of rows (rows.h), for a caller's own thread team.
+std::pair<int64_t, int64_t> lut_shape(const LutPlan& plan) {
+  const auto& f = *static_cast<const LutFormat*>(plan.format.get());
+  return {f.N, f.K};
+}
+
+bool lut_takes_int8_x(const LutPlan& plan) {
+#if defined(LOWBIT_AVX512) && defined(__AVX512VNNI__)
+  const auto& f = *static_cast<const LutFormat*>(plan.format.get());
+  return f.bits == 4 && !f.has_outliers() && f.stat_group == 0 && !plan.bf16_dot;
+#else
+  (void)plan;
+  return false;
+#endif
+}
+
+bool lut_input_matches(const LutPlan& plan, const LutRowInput& in) {
+  const auto& f = *static_cast<const LutFormat*>(plan.format.get());
+  const bool q8 = in.want_int8_x && lut_takes_int8_x(plan);
+  return in.bits == f.bits && in.K == f.K && in.bf16 == plan.bf16_dot && in.int8_x == q8;
+}
+
+// x's int8 blocks: one lane of the kernel (8 weights), the finest its per-lane scales allow, at no cost in the
+// kernel (it reads a scale per lane either way). NF4 SmolLM2's perplexity on python-tutorial through the decode
+// step (benchmarks/bench_fast_paths.py): llama.cpp's blocks of 32 with one table +1.33%, blocks of 8 +0.77%, blocks
+// of 8 with the two tables above +0.02%.
+constexpr int64_t kXBlock = 8;
+
+void quantize_x_q8(const float* x, int64_t K, int64_t Kp, LutRowInput& in) {
+  // int8 codes round(x / d), d = max|x| / 127 per block of kXBlock (0 where the block is 0), in the kernel's order:
+  // chunk c's 64 even weights' codes, then its 64 odd ones'; per lane (8 weights): 128 * the codes' sum, d, and the
+  // float32 sum of x.
+  in.xq.assign(Kp, 0);
+  in.xs128.assign(Kp / 8, 0);
+  in.dx.assign(Kp / 8, 0.f);
+  in.ls.assign(Kp / 8, 0.f);
+  std::vector<int8_t> q(Kp, 0);
+  for (int64_t b0 = 0; b0 < Kp; b0 += kXBlock) {
+    float most = 0.f;
+    for (int64_t k = b0; k < std::min(K, b0 + kXBlock); ++k) most = std::max(most, std::fabs(x[k]));
+    const float d = most / 127.f;
+    for (int64_t k = b0; k < std::min(K, b0 + kXBlock); ++k)
+      q[k] = d > 0.f ? static_cast<int8_t>(std::nearbyint(x[k] / d)) : 0;
+    for (int64_t l = b0 / 8; l < (b0 + kXBlock) / 8; ++l) in.dx[l] = d;
+  }
+  for (int64_t k = 0; k < Kp; ++k) {
+    const int64_t c = k / 128, r = k % 128;
+    in.xq[c * 128 + (r % 2) * 64 + r / 2] = q[k];
+    in.xs128[k / 8] += 128 * q[k];
+  }
+  for (int64_t k = 0; k < K; ++k) in.ls[k / 8] += x[k];
+}
+
+void lut_prepare_row(const LutPlan& plan, const float* x, LutRowInput& in) {
+  const auto& f = *static_cast<const LutFormat*>(plan.format.get());
+  in.bits = f.bits, in.K = f.K, in.bf16 = plan.bf16_dot;
+  in.s.resize(f.groups + 32), in.nz.resize(f.groups + 32);
+  in.int8_x = in.want_int8_x && lut_takes_int8_x(plan);
+  if (in.int8_x) {
+    quantize_x_q8(x, f.K, f.padded_k(), in);
+    return;
+  }
+#ifdef LOWBIT_AVX512
+  const int64_t Kp = f.padded_k();
+  in.ls.resize(Kp / f.lane_elems());
+#ifdef __AVX512BF16__
+  if (plan.bf16_dot) {
+    in.xb.resize(Kp);
+    permute_x_bf16(f, x, 1, in.xb.data(), in.ls.data());
+    return;
+  }
+#endif
+  in.xp.resize(Kp);
+  permute_x(f, x, 1, in.xp.data(), in.ls.data());
+#endif
+}
+
+void lut_rows_range(const LutPlan& plan, LutRowInput& in, const float* x, float* y, int64_t n0, int64_t n1) {
+  const auto& f = *static_cast<const LutFormat*>(plan.format.get());
+  // The row constants' scratch: an input prepared for another plan of this lane order may have fewer groups.
+  if (static_cast<int64_t>(in.s.size()) < f.groups + 32) in.s.resize(f.groups + 32), in.nz.resize(f.groups + 32);
+#if defined(LOWBIT_AVX512) && defined(__AVX512VNNI__)
+  if (in.int8_x) {
+    lut_rows_q8(f, in.xq.data(), in.xs128.data(), in.dx.data(), in.ls.data(), y, n0, n1, in.s.data(), in.nz.data());
+    return;
+  }
+#endif
+#ifdef LOWBIT_AVX512
+  const int64_t Kp = f.padded_k();
+  float* s = in.s.data();
+  float* nz = in.nz.data();
+#ifdef __AVX512BF16__
+  if (plan.bf16_dot) {
+    if (f.bits == 4) lut_rows<1, 4>(f, in.xb.data(), in.ls.data(), Kp, x, y, f.N, n0, n1, s, nz);
+    else lut_rows<1, 2>(f, in.xb.data(), in.ls.data(), Kp, x, y, f.N, n0, n1, s, nz);
+    return;
+  }
+#endif
+  if (f.bits == 4) lut_rows<1, 4>(f, in.xp.data(), in.ls.data(), Kp, x, y, f.N, n0, n1, s, nz);
+  else if (f.bits == 3) lut_rows<1, 3>(f, in.xp.data(), in.ls.data(), Kp, x, y, f.N, n0, n1, s, nz);
+  else lut_rows<1, 2>(f, in.xp.data(), in.ls.data(), Kp, x, y, f.N, n0, n1, s, nz);
+#else
+  lut_rows_scalar(f, x, 1, y, f.N, n0, n1, in.s.data(), in.nz.data());
+#endif
+}
+
+void float_rows_range(const float* x, const float* w, float* y, int64_t K, int64_t n0, int64_t n1) {
+  float_rows<1>(x, w, y, K, 0, n0, n1);  // N is the stride between rows of y: one row here
+}
+
+void int8_rows_range(const float* x, const int8_t* codes, const float* row_scale, float* y, int64_t K, int64_t n0,
+                     int64_t n1) {
+  int8_rows<1>(x, codes, row_scale, y, K, 0, n0, n1);
+}
+
+// y [M, N] = x [M, K] @ W^T on the int8-activation kernel (lut_takes_int8_x(plan)), each row of x quantized as
+// the native decode step quantizes it: the kernel's arithmetic, callable alone (tests, benchmarks).
+torch::Tensor lut_gemv_int8x(const LutPlan& plan, torch::Tensor x) {
+  TORCH_CHECK(lut_takes_int8_x(plan), "this plan or build has no int8-activation kernel");
+  const auto& f = *static_cast<const LutFormat*>(plan.format.get());
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.size(1) == f.K, "x must be float32 [M, K]");
+  x = x.contiguous();
+  const int64_t M = x.size(0);
+  auto y = torch::empty({M, f.N}, torch::kFloat32);
+  for (int64_t m = 0; m < M; ++m) {
+    LutRowInput prepared;
+    prepared.want_int8_x = true;
+    lut_prepare_row(plan, x.data_ptr<float>() + m * f.K, prepared);
+    at::parallel_for(0, f.N, 64, [&](int64_t n0, int64_t n1) {
+      LutRowInput in = prepared;  // the row constants' scratch is per thread
+      lut_rows_range(plan, in, nullptr, y.data_ptr<float>() + m * f.N, n0, n1);
+    });
+  }
+  return y;
 }
