@@ -179,9 +179,9 @@ class StaticDecoder:
         self.q_rows, self.kv_rows = self.heads * self.head_dim, self.kv_heads * self.head_dim
         self.blocks = []
         for parts in self.parts:
+            # Each layer's bound calls and cache (its norms, activation and scale stay in self.parts).
             self.blocks.append(dict(
-                norm1=parts.norm1, norm2=parts.norm2, qkv=_group(parts.qkv), o=_call(parts.o),
-                gate_up=_group(parts.gate_up), down=_call(parts.down), act=parts.act, scaling=parts.scaling,
+                qkv=_group(parts.qkv), o=_call(parts.o), gate_up=_group(parts.gate_up), down=_call(parts.down),
                 k_cache=torch.zeros(shape, dtype=self.dtype, device=p.device),
                 v_cache=torch.zeros(shape, dtype=self.dtype, device=p.device)))
         # One sequence, one token at a time: the native step where it runs this model (else None, and why).
@@ -248,8 +248,8 @@ class StaticDecoder:
         # The prompt (several tokens into an empty cache) multiplies in bf16 where lowbit.kernels.prefill_path() says
         # so; later calls of several tokens stay float32.
         with fast_prefill() if t > 1 and start == 0 else nullcontext():
-            for blk in self.blocks:
-                h = self._norm(x, blk["norm1"])
+            for parts, blk in zip(self.parts, self.blocks):
+                h = self._norm(x, parts.norm1)
                 q, k, v = self._split(blk["qkv"](h), (self.q_rows, self.kv_rows, self.kv_rows))
                 q = q.view(b, t, self.heads, self.head_dim).transpose(1, 2)
                 k = k.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
@@ -262,16 +262,16 @@ class StaticDecoder:
                 keys, values = blk["k_cache"][:, :, :end], blk["v_cache"][:, :, :end]
                 # One float32 query per kv head group: three small matmuls beat SDPA's kernel setup (33 us a call).
                 if t == 1 and x.dtype == torch.float32:
-                    scores = q.reshape(b, self.kv_heads, -1, self.head_dim) @ keys.transpose(2, 3) * blk["scaling"]
+                    scores = q.reshape(b, self.kv_heads, -1, self.head_dim) @ keys.transpose(2, 3) * parts.scaling
                     if mask is not None:  # padding cached: [b, 1, 1, end] over [b, kv heads, group, end]
                         scores = scores.masked_fill(~mask, float("-inf"))
                     attn = (scores.softmax(-1) @ values).view(b, self.heads, 1, self.head_dim)
                 else:
                     attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal,
-                                                          scale=blk["scaling"], enable_gqa=self.heads != self.kv_heads)
+                                                          scale=parts.scaling, enable_gqa=self.heads != self.kv_heads)
                 x = x + blk["o"](attn.transpose(1, 2).reshape(b, t, -1))
-                h = self._norm(x, blk["norm2"])
-                gate, up = self._split(blk["gate_up"](h), (self.intermediate,) * 2)
-                x = x + blk["down"](blk["act"](gate) * up)
+                h = self._norm(x, parts.norm2)
+                gate, up = self._split(blk["gate_up"](h), (parts.down.in_features,) * 2)
+                x = x + blk["down"](parts.act(gate) * up)
         self.pos = end
         return self.head(self._norm(x[:, -1:], self.final_norm))[:, -1].float()
