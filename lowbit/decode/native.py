@@ -84,7 +84,7 @@ def native_step(decoder: StaticDecoderLike) -> tuple[Step | None, str | None]:
         return None, f"the native step refused the model ({str(e).splitlines()[0]})"
 
 
-def _bind(ext, decoder: StaticDecoderLike, act: str, eps: float) -> tuple[Step, None]:
+def _bind(ext: ModuleType, decoder: StaticDecoderLike, act: str, eps: float) -> tuple[Step | None, str | None]:
     parts = decoder.parts
     head = decode_weight(ext, decoder.lm_head)
     int8_x = int8_activations()
