@@ -20,8 +20,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 LLAMA_PY = ROOT / ".venv-llamacpp" / "bin" / "python"
 
-# Runs inside .venv-llamacpp: llama.cpp's log-likelihood of each window of the given token ids, and a generation.
-_LLAMA = r"""
+# Runs inside .venv-llamacpp: llama.cpp's log-likelihood of each window of the given token ids, and a generation
+# (bench_gguf_quality.py runs it too).
+LLAMA_SCORE = r"""
 import json, sys
 import numpy as np
 from llama_cpp import Llama
@@ -39,7 +40,7 @@ for w in job["windows"]:
     count += len(w) - 1
     top += logits.argmax(axis=1).tolist()
 llm.reset()
-out = llm(job["prompt"], max_tokens=8, temperature=0.0)
+out = llm(job["prompt"], max_tokens=job.get("new", 8), temperature=0.0)
 print(json.dumps({"nll": nll, "count": count, "top": top, "text": out["choices"][0]["text"]}))
 """
 
@@ -111,7 +112,7 @@ def main() -> None:
             del back
             job = {"model": str(path), "windows": windows, "window": args.window, "threads": torch.get_num_threads(),
                    "prompt": "The capital of France is"}
-            proc = subprocess.run([str(LLAMA_PY), "-c", _LLAMA], input=json.dumps(job), capture_output=True, text=True)
+            proc = subprocess.run([str(LLAMA_PY), "-c", LLAMA_SCORE], input=json.dumps(job), capture_output=True, text=True)
             if proc.returncode:
                 print(f"| {qtype} | {how} | {report['bytes'] / 1e6:.1f} | {ours:.3f} | llama.cpp failed: "
                       f"{proc.stderr.strip().splitlines()[-1:]} | | | |", flush=True)

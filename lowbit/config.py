@@ -177,10 +177,10 @@ class GPTQConfig(IntConfig):
 
     def check(self) -> None:
         super().check()
-        _check_calibration_fields(self)
+        check_calibration_fields(self)
 
 
-def _check_calibration_fields(c) -> None:
+def check_calibration_fields(c) -> None:
     _number(c.damp, "damp", 0.0, open_low=True)
     _positive_int(c.n_samples, "n_samples")
     _positive_int(c.seq_len, "seq_len")
@@ -213,7 +213,7 @@ class SpQRConfig(BaseConfig):
         _positive_int(self.stat_group, "stat_group")
         _number(self.outlier_threshold, "outlier_threshold", 0.0, open_low=True)
         _number(self.max_outliers, "max_outliers", 0.0, 1.0)
-        _check_calibration_fields(self)
+        check_calibration_fields(self)
 
 
 # Any lowbit quantization config: a BaseConfig subclass that a format registers (lowbit/registry.py).

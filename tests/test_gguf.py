@@ -58,7 +58,7 @@ def test_q4_1_export_of_the_native_model_is_the_file_bit_for_bit(tmp_path, nativ
         assert np.array_equal(np.asarray(t.data), np.asarray(written[name].data)), name
 
 
-def _tiny(tied=True, hidden=64, intermediate=128):
+def tiny_model(tied=True, hidden=64, intermediate=128):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -92,7 +92,7 @@ IDS = torch.randint(0, 320, (1, 12), generator=torch.Generator().manual_seed(0))
 def test_export_then_native_import_agree_with_transformers_reading(tmp_path, tok, qtype, tied):
     from transformers import AutoModelForCausalLM
 
-    model = _tiny(tied)
+    model = tiny_model(tied)
     path = tmp_path / f"tiny-{qtype}.gguf"
     export_gguf(model, tok, path, qtype, progress=False)
     ours, their_tok = load_gguf(path, progress=False)
@@ -119,12 +119,12 @@ def test_tq2_0_takes_ternary_models_and_refuses_others(tmp_path, tok):
 
     big = dict(hidden=256, intermediate=512)  # TQ2_0 blocks are 256 weights
     with pytest.raises(GGUFError, match="not ternary.*--force-ternary"):
-        export_gguf(_tiny(**big), tok, tmp_path / "no.gguf", "tq2_0", progress=False)
+        export_gguf(tiny_model(**big), tok, tmp_path / "no.gguf", "tq2_0", progress=False)
     assert not list(tmp_path.iterdir())  # nothing left behind
     # Rows of 64 weights: TQ2_0's blocks of 256 do not tile them, so they go out in Q8_0, as llama.cpp does.
-    r = export_gguf(_tiny(), tok, tmp_path / "small.gguf", "tq2_0", force_ternary=True, progress=False)
+    r = export_gguf(tiny_model(), tok, tmp_path / "small.gguf", "tq2_0", force_ternary=True, progress=False)
     assert len(r["fallback"]) == 14 and {t.tensor_type.name for t in read(tmp_path / "small.gguf").tensors} >= {"Q8_0"}
-    model = lowbit.quantize(_tiny(**big), lowbit.TernaryConfig(), progress=False)
+    model = lowbit.quantize(tiny_model(**big), lowbit.TernaryConfig(), progress=False)
     export_gguf(model, tok, tmp_path / "t.gguf", "tq2_0", progress=False)
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="t.gguf", dtype=torch.float32)
     for name, m in model.named_modules():
@@ -138,13 +138,13 @@ def test_tq2_0_takes_ternary_models_and_refuses_others(tmp_path, tok):
             b = back.get_submodule(name)
             assert isinstance(b, lowbit.nn.BitLinear) and torch.equal(b.trits(), m.trits()), name
             assert abs(b.weight_gamma.item() / m.weight_gamma.item() - 1) < 1e-3
-    export_gguf(_tiny(**big), tok, tmp_path / "forced.gguf", "tq2_0", force_ternary=True, progress=False)
+    export_gguf(tiny_model(**big), tok, tmp_path / "forced.gguf", "tq2_0", force_ternary=True, progress=False)
 
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory, tok) -> Path:
     path = tmp_path_factory.mktemp("g") / "small.gguf"
-    export_gguf(_tiny(), tok, path, "q4_0", progress=False)
+    export_gguf(tiny_model(), tok, path, "q4_0", progress=False)
     return path
 
 

@@ -102,6 +102,28 @@ def advise(sens: Sensitivity, bits: float | None = None, budget: int | None = No
                   8 * linear_bytes / sens.linear_params, total_cost)
 
 
+# GGUF files: each block layer in one of llama.cpp's block types, its codes chosen by GPTQ on that type's grid.
+GGUF_FORMATS = ("gptq-q8_0", "gptq-q5_0", "gptq-q4_1", "gptq-q4_0", "gptq-iq4_nl")
+
+
+def advise_gguf(sens: Sensitivity, bits: float | None = None, budget: int | None = None,
+                cost: str = "fisher") -> Advice:
+    """The plan of least predicted cost among the GGUF block types (``sens`` measured with GGUF_FORMATS) within
+    ``bits`` per linear weight or ``budget`` file bytes. The embeddings stay float32 in the plan: the GGUF export
+    writes them in Q8_0, whose cost and bytes the int8 rows' stand for here."""
+    only = Sensitivity(layers={n: {f: e for f, e in fs.items() if f in GGUF_FORMATS} for n, fs in sens.layers.items()},
+                       embeddings=sens.embeddings, head=sens.head, fixed_bytes=sens.fixed_bytes,
+                       linear_params=sens.linear_params, reference=sens.reference, key=sens.key)
+    if any(not fs for fs in only.layers.values()):
+        raise ValueError("the sensitivities hold no GGUF block types: measure them with GGUF_FORMATS")
+    if budget is not None:
+        bits = 8 * (budget - sens.fixed_bytes - _kept_bytes(sens, "int8")) / sens.linear_params
+    a = advise(only, bits=bits, cost=cost, embeddings="int8")
+    plan = Plan(layers=a.plan.layers, notes={**a.plan.notes, "gguf": True,
+                                             **({"budget_bytes": budget} if budget is not None else {})})
+    return Advice(plan, a.choices, a.linear_bytes, a.model_bytes, a.bits, a.cost)
+
+
 def uniform(sens: Sensitivity, fmt: str, cost: str = "fisher", embeddings: str = "float32") -> Advice:
     """Every layer in ``fmt``: the plan a uniform method makes, with its predicted cost, for comparison."""
     choices = {n: Choice(fmt, f[fmt]["bytes"], f[fmt][cost]) for n, f in sens.layers.items()}

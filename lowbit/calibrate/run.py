@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 # Imported for their formats: each registers itself (lowbit/registry.py) next to its algorithm.
-from lowbit.calibrate import gptq, spqr  # noqa: F401
+from lowbit.calibrate import gptq, gptq_blocks, spqr  # noqa: F401
 from lowbit.calibrate.sequential import LayerQuantizer, quantize_sequential
 from lowbit.registry import format_of
 
@@ -21,6 +21,8 @@ def layer_quantizer(config) -> LayerQuantizer:
 
 def progress_label(config) -> str:
     """What a calibration's progress bar says: "GPTQ 4-bit", "SpQR 3-bit"."""
+    if hasattr(config, "block_type"):  # GPTQ onto a llama.cpp block type
+        return f"GPTQ {config.block_type}"
     return f"{type(config).__name__.removesuffix('Config')} {config.bits}-bit"
 
 

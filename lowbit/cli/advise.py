@@ -26,6 +26,9 @@ def advise(
     calib_samples: int = typer.Option(8, help="sequences of the sensitivity measurement"),
     calib_len: int = typer.Option(256, help="tokens per sequence of the sensitivity measurement"),
     measure: bool = typer.Option(True, "--measure/--no-measure", help="quantize by the plan and measure its perplexity"),
+    gguf: bool = typer.Option(False, "--gguf", help="choose among llama.cpp's block types (GPTQ onto q8_0, q5_0, "
+                              "q4_1, q4_0, iq4_nl) for one mixed GGUF file: lowbit export MODEL --plan PLAN --type "
+                              "q4_0 --out F.gguf"),
     out_arg: str = typer.Option("plan.json", "--out", "-o", metavar="PATH",
                                 help="the plan (JSON) for lowbit quantize --plan; "
                                      "the frontier plot goes beside it"),
@@ -53,6 +56,8 @@ def advise(
         raise UserError(f"--cost must be fisher or kl, got {cost!r}")
     if embeddings not in EMBEDDING_FORMATS:
         raise UserError(f"--embeddings must be one of {', '.join(EMBEDDING_FORMATS)}, got {embeddings!r}")
+    if gguf and embeddings != "float32":
+        raise UserError("--embeddings does not apply with --gguf: the GGUF file holds them in Q8_0")
     if budget is not None and embeddings != "float32":
         raise UserError("--embeddings goes with --bits; with --budget the advisor chooses the embeddings' format")
     check_scoring(tokens, 512, None)
@@ -66,16 +71,20 @@ def advise(
     skip = max(tokens, 8192)
     calibration = _calibration(tok, body, calib_samples, calib_len, skip, "--calib-samples/--calib-len")
 
-    from lowbit.app.advisor import advise as choose, bounds
-    from lowbit.analysis.sensitivity import measure_sensitivity
+    from lowbit.app.advisor import GGUF_FORMATS, advise as choose, advise_gguf, bounds
+    from lowbit.analysis.sensitivity import FORMATS, measure_sensitivity
     from lowbit.cache import cache_dir
 
     try:
-        sens = measure_sensitivity(m, calibration, kl=cost == "kl", cache=cache_dir() / "sensitivity")
+        sens = measure_sensitivity(m, calibration, GGUF_FORMATS if gguf else FORMATS, kl=cost == "kl",
+                                   cache=cache_dir() / "sensitivity")
     except ValueError as e:  # a quantized checkpoint given as MODEL
         raise UserError(f"{model}: {e}") from None
     try:
-        advice = choose(sens, bits=bits, budget=budget_bytes, cost=cost, embeddings=embeddings)
+        if gguf:
+            advice = advise_gguf(sens, bits=bits, budget=budget_bytes, cost=cost)
+        else:
+            advice = choose(sens, bits=bits, budget=budget_bytes, cost=cost, embeddings=embeddings)
     except ValueError as e:
         raise UserError(str(e)) from None
     console.print(_plan_table(advice, sens, f"{model}: plan for {_budget_text(bits, budget_bytes)} ({cost} cost)"))
@@ -99,6 +108,9 @@ def advise(
         measured = perplexity(q, tok, body, tokens, 512, progress=False)
         line += f", measured {measured:.3f} ({measured / reference:.4f}x)"
     console.print(line + f" on the first {tokens} tokens of {text_name}")
+    if gguf:  # the frontier plot draws lowbit's own formats, float32 included: no GGUF file holds that choice
+        console.print(f"written: {out} (lowbit export {model} --plan {out} --type q4_0 --out FILE.gguf)")
+        return
     lo = bounds(sens, cost, embeddings)["min_bits"]
     grid = [b for b in (3.0, 3.25, 3.5, 3.75, 4.0, 4.25, 4.5, 5.0, 5.5, 6.0, 7.0, 8.0, 8.5) if b >= lo]
     plot = out.with_name(out.stem + "-frontier.png")

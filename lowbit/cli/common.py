@@ -219,6 +219,45 @@ def read_text(path: Optional[Path]) -> tuple[str, str]:
     return path.read_text(encoding="utf-8", errors="replace"), str(path)
 
 
+def calibration_ids(tok, calib_text: Optional[Path]):
+    """GPTQ / SpQR calibration ids: from --calib-text, else the bundled text past its first 8192 (scored) tokens."""
+    from lowbit.calibrate import calibration_batches
+
+    body, _ = read_text(calib_text)
+    return calibration_batches(tok, body, skip_tokens=0 if calib_text else 8192)
+
+
+def read_plan(path: Optional[Path], method: Optional[str], embeddings: Optional[str], options: dict):
+    """The plan in ``path`` (None without one), its embeddings set by --embeddings if given; options that a plan
+    replaces are one error line."""
+    if path is None:
+        return None
+    from lowbit.plan import Plan
+
+    given = [f"--{k.replace('_', '-')}" for k, v in options.items() if v is not None] + (["--method"] if method else [])
+    if given:
+        raise UserError(f"--plan sets every layer's format: drop {', '.join(given)}")
+    if not path.is_file():
+        raise UserError(f"--plan {path} is not a file")
+    try:
+        plan = Plan.load(path)
+        if embeddings is not None:
+            plan = Plan(plan.layers, plan.default, embeddings, plan.notes)
+    except ValueError as e:
+        raise UserError(f"--plan {path}: {first_line(e)}") from None
+    return plan
+
+
+def rotate_model(model) -> None:
+    """--rotate: a random Hadamard rotation folded into the model (one line for a model it does not cover)."""
+    from lowbit.rotation import rotate
+
+    try:
+        rotate(model)
+    except ValueError as e:
+        raise UserError(f"--rotate: {first_line(e)}") from None
+
+
 def parse_methods(spec: str) -> list[str]:
     from lowbit.app.methods import check_method
 

@@ -7,7 +7,8 @@ from typing import Optional
 
 import typer
 
-from lowbit.cli.common import (THREADS_HELP, app, friendly, first_line, MODEL_HELP, UserError, console, load, read_text, setup,
+from lowbit.cli.common import (THREADS_HELP, calibration_ids, read_plan, rotate_model, app, friendly, first_line,
+                               MODEL_HELP, UserError, console, load, setup,
                                use_threads, ensure_kernels, out_path)
 
 
@@ -29,6 +30,9 @@ def quantize(
     threshold: Optional[float] = typer.Option(None, help="LLM.int8 outlier threshold (default 6.0; 0 turns it off)"),
     max_shard_size: str = typer.Option("2GB", help="largest safetensors shard"),
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
+    rotate: bool = typer.Option(False, "--rotate", help="fold a random Hadamard rotation into the residual stream "
+                                "first (same function, outliers spread: every format rounds with less error; a tied "
+                                "head is untied)"),
     stream: bool = typer.Option(True, "--stream/--in-memory",
                                 help="for a transformers folder: read, quantize and write one tensor at a time (the "
                                      "full-precision model is never built; same output as --in-memory)"),
@@ -51,7 +55,7 @@ def quantize(
     # Everything that can be checked is checked before the model loads (GPTQ can take minutes).
     if embeddings is not None and embeddings not in EMBEDDING_FORMATS:
         raise UserError(f"--embeddings must be one of {', '.join(EMBEDDING_FORMATS)}, got {embeddings!r}")
-    the_plan = _read_plan(plan, method, embeddings, dict(bits=bits, blocksize=blocksize, double_quant=double_quant,
+    the_plan = read_plan(plan, method, embeddings, dict(bits=bits, blocksize=blocksize, double_quant=double_quant,
                                                           threshold=threshold))
     method = method or "nf4"
     check_method(method)
@@ -76,13 +80,17 @@ def quantize(
         from lowbit.app.models import gguf_of
 
         gguf_of(model)  # a model that is no GGUF: said now, before anything loads
+    if rotate and native:
+        raise UserError("--rotate changes the weights: it cannot keep a GGUF's own codes (--method native)")
     if the_plan is not None:
-        return _quantize_by_plan(model, the_plan, calib_text, out, max_shard_size)
-    if stream and not native and method != "bf16" and embeddings in (None, "float32") and streamable(model):
+        return _quantize_by_plan(model, the_plan, calib_text, out, max_shard_size, rotate)
+    if stream and not rotate and not native and method != "bf16" and embeddings in (None, "float32") and streamable(model):
         return _quantize_streamed(Path(model), method, options, calib_text, out, max_shard_size)
     t = time.perf_counter()
     m, tok = load(model, native=native, tokenizer=needs_calibration(method))  # as streamed: saved if there is one
-    calibration = _calibration(tok, calib_text) if needs_calibration(method) else None
+    if rotate:
+        rotate_model(m)
+    calibration = calibration_ids(tok, calib_text) if needs_calibration(method) else None
     if not native:  # native: the load is the quantization (the file's own codes)
         t = time.perf_counter()
         apply_method(m, method, calibration=calibration, **options)
@@ -98,40 +106,14 @@ def quantize(
                   f"quantized in {seconds:.1f} s")
 
 
-def _calibration(tok, calib_text: Optional[Path]):
-    """GPTQ / SpQR calibration ids: from --calib-text, else the bundled text past its first 8192 (scored) tokens."""
-    from lowbit.calibrate import calibration_batches
-
-    body, _ = read_text(calib_text)
-    return calibration_batches(tok, body, skip_tokens=0 if calib_text else 8192)
-
-
-def _read_plan(path: Optional[Path], method: Optional[str], embeddings: Optional[str], options: dict):
-    """The plan in ``path`` (None without one), its embeddings set by --embeddings if given; options that a plan
-    replaces are one error line."""
-    if path is None:
-        return None
-    from lowbit.plan import Plan
-
-    given = [f"--{k.replace('_', '-')}" for k, v in options.items() if v is not None] + (["--method"] if method else [])
-    if given:
-        raise UserError(f"--plan sets every layer's format: drop {', '.join(given)}")
-    if not path.is_file():
-        raise UserError(f"--plan {path} is not a file")
-    try:
-        plan = Plan.load(path)
-        if embeddings is not None:
-            plan = Plan(plan.layers, plan.default, embeddings, plan.notes)
-    except ValueError as e:
-        raise UserError(f"--plan {path}: {first_line(e)}") from None
-    return plan
-
-
-def _quantize_by_plan(model: str, plan, calib_text: Optional[Path], out: Path, max_shard_size: str) -> None:
+def _quantize_by_plan(model: str, plan, calib_text: Optional[Path], out: Path, max_shard_size: str,
+                      rotate: bool = False) -> None:
     import lowbit
 
     m, tok = load(model, tokenizer=plan.needs_calibration())
-    calibration = _calibration(tok, calib_text) if plan.needs_calibration() else None
+    if rotate:
+        rotate_model(m)
+    calibration = calibration_ids(tok, calib_text) if plan.needs_calibration() else None
     t = time.perf_counter()
     try:
         lowbit.quantize(m, plan, calibration=calibration)
@@ -164,7 +146,7 @@ def _quantize_streamed(src: Path, method: str, options: dict, calib_text: Option
     if needs_calibration(method):
         if tok is None:
             raise UserError(f"{src} holds no tokenizer to make {method}'s calibration data with")
-        calibration = _calibration(tok, calib_text)
+        calibration = calibration_ids(tok, calib_text)
     config = method_config(method, **options)
     try:
         stats = quantize_checkpoint(src, out, config, calibration=calibration, tokenizer=tok,

@@ -2,7 +2,8 @@
 
 GGUF's Q4_0, Q4_1 and Q8_0 are blocks of 32 weights along the input dimension with an fp16 scale (and, for Q4_1,
 an fp16 minimum): lowbit's IntLinear with groups of 32 holds the same codes (ggml's block layout:
-github.com/ggml-org/ggml, docs/gguf.md and ggml-common.h). Other tensor types are dequantized (with a warning
+github.com/ggml-org/ggml, docs/gguf.md and ggml-common.h). Q5_0, Q5_1 and IQ4_NL weights load into BlockLinear, which
+holds the file's bytes (and writes them back as they are). Other tensor types are dequantized (with a warning
 naming them). Model structure, tensor names and the q/k row order of llama-family files come from transformers'
 GGUF support, so every architecture transformers reads from GGUF loads here.
 
@@ -20,10 +21,11 @@ from torch import nn
 
 from lowbit.checkpoint import assign, check_layers
 from lowbit.manifest import CheckpointError
-from lowbit.nn import IntLinear
+from lowbit.nn import BlockLinear, IntLinear
 from lowbit.nn.base import is_linear_like, replace_module
 
 NATIVE = ("Q4_0", "Q4_1", "Q8_0")  # GGUF tensor types loaded into IntLinear as they are
+BLOCKS = ("Q5_0", "Q5_1", "IQ4_NL")  # ... and into BlockLinear, the file's bytes as they are
 TERNARY = ("TQ1_0", "TQ2_0")  # loaded into BitLinear where the tensor is trits times one scale (BitNet b1.58's form)
 _GROUP = 32
 _KEEP_META = 16  # GGUF files whose config and tokenizer the cache keeps
@@ -146,7 +148,8 @@ def load_gguf(path: str | Path, native: bool = True, dtype: torch.dtype = torch.
         if int(t.n_elements) != state[hf].numel():
             raise GGUFError(f"{path}: tensor {t.name} holds {int(t.n_elements)} values, {hf} needs "
                             f"{tuple(state[hf].shape)}: the file does not match its own header")
-        if native and kind in NATIVE and hf.endswith(".weight") and is_linear_like(module) and int(t.shape[0]) % _GROUP == 0:
+        if (native and kind in NATIVE + BLOCKS and hf.endswith(".weight") and is_linear_like(module)
+                and int(t.shape[0]) % _GROUP == 0):
             quantized.append((t, hf))
             continue
         ternary = native and kind in TERNARY and hf.endswith(".weight") and is_linear_like(module)
@@ -170,7 +173,7 @@ def load_gguf(path: str | Path, native: bool = True, dtype: torch.dtype = torch.
         listed = ", ".join(f"{n} ({k})" for n, k in list(dequantized.items())[:4])
         more = f" and {len(dequantized) - 4} more" if len(dequantized) > 4 else ""
         warnings.warn(f"{path.name}: dequantized to {str(dtype).removeprefix('torch.')}: {listed}{more} (lowbit keeps "
-                      f"{', '.join(NATIVE)} weights of linear layers as they are)", stacklevel=2)
+                      f"{', '.join(NATIVE + BLOCKS)} weights of linear layers as they are)", stacklevel=2)
     for t, hf in quantized:  # after the biases, which the new layers take over
         name = owners[hf]
         module = model.get_submodule(name)
@@ -178,10 +181,16 @@ def load_gguf(path: str | Path, native: bool = True, dtype: torch.dtype = torch.
         order = _row_order(processor, t.name, out_f, in_f, conv1d=not isinstance(module, nn.Linear))
         if order is None:
             raise GGUFError(f"{path}: the rows of {t.name} do not map one to one onto {hf}")
-        codes, scale, zero, bits, zero_dtype = _codes_scale_zero(t)
         bias = getattr(module, "bias", None)
         if bias is not None and bias.is_meta:  # every bias was read above: the file lacks this one
             raise GGUFError(f"{path}: the file lacks {name}.bias, which {hf} needs")
+        if t.tensor_type.name in BLOCKS:  # whole rows of blocks: the row order applies to the bytes
+            layer = BlockLinear(in_f, out_f, bias is not None, t.tensor_type.name.lower(), dtype)
+            layer.weight_blocks = torch.from_numpy(np.ascontiguousarray(np.asarray(t.data).reshape(out_f, -1)[order]))
+            layer.copy_bias(bias)
+            replace_module(model, name, layer)
+            continue
+        codes, scale, zero, bits, zero_dtype = _codes_scale_zero(t)
         layer = IntLinear.from_codes(torch.from_numpy(codes[order]), torch.from_numpy(scale[order].astype(np.float32)),
                                      torch.from_numpy(np.ascontiguousarray(zero[order])), bias, bits, _GROUP,
                                      dtype, zero_dtype)

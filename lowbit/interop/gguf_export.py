@@ -1,9 +1,11 @@
 """Write a model (full precision or quantized by lowbit) as a GGUF file that llama.cpp runs.
 
-Linear weights go out as the chosen type: a lowbit IntLinear that already holds that GGUF format (a model loaded
-with ``lowbit.interop.gguf.load_gguf``, or int4 / int8 with groups of 32) is written from its own codes, bit for
-bit; any other weight is dequantized to float32 and quantized by the ``gguf`` package (llama.cpp's reference
-rounding). Embeddings and the LM head go out as Q8_0 (F16 for ``f16``), norms as F32, as llama.cpp's converter does.
+Linear weights go out as their layer holds them where it can: a BlockLinear (``lowbit.quantize(model, "q4_0")``,
+GPTQ onto a block type, a per-tensor mix from a plan) is written in its own type and bytes, and an IntLinear that
+holds the chosen format exactly (a model loaded with ``lowbit.interop.gguf.load_gguf``, or int4 / int8 with groups
+of 32) from its own codes, bit for bit. Any other weight is dequantized to float32 and rounded onto the chosen type
+by ggml's reference rounding (lowbit/formats/ggml.py; the same bytes as the ``gguf`` package's). Embeddings and the
+LM head go out as Q8_0 (F32 / F16 for ``f32`` / ``f16``), norms as F32, as llama.cpp's converter does.
 """
 from __future__ import annotations
 
@@ -14,11 +16,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from lowbit.formats import ggml
 from lowbit.interop.gguf import GGUFError, read
-from lowbit.nn import BitLinear, IntLinear, QuantLinear
+from lowbit.nn import BitLinear, BlockLinear, IntLinear, QuantLinear
 from lowbit.nn.base import check_plain_linear, is_linear_like, linear_weight
 
-TYPES = ("f16", "q8_0", "q4_0", "q4_1", "tq2_0")
+TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl", "tq2_0")
 # transformers model_type -> (llama.cpp architecture, whether llama.cpp's converter permutes q/k rows for rotary)
 ARCHS = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
 
@@ -59,21 +62,27 @@ def _block(qtype: str) -> int:
     return GGML_QUANT_SIZES[getattr(GGMLQuantizationType, qtype.upper())][0]
 
 
-def _quantize(w: np.ndarray, qtype: str) -> tuple[np.ndarray, "object"]:
-    from gguf import GGMLQuantizationType, quantize
+def _kind(qtype: str):
+    from gguf import GGMLQuantizationType
 
-    kind = {"f16": GGMLQuantizationType.F16, "q8_0": GGMLQuantizationType.Q8_0, "q4_0": GGMLQuantizationType.Q4_0,
-            "q4_1": GGMLQuantizationType.Q4_1, "tq2_0": GGMLQuantizationType.TQ2_0, "f32": GGMLQuantizationType.F32}[qtype]
+    return getattr(GGMLQuantizationType, qtype.upper())
+
+
+def _quantize(w: np.ndarray, qtype: str) -> tuple[np.ndarray, "object"]:
+    from gguf import quantize
+
+    kind = _kind(qtype)
     if qtype == "f32":
         return np.ascontiguousarray(w, dtype=np.float32), kind
     if qtype == "f16":
         return np.ascontiguousarray(w, dtype=np.float16), kind
-    from gguf import GGML_QUANT_SIZES
-
-    block = GGML_QUANT_SIZES[kind][0]
+    block = _block(qtype)
     if w.shape[-1] % block:
         raise GGUFError(f"{qtype} takes rows whose length is a multiple of {block}; a weight here has rows of "
                         f"{w.shape[-1]}")
+    if qtype in ggml.TYPES:
+        blocks = ggml.reference(ggml.block_type(qtype), torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)))
+        return ggml.pack(blocks).numpy(), kind
     return quantize(np.ascontiguousarray(w, dtype=np.float32), kind), kind
 
 
@@ -118,7 +127,7 @@ def export_gguf(model: nn.Module, tokenizer, path: str | Path, qtype: str = "q4_
     if qtype == "tq2_0" and not force_ternary:
         # Only weights TQ2_0's blocks of 256 tile are written ternary; the others go out in Q8_0 as they are.
         not_ternary = [n for n, m in linears if not n.endswith("lm_head") and _in_features(m) % 256 == 0
-                       and not _is_ternary(m)]
+                       and not isinstance(m, BlockLinear) and not _is_ternary(m)]
         if not_ternary:
             raise GGUFError(f"tq2_0 holds ternary weights; {len(not_ternary)} layer(s) are not ternary (e.g. "
                             f"{not_ternary[0]}): quantize with --method ternary first, or pass --force-ternary to "
@@ -142,9 +151,8 @@ def export_gguf(model: nn.Module, tokenizer, path: str | Path, qtype: str = "q4_
                                     (getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_vocab_size(config.vocab_size)
-    writer.add_file_type({"f16": LlamaFileType.MOSTLY_F16, "q8_0": LlamaFileType.MOSTLY_Q8_0,
-                          "q4_0": LlamaFileType.MOSTLY_Q4_0, "q4_1": LlamaFileType.MOSTLY_Q4_1,
-                          "tq2_0": LlamaFileType.MOSTLY_TQ2_0}[qtype])
+    # A mixed file (a plan's BlockLinear layers) is labelled by --type, the type of the weights the plan left.
+    writer.add_file_type(LlamaFileType.ALL_F32 if qtype == "f32" else getattr(LlamaFileType, f"MOSTLY_{qtype.upper()}"))
     writer.add_quantization_version(2)
     source = tokenizer_gguf or ((getattr(model, "gguf_source", None) or {}).get("path"))
     _add_tokenizer(writer, tokenizer, source)
@@ -165,14 +173,20 @@ def export_gguf(model: nn.Module, tokenizer, path: str | Path, qtype: str = "q4_
             order = _permute(rows, n_head if "attn_q" in gguf_name else n_kv)
         is_linear = suffix == "weight" and module is not None and (is_linear_like(module) or isinstance(module, QuantLinear))
         embedding = gguf_name.startswith(("token_embd", "output.")) and suffix == "weight"
-        if is_linear and not embedding and tensor.dim() == 2:
+        if isinstance(module, BlockLinear) and suffix == "weight":  # its own type and bytes, whatever --type says
+            blocks, kind = tensor.numpy()[order], _kind(module.block_type)
+            report["from_codes"] += 1
+            if module.block_type != qtype:
+                report.setdefault("types", {}).setdefault(module.block_type, 0)
+                report["types"][module.block_type] += 1
+        elif is_linear and not embedding and tensor.dim() == 2:
             blocks = _blocks_from_codes(module, qtype, order) if isinstance(module, IntLinear) else None
             if blocks is not None:
                 kind = getattr(GGMLQuantizationType, qtype.upper())
                 report["from_codes"] += 1
             else:
                 w = tensor.float().numpy()[order]
-                fits = qtype == "f16" or w.shape[-1] % _block(qtype) == 0
+                fits = qtype in ("f32", "f16") or w.shape[-1] % _block(qtype) == 0
                 # As llama.cpp's quantizer does, a weight whose rows the type's blocks do not tile goes out in Q8_0
                 # (blocks of 32), else F16.
                 fallback = "q8_0" if w.shape[-1] % 32 == 0 else "f16"
@@ -182,7 +196,7 @@ def export_gguf(model: nn.Module, tokenizer, path: str | Path, qtype: str = "q4_
                     report.setdefault("fallback", []).append(f"{hf} ({fallback})")
         elif embedding:
             w = tensor.float().numpy()[order]
-            blocks, kind = _quantize(w, "f16" if qtype == "f16" else "q8_0")
+            blocks, kind = _quantize(w, qtype if qtype in ("f32", "f16") else "q8_0")
             report["quantized"] += 1
         else:  # norms, biases
             blocks, kind = _quantize(tensor.float().numpy()[order] if tensor.dim() else tensor.float().numpy(), "f32")
@@ -204,11 +218,16 @@ def export_gguf(model: nn.Module, tokenizer, path: str | Path, qtype: str = "q4_
 
 def _named_tensors(model: nn.Module):
     """Yield (transformers name, float tensor [out, in] for weights) one at a time, lowbit layers dequantized as they
-    come (a whole dequantized model never exists); the LM head is left out when it is the embedding (GGUF ties by
-    leaving out output.weight)."""
+    come (a whole dequantized model never exists), a BlockLinear's weight as its GGUF bytes [out, bytes a row]; the
+    LM head is left out when it is the embedding (GGUF ties by leaving out output.weight)."""
     tied = getattr(model.config, "tie_word_embeddings", False)
     for name, module in model.named_modules():
         if isinstance(module, QuantLinear):
+            if isinstance(module, BlockLinear):
+                yield f"{name}.weight", module.weight_blocks
+                if module.bias is not None:
+                    yield f"{name}.bias", module.bias.detach()
+                continue
             yield f"{name}.weight", module.dequantize().detach()
             if module.bias is not None:
                 yield f"{name}.bias", module.bias.detach()

@@ -7,10 +7,11 @@ from lowbit.nn.linear4bit import Linear4bit
 from lowbit.nn.bitlinear import BitLinear
 from lowbit.nn.intn import IntLinear
 from lowbit.nn.spqr import SpQRLinear
+from lowbit.nn.ggml import BlockLinear
 from lowbit.nn.bitlinear_train import TrainableBitLinear
 from lowbit.nn.switchback import StableEmbedding, SwitchBackLinear, to_switchback
 
-__all__ = ["QuantLinear", "Int8Linear", "Linear4bit", "BitLinear", "TrainableBitLinear", "IntLinear", "SpQRLinear", "SwitchBackLinear",
+__all__ = ["QuantLinear", "Int8Linear", "Linear4bit", "BitLinear", "TrainableBitLinear", "IntLinear", "SpQRLinear", "BlockLinear", "SwitchBackLinear",
            "StableEmbedding", "to_switchback"]
 from lowbit.nn.embedding import HalfLinear, QuantEmbedding  # noqa: E402
 
