@@ -161,6 +161,8 @@ def main() -> None:
     ap.add_argument("--rotate-types", default="q4_0,iq4_nl", help="GGUF types made from the rotated model too")
     ap.add_argument("--mix-bits", default="4.5,5.0", help="budgets of lowbit advise --gguf's mixed files")
     ap.add_argument("--own", default="nf4,gptq4,gptq3", help="lowbit's own formats, plain and rotated (no GGUF)")
+    ap.add_argument("--no-llamacpp", action="store_true", help="leave out llama.cpp's files (and its imatrix)")
+    ap.add_argument("--merge", type=Path, default=None, help="a log of an earlier run: its rows join this table")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--build-tools", action="store_true")
     args = ap.parse_args()
@@ -230,27 +232,29 @@ def main() -> None:
         base = work / "smollm2-f32.gguf"
         export_gguf(fp, tok, base, "f32", progress=False)
         (work / "calib.txt").write_text(calib_text, encoding="utf-8")
-        t = time.perf_counter()
-        subprocess.run([imatrix_tool, "-m", str(base), "-f", str(work / "calib.txt"), "-o", str(work / "imatrix.gguf"),
-                        "-c", "512", "-t", str(torch.get_num_threads())], check=True, capture_output=True)
-        imatrix_s = time.perf_counter() - t
-        llama_types = [t.upper() for t in args.types.split(",")] + [m for m in args.mixes.split(",") if m]
-        for ftype in llama_types:
-            for imatrix in (False, True):
-                if not imatrix and ftype in LLAMA_MIXES[1:]:
-                    continue  # the mixes beyond Q4_K_M: with the importance matrix only
-                out = work / f"llama-{ftype}{'-imatrix' if imatrix else ''}.gguf"
-                cmd = [quantize_tool, "--token-embedding-type", "q8_0", "--output-tensor-type", "q8_0"]
-                cmd += ["--imatrix", str(work / "imatrix.gguf")] if imatrix else []
-                t = time.perf_counter()
-                done = subprocess.run(cmd + [str(base), str(out), ftype, str(torch.get_num_threads())],
-                                      capture_output=True, text=True)
-                if done.returncode:
-                    print(f"llama-quantize {ftype}: {done.stderr.strip()[-300:]}", file=sys.stderr)
-                    continue
-                made = time.perf_counter() - t + (imatrix_s if imatrix else 0.0)
-                measure(f"llama.cpp {ftype}" + (" imatrix" if imatrix else ""), out, made)
-                out.unlink()
+        if not args.no_llamacpp:
+            t = time.perf_counter()
+            subprocess.run([imatrix_tool, "-m", str(base), "-f", str(work / "calib.txt"), "-o",
+                            str(work / "imatrix.gguf"), "-c", "512", "-t", str(torch.get_num_threads())],
+                           check=True, capture_output=True)
+            imatrix_s = time.perf_counter() - t
+            llama_types = [t.upper() for t in args.types.split(",")] + [m for m in args.mixes.split(",") if m]
+            for ftype in llama_types:
+                for imatrix in (False, True):
+                    if not imatrix and ftype in LLAMA_MIXES[1:]:
+                        continue  # the mixes beyond Q4_K_M: with the importance matrix only
+                    out = work / f"llama-{ftype}{'-imatrix' if imatrix else ''}.gguf"
+                    cmd = [quantize_tool, "--token-embedding-type", "q8_0", "--output-tensor-type", "q8_0"]
+                    cmd += ["--imatrix", str(work / "imatrix.gguf")] if imatrix else []
+                    t = time.perf_counter()
+                    done = subprocess.run(cmd + [str(base), str(out), ftype, str(torch.get_num_threads())],
+                                          capture_output=True, text=True)
+                    if done.returncode:
+                        print(f"llama-quantize {ftype}: {done.stderr.strip()[-300:]}", file=sys.stderr)
+                        continue
+                    made = time.perf_counter() - t + (imatrix_s if imatrix else 0.0)
+                    measure(f"llama.cpp {ftype}" + (" imatrix" if imatrix else ""), out, made)
+                    out.unlink()
 
         def lowbit_file(label: str, source, how, qtype: str = "q4_0") -> None:
             t = time.perf_counter()
@@ -283,6 +287,8 @@ def main() -> None:
             row = measure_model(f"lowbit {how} (own format){' rotated' if rot else ''}", q, info)
             print(json.dumps(row), flush=True)
             del q
+    if args.merge:  # rows a crashed run printed (one JSON object a line), measured as this run measures them
+        rows += [json.loads(line) for line in args.merge.read_text().splitlines() if line.startswith("{")]
     print()
     print(table(rows, list(texts)))
     if args.json:

@@ -86,7 +86,7 @@ def advise(sens: Sensitivity, bits: float | None = None, budget: int | None = No
                              f"{b['min_bytes'] / 1e6:.1f} MB (the smallest plan) to below {b['max_bytes'] / 1e6:.1f} MB "
                              "(the full-precision model)")
         room = budget - sens.fixed_bytes
-    choices = allocate(groups, room, unit=max(1, room // DP_CELLS))
+    choices = allocate(groups, room, unit=_unit(groups, room))
     emb = choices.pop(EMBEDDINGS).format if EMBEDDINGS in choices else embeddings
     head = choices.pop(HEAD, None)
     linear_bytes = sum(c.nbytes for c in choices.values())
@@ -122,6 +122,14 @@ def advise_gguf(sens: Sensitivity, bits: float | None = None, budget: int | None
     plan = Plan(layers=a.plan.layers, notes={**a.plan.notes, "gguf": True,
                                              **({"budget_bytes": budget} if budget is not None else {})})
     return Advice(plan, a.choices, a.linear_bytes, a.model_bytes, a.bits, a.cost)
+
+
+def _unit(groups: dict[str, list[Choice]], room: int) -> int:
+    """The allocation's byte unit: the sizes' greatest common divisor where it resolves the budget in at most
+    4 x DP_CELLS cells (exact: a plan of the smallest formats fits a budget of exactly its size), else room /
+    DP_CELLS."""
+    exact = math.gcd(*(c.nbytes for g in groups.values() for c in g))
+    return exact if exact and room // exact <= 4 * DP_CELLS else max(1, room // DP_CELLS)
 
 
 def uniform(sens: Sensitivity, fmt: str, cost: str = "fisher", embeddings: str = "float32") -> Advice:
