@@ -8,6 +8,9 @@ from lowbit.eval.memory import memory_report  # noqa: E402
 from lowbit.quantize import quantize  # noqa: E402
 from lowbit.embeddings import quantize_embeddings  # noqa: E402
 from lowbit.plan import Plan  # noqa: E402
+from lowbit.nn.ggml import BlockConfig  # noqa: E402
+from lowbit.calibrate.gptq_blocks import GPTQBlockConfig  # noqa: E402
+from lowbit.rotation import rotate  # noqa: E402
 # lowbit.config_from_dict rebuilds any saved quantization, a Plan included
 from lowbit.plan import quantization_from_dict as config_from_dict  # noqa: E402
 from lowbit.stream import quantize_checkpoint  # noqa: E402
@@ -32,4 +35,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'lowbit' has no attribute {name!r}")
 
 
-__all__ = ["prepare_for_training", "CheckpointError", "load", "load_tokenizer", "save", "GPTQConfig", "Int8Config", "IntConfig", "NF4Config", "SpQRConfig", "TernaryConfig", "config_from_dict", "config_from_json", "generate", "memory_report", "quantize", "quantize_checkpoint", "quantize_embeddings", "Plan"]
+__all__ = ["prepare_for_training", "CheckpointError", "load", "load_tokenizer", "save", "BlockConfig", "GPTQBlockConfig", "GPTQConfig", "Int8Config", "IntConfig", "NF4Config", "SpQRConfig", "TernaryConfig", "config_from_dict", "config_from_json", "generate", "memory_report", "quantize", "quantize_checkpoint", "quantize_embeddings", "Plan", "rotate"]
