@@ -248,6 +248,18 @@ def read_plan(path: Optional[Path], method: Optional[str], embeddings: Optional[
     return plan
 
 
+def apply_plan(model, tok, plan, calib_text: Optional[Path], name: str) -> None:
+    """Quantize ``model`` in place by ``plan`` (its GPTQ / SpQR layers calibrated as calibration_ids says); a plan
+    that does not fit the model named ``name`` is one error line."""
+    import lowbit
+
+    calibration = calibration_ids(tok, calib_text) if plan.needs_calibration() else None
+    try:
+        lowbit.quantize(model, plan, calibration=calibration)
+    except ValueError as e:  # a plan that does not fit this model
+        raise UserError(f"the plan does not fit {name}: {first_line(e)}") from None
+
+
 def rotate_model(model) -> None:
     """--rotate: a random Hadamard rotation folded into the model (one line for a model it does not cover)."""
     from lowbit.rotation import rotate

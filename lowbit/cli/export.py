@@ -7,8 +7,8 @@ from typing import Optional
 
 import typer
 
-from lowbit.cli.common import (MODEL_HELP, THREADS_HELP, UserError, app, calibration_ids, check_writable_dir,
-                               check_writable_file, console, first_line, friendly, load, out_path, read_plan,
+from lowbit.cli.common import (MODEL_HELP, THREADS_HELP, UserError, app, apply_plan, calibration_ids, check_writable_dir,
+                               check_writable_file, console, friendly, load, out_path, read_plan,
                                rotate_model, setup, use_threads)
 
 FORMATS = ("gguf", "compressed-tensors")
@@ -98,13 +98,7 @@ def export(
 
         group_size = group_size or group_size_for(m)
     if the_plan is not None:
-        import lowbit
-
-        calibration = calibration_ids(tok, calib_text) if the_plan.needs_calibration() else None
-        try:
-            lowbit.quantize(m, the_plan, calibration=calibration)
-        except ValueError as e:  # a plan that does not fit this model
-            raise UserError(f"the plan does not fit {model}: {first_line(e)}") from None
+        apply_plan(m, tok, the_plan, calib_text, model)
     elif method is not None and method not in LOADED:
         calibration = calibration_ids(tok, calib_text) if needs_calibration(method) else None
         # rtn / gptq for compressed-tensors: groups of the size written, so that the layers go out as they are

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from lowbit.cli.common import (THREADS_HELP, calibration_ids, read_plan, rotate_model, app, friendly, first_line,
+from lowbit.cli.common import (THREADS_HELP, apply_plan, calibration_ids, read_plan, rotate_model, app, friendly, first_line,
                                MODEL_HELP, UserError, console, load, setup,
                                use_threads, ensure_kernels, out_path)
 
@@ -113,12 +113,8 @@ def _quantize_by_plan(model: str, plan, calib_text: Optional[Path], out: Path, m
     m, tok = load(model, tokenizer=plan.needs_calibration())
     if rotate:
         rotate_model(m)
-    calibration = calibration_ids(tok, calib_text) if plan.needs_calibration() else None
     t = time.perf_counter()
-    try:
-        lowbit.quantize(m, plan, calibration=calibration)
-    except ValueError as e:  # a plan that does not fit this model
-        raise UserError(f"the plan does not fit {model}: {first_line(e)}") from None
+    apply_plan(m, tok, plan, calib_text, model)
     seconds = time.perf_counter() - t
     lowbit.save(m, out, tokenizer=tok, max_shard_size=max_shard_size)
     from lowbit.app.compare import linear_bits_per_param
