@@ -11,9 +11,9 @@ from torch import nn
 
 from lowbit.calibrate.gptq import gptq_sweep, inverse_hessian
 from lowbit.config import check_calibration_fields
-from lowbit.formats import ggml
 from lowbit.nn.base import linear_weight
-from lowbit.nn.ggml import BlockConfig, BlockLinear, check_rows
+from lowbit.nn.ggml import (BLOCK_TYPES, K_FALLBACK, BlockConfig, BlockLinear, block_format, check_rows,
+                             rows_type)
 from lowbit.registry import Format, Method, register
 
 
@@ -35,9 +35,8 @@ class GPTQBlockConfig(BlockConfig):
         check_calibration_fields(self)
 
 
-def gptq_blocks(W: torch.Tensor, H: torch.Tensor, t: ggml.BlockType, act_order: bool = True,
-                damp: float = 0.01, block: int = 128) -> ggml.Blocks:
-    """GPTQ of a float [out, in] weight onto block type ``t``.
+def gptq_blocks(W: torch.Tensor, H: torch.Tensor, t, act_order: bool = True, damp: float = 0.01, block: int = 128):
+    """GPTQ of a float [out, in] weight onto block type ``t`` (a ggml.BlockType or kquants.KType); its blocks.
 
     Each block's scale (and min) is fixed before the sweep from the unquantized weight, searched for the least
     error weighted by the Hessian's diagonal (the inputs' mean square: what llama.cpp's importance matrix holds).
@@ -46,8 +45,9 @@ def gptq_blocks(W: torch.Tensor, H: torch.Tensor, t: ggml.BlockType, act_order: 
     W = W.float().clone()
     dead = torch.diag(H) == 0
     W[:, dead] = 0  # inputs that never fire: nothing to compensate with
-    fixed = ggml.search(t, W, torch.diag(H).clamp(min=0))
-    d, m = fixed.d.repeat_interleave(ggml.BLOCK, 1), None if fixed.m is None else fixed.m.repeat_interleave(ggml.BLOCK, 1)
+    fmt = block_format(t.name)[0]
+    fixed = fmt.search(t, W, torch.diag(H).clamp(min=0))
+    d, m = fixed.per_weight()
     codes = torch.zeros_like(fixed.codes)
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(W.shape[1])
     hinv, _ = inverse_hessian(H[perm][:, perm], damp)
@@ -55,22 +55,27 @@ def gptq_blocks(W: torch.Tensor, H: torch.Tensor, t: ggml.BlockType, act_order: 
     def quant(j: int, w: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
         col = int(perm[j])
         mc = None if m is None else m[:, col]
-        q = ggml.nearest(t, w, d[:, col], mc)
+        q = fmt.nearest(t, w, d[:, col], mc)
         codes[:, col] = q.to(torch.uint8)
-        return ggml.grid_value(t, q, d[:, col], mc)
+        return fmt.grid_value(t, q, d[:, col], mc)
 
     gptq_sweep(W[:, perm], hinv, quant, block)
-    return ggml.Blocks(t, codes, fixed.d, fixed.m)
+    fixed.codes = codes
+    return fixed
 
 
 def gptq_block_layer(module: nn.Module, H: torch.Tensor, config: GPTQBlockConfig) -> BlockLinear:
     """The BlockLinear that GPTQ makes of one linear layer from the Hessian ``H`` of its inputs."""
     w = linear_weight(module)
-    blocks = gptq_blocks(w, H, check_rows(config.block_type, w.shape[1]), config.act_order, config.damp)
+    t = check_rows(rows_type(config.block_type, w.shape[1]), w.shape[1])
+    blocks = gptq_blocks(w, H, t, config.act_order, config.damp)
     return BlockLinear.from_blocks(blocks, module.bias, config.compute_dtype)
 
 
 register(Format(GPTQBlockConfig, BlockLinear, gptq_block_layer, calibrated=True,
                 methods={f"gptq-{name}": Method({"block_type": name}, f"GPTQ onto llama.cpp's {name.upper()} "
-                                                f"({t.bits_per_weight:g} bits/weight): calibrated codes a GGUF holds")
-                         for name, t in ggml.TYPES.items()}))
+                                                f"({block_format(name)[1].bits_per_weight:g} bits/weight): calibrated "
+                                                "codes a GGUF holds" + (f" (rows not a multiple of 256: "
+                                                                        f"{K_FALLBACK[name].upper()})"
+                                                                        if name in K_FALLBACK else ""))
+                         for name in BLOCK_TYPES}))

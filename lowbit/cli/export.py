@@ -12,8 +12,8 @@ from lowbit.cli.common import (MODEL_HELP, THREADS_HELP, UserError, app, apply_p
                                rotate_model, setup, use_threads)
 
 FORMATS = ("gguf", "compressed-tensors")
-TYPE_HELP = ("gguf: f32 | f16 | q8_0 | q4_0 | q4_1 | q5_0 | q5_1 | iq4_nl | tq2_0 (the type of every linear weight a --plan "
-             "does not set); compressed-tensors: int4 | int8 (weight-only, groups of --group-size)")
+TYPE_HELP = ("gguf: f32 | f16 | q8_0 | q4_0 | q4_1 | q5_0 | q5_1 | iq4_nl | q4_k | q6_k | tq2_0 (the type of every "
+             "linear weight a --plan does not set); compressed-tensors: int4 | int8 (weight-only, groups of --group-size)")
 
 
 @app.command()
@@ -70,7 +70,7 @@ def export(
         check_writable_dir(out)
     block_types = ()
     if format == "gguf":
-        from lowbit.formats.ggml import TYPES as block_types
+        from lowbit.nn.ggml import BLOCK_TYPES as block_types
     if method is not None and type in block_types and method in ("gptq", "rtn"):
         method = f"gptq-{type}" if method == "gptq" else type  # GPTQ / rounding onto the type's own grid
     elif method is not None and type in block_types and method not in (*block_types, *LOADED) \

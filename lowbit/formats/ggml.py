@@ -37,6 +37,11 @@ class BlockType:
     bytes: int
 
     @property
+    def block(self) -> int:
+        """Weights per stored block: rows must be a multiple of it."""
+        return BLOCK
+
+    @property
     def bits_per_weight(self) -> float:
         """Stored bits per weight, the block's scale (and min) included."""
         return self.bytes * 8 / BLOCK
@@ -74,9 +79,13 @@ class Blocks:
     d: torch.Tensor  # float32 [rows, cols // 32]
     m: torch.Tensor | None  # float32 [rows, cols // 32], types with a min
 
+    def per_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(d, m) of every weight, [rows, cols] each (m None for types without a min)."""
+        return _per_weight(self.d), _per_weight(self.m)
+
     def dequantize(self) -> torch.Tensor:
         """The float32 [rows, cols] weight the blocks stand for."""
-        return grid_value(self.type, self.codes.float(), _per_weight(self.d), _per_weight(self.m))
+        return grid_value(self.type, self.codes.float(), *self.per_weight())
 
 
 def _per_weight(x: torch.Tensor | None) -> torch.Tensor | None:

@@ -2,9 +2,9 @@
 
 GGUF's Q4_0, Q4_1 and Q8_0 are blocks of 32 weights along the input dimension with an fp16 scale (and, for Q4_1,
 an fp16 minimum): lowbit's IntLinear with groups of 32 holds the same codes (ggml's block layout:
-github.com/ggml-org/ggml, docs/gguf.md and ggml-common.h). Q5_0, Q5_1 and IQ4_NL weights load into BlockLinear, which
-holds the file's bytes (and writes them back as they are). Other tensor types are dequantized (with a warning
-naming them). Model structure, tensor names and the q/k row order of llama-family files come from transformers'
+github.com/ggml-org/ggml, docs/gguf.md and ggml-common.h). Q5_0, Q5_1, IQ4_NL, Q4_K and Q6_K weights load into
+BlockLinear, which holds the file's bytes (and writes them back as they are). Other tensor types are dequantized
+(with a warning naming them). Model structure, tensor names and the q/k row order of llama-family files come from transformers'
 GGUF support, so every architecture transformers reads from GGUF loads here.
 
 The file is untrusted input: it is read through a memory map, and any size it claims beyond the file is refused
@@ -25,7 +25,7 @@ from lowbit.nn import BlockLinear, IntLinear
 from lowbit.nn.base import is_linear_like, replace_module
 
 NATIVE = ("Q4_0", "Q4_1", "Q8_0")  # GGUF tensor types loaded into IntLinear as they are
-BLOCKS = ("Q5_0", "Q5_1", "IQ4_NL")  # ... and into BlockLinear, the file's bytes as they are
+BLOCKS = ("Q5_0", "Q5_1", "IQ4_NL", "Q4_K", "Q6_K")  # ... and into BlockLinear, the file's bytes as they are
 TERNARY = ("TQ1_0", "TQ2_0")  # loaded into BitLinear where the tensor is trits times one scale (BitNet b1.58's form)
 _GROUP = 32
 _KEEP_META = 16  # GGUF files whose config and tokenizer the cache keeps

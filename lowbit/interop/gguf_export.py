@@ -16,12 +16,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from lowbit.formats import ggml
+from lowbit.formats import ggml, kquants
 from lowbit.interop.gguf import GGUFError, read
 from lowbit.nn import BitLinear, BlockLinear, IntLinear, QuantLinear
 from lowbit.nn.base import check_plain_linear, is_linear_like, linear_weight
+from lowbit.nn.ggml import K_FALLBACK, rows_type
 
-TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl", "tq2_0")
+TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl", "q4_k", "q6_k", "tq2_0")
 # transformers model_type -> (llama.cpp architecture, whether llama.cpp's converter permutes q/k rows for rotary)
 ARCHS = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
 
@@ -83,6 +84,9 @@ def _quantize(w: np.ndarray, qtype: str) -> tuple[np.ndarray, "object"]:
     if qtype in ggml.TYPES:
         blocks = ggml.reference(ggml.block_type(qtype), torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)))
         return ggml.pack(blocks).numpy(), kind
+    if qtype in kquants.TYPES:  # the gguf package does not quantize K types: lowbit's weighted search (weights w^2)
+        blocks = kquants.search(kquants.TYPES[qtype], torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)))
+        return kquants.pack(blocks).numpy(), kind
     return quantize(np.ascontiguousarray(w, dtype=np.float32), kind), kind
 
 
@@ -152,7 +156,8 @@ def export_gguf(model: nn.Module, tokenizer, path: str | Path, qtype: str = "q4_
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_vocab_size(config.vocab_size)
     # A mixed file (a plan's BlockLinear layers) is labelled by --type, the type of the weights the plan left.
-    writer.add_file_type(LlamaFileType.ALL_F32 if qtype == "f32" else getattr(LlamaFileType, f"MOSTLY_{qtype.upper()}"))
+    file_type = {"f32": "ALL_F32", "q4_k": "MOSTLY_Q4_K_S"}.get(qtype, f"MOSTLY_{qtype.upper()}")
+    writer.add_file_type(getattr(LlamaFileType, file_type))
     writer.add_quantization_version(2)
     source = tokenizer_gguf or ((getattr(model, "gguf_source", None) or {}).get("path"))
     _add_tokenizer(writer, tokenizer, source)
@@ -187,9 +192,10 @@ def export_gguf(model: nn.Module, tokenizer, path: str | Path, qtype: str = "q4_
             else:
                 w = tensor.float().numpy()[order]
                 fits = qtype in ("f32", "f16") or w.shape[-1] % _block(qtype) == 0
-                # As llama.cpp's quantizer does, a weight whose rows the type's blocks do not tile goes out in Q8_0
-                # (blocks of 32), else F16.
-                fallback = "q8_0" if w.shape[-1] % 32 == 0 else "f16"
+                # As llama.cpp's quantizer does, a weight whose rows the type's blocks do not tile goes out in its
+                # fallback type: Q5_0 for Q4_K, Q8_0 for the others (blocks of 32), else F16.
+                fallback = rows_type(qtype, w.shape[-1]) if qtype in K_FALLBACK else "q8_0"
+                fallback = fallback if w.shape[-1] % 32 == 0 else "f16"
                 blocks, kind = _quantize(w, qtype if fits else fallback)
                 report["quantized"] += 1
                 if not fits:
