@@ -21,7 +21,14 @@ def reference_quantized(layer: TrainableBitLinear, x: torch.Tensor) -> tuple[tor
     return xq, wq
 
 
-def test_straight_through_gradients(rng):
+@pytest.fixture(params=[True, False], ids=["fused", "float"])
+def fused(request, monkeypatch):
+    """Each layer test on both forwards: the integer product and the float estimators around F.linear."""
+    monkeypatch.setattr(TrainableBitLinear, "fused", request.param)
+    return request.param
+
+
+def test_straight_through_gradients(rng, fused):
     layer = TrainableBitLinear(96, 40, bias=False)
     with torch.no_grad():
         layer.weight.copy_(torch.randn(40, 96, generator=rng) * 0.05)
@@ -48,13 +55,50 @@ def test_straight_through_gradients(rng):
         assert float((layer(x) * r).sum()) < before
 
 
-def test_training_forward_is_the_quantized_computation(rng):
+def test_training_forward_is_the_quantized_computation(rng, fused):
     layer = TrainableBitLinear(64, 32, bias=True)
     x = torch.randn(2, 7, 64, generator=rng) * 3
     xq, wq = reference_quantized(layer, x)
     torch.testing.assert_close(layer(x), torch.nn.functional.linear(xq, wq, layer.bias), rtol=1e-5, atol=1e-5)
     w = layer(x)
     assert not torch.allclose(w, torch.nn.functional.linear(x, layer.weight, layer.bias), atol=1e-2)  # it quantizes
+
+
+def test_fused_and_float_forwards_agree_on_a_prefill_sized_batch(rng):
+    # 600 rows: past the GEMV kernels, on the int8 GEMM. Same output and gradients as the float estimators, up to
+    # float summation order (the integer sums are exact).
+    layer = TrainableBitLinear(256, 96, bias=True)
+    x = (torch.randn(4, 150, 256, generator=rng) * 2).requires_grad_()
+    r = torch.randn(4, 150, 96, generator=rng)
+    outs = []
+    for mode in (True, False):
+        layer.fused = mode
+        layer.zero_grad()
+        xx = x.detach().clone().requires_grad_()
+        y = layer(xx)
+        (y * r).sum().backward()
+        outs.append((y.detach(), xx.grad, layer.weight.grad.clone(), layer.bias.grad.clone()))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_layer_under_bf16_autocast_keeps_its_forward_and_rounds_only_the_backward(rng):
+    # Under autocast the integer forward is unchanged (the codes come from the float input); the backward's two
+    # products run in bf16, so the gradients move by bf16's rounding only.
+    layer = TrainableBitLinear(256, 64, bias=False)
+    x = (torch.randn(300, 256, generator=rng) * 2).requires_grad_()
+    r = torch.randn(300, 64, generator=rng)
+    y32 = layer(x)
+    (y32 * r).sum().backward()
+    gx32, gw32 = x.grad.clone(), layer.weight.grad.clone()
+    x.grad, layer.weight.grad = None, None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y16 = layer(x)
+    (y16.float() * r).sum().backward()
+    assert torch.equal(y16.float(), y32)
+    for got, want in ((x.grad, gx32), (layer.weight.grad, gw32)):
+        assert got.dtype == torch.float32
+        assert float((got - want).norm() / want.norm()) < 1e-2
 
 
 @pytest.mark.parametrize("shape", [(64, 32), (200, 72), (30, 17)])

@@ -80,9 +80,35 @@ def test_fifty_steps_of_the_tiny_model_lower_the_loss(tmp_path, text, bits):
         assert s["saved_loss_rel_diff"] <= 1e-3
 
 
-def test_interrupted_run_resumes_bit_identically(tmp_path, text, monkeypatch):
+def test_gemma3_architecture_trains_and_reloads_as_gemma3(tmp_path, text):
     torch.set_num_threads(1)
-    cfg = TrainConfig(bits="1.58", steps=25, optimizer="adamw8bit", **SMALL)
+    import lowbit
+    from transformers import AutoModelForCausalLM
+
+    s = run(text, tmp_path / "g3", TrainConfig(arch="gemma3", bits="32", steps=30, **SMALL), progress=False)
+    assert s["losses"][0] > 6.5 and sum(s["losses"][-5:]) / 5 < s["losses"][0] - 0.5, s["losses"]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "g3")
+    assert type(model).__name__ == "Gemma3ForCausalLM"
+    # Gemma's traits are there: the embedding is scaled by sqrt(hidden) and the norms multiply by (1 + w).
+    assert float(model.model.embed_tokens.embed_scale) == pytest.approx(128 ** 0.5)
+    ids = torch.tensor([[5, 17, 300, 2]])
+    with torch.no_grad():
+        expected = model(ids).logits
+        got = lowbit.load(tmp_path / "g3")(ids).logits
+    torch.testing.assert_close(got, expected)
+    with pytest.raises(TrainError, match="--arch"):
+        TrainConfig(arch="mamba").check()
+    with pytest.raises(TrainError, match="--precision"):
+        TrainConfig(precision="fp8").check()
+    with pytest.raises(TrainError, match="bf16 autocast"):
+        TrainConfig(bits="16", precision="fp16").check()
+
+
+@pytest.mark.parametrize("settings", [dict(bits="1.58", optimizer="adamw8bit"), dict(bits="32", precision="fp16")],
+                         ids=["b1.58-adamw8bit", "fp16-loss-scaling"])
+def test_interrupted_run_resumes_bit_identically(tmp_path, text, monkeypatch, settings):
+    torch.set_num_threads(1)
+    cfg = TrainConfig(steps=25, **settings, **SMALL)
     whole = run(text, tmp_path / "whole", cfg, progress=False)
 
     import lowbit.train.pretrain as pretrain
@@ -104,6 +130,9 @@ def test_interrupted_run_resumes_bit_identically(tmp_path, text, monkeypatch):
     a = torch.load(tmp_path / "whole" / "checkpoint" / "state.pt", weights_only=True)
     b = torch.load(tmp_path / "cut" / "checkpoint" / "state.pt", weights_only=True)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    if cfg.precision == "fp16":  # the loss scale goes on from where it was (it grows while no gradient overflows)
+        assert a["scaler"] == b["scaler"] and a["scaler"]["scale"] > 0
+        assert whole["losses"][-1] < whole["losses"][0] - 0.3
     # Other settings in the same folder: refused, not mixed.
     with pytest.raises(TrainError, match="other settings"):
         run(text, tmp_path / "cut", TrainConfig(bits="1.58", steps=25, lr=1e-3, **SMALL), progress=False)

@@ -12,8 +12,11 @@ from lowbit.cli.common import THREADS_HELP, UserError, app, console, friendly, s
 @app.command()
 @friendly
 def train(
-    data: Path = typer.Option(..., "--data", help="a UTF-8 text file: its first 90% trains, the rest is held out"),
+    data: list[Path] = typer.Option(..., "--data", help="UTF-8 text files (repeat --data; the first 90% of their "
+                                    "text trains, the rest is held out), or a corpus folder built by "
+                                    "scripts/build_corpus.py (its own split and tokenizer)"),
     size: str = typer.Option("tiny", help="tiny (1M), small (5M) or base (20M non-embedding parameters)"),
+    arch: str = typer.Option("llama", help="llama | gemma3 (scaled embedding, (1 + w) norms, GELU MLP)"),
     bits: str = typer.Option("1.58", help="weights: 32 (fp32), 16 (bf16 compute) or 1.58 (BitNet b1.58 ternary)"),
     steps: int = typer.Option(500, help="optimizer steps"),
     batch: int = typer.Option(16, help="sequences per step"),
@@ -31,9 +34,13 @@ def train(
                                 help="folder for the model, its tokenizer, "
                                      "checkpoint/, loss.png and summary.json"),
     seed: int = typer.Option(0, help="seed of the initialisation and the batches"),
+    precision: Optional[str] = typer.Option(None, help="compute dtype: fp32 | bf16 (autocast; the default for --bits "
+                                            "16) | fp16 (autocast with loss scaling); weights stay fp32"),
+    compile_: bool = typer.Option(False, "--compile", help="torch.compile the training step: about a minute to "
+                                  "compile, then faster steps (benchmarks/bench_train_speed.py)"),
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
 ) -> None:
-    """Train a small LLaMA-style model from scratch on the text in --data; a rerun with the same --out resumes.
+    """Train a small LLaMA-style (or Gemma3) model from scratch on --data; a rerun with the same --out resumes.
 
     Example: lowbit train --size tiny --bits 1.58 --data notes.txt --steps 500 --out my-bitnet
     """
@@ -41,11 +48,28 @@ def train(
     out = out_path(out_arg)
     from lowbit.train.pretrain import TrainConfig, run
 
-    if not data.is_file():
-        raise UserError(f"data file not found: {data}")
-    cfg = TrainConfig(size=size, bits=bits, steps=steps, batch=batch, seq=seq, lr=lr, warmup=warmup, schedule=schedule,
+    from lowbit.train import corpus
+
+    for path in data:
+        if not path.exists():
+            raise UserError(f"--data {path}: not found")
+        if not path.is_file() and not corpus.is_corpus(path):
+            raise UserError(f"--data {path}: neither a text file nor a built corpus folder (one with corpus.json)")
+    tokens = None
+    if any(corpus.is_corpus(p) for p in data):
+        if len(data) > 1:
+            raise UserError("--data: a corpus folder is used alone (it holds its own tokenizer and split)")
+        if tokenizer is not None:
+            raise UserError("--tokenizer: a corpus folder brings its own tokenizer; leave --tokenizer out")
+        try:
+            tokens = corpus.load(data[0])
+        except corpus.CorpusError as e:
+            raise UserError(str(e)) from None
+        vocab = len(tokens[0])
+    cfg = TrainConfig(size=size, arch=arch, bits=bits, steps=steps, batch=batch, seq=seq, lr=lr, warmup=warmup, schedule=schedule,
                       weight_decay=weight_decay, optimizer=optimizer, vocab=vocab, eval_every=eval_every,
-                      save_every=save_every, seed=seed)
+                      save_every=save_every, seed=seed, compile=compile_,
+                      precision=precision)
     cfg.check()
     tok = None
     if tokenizer is not None:
@@ -55,7 +79,8 @@ def train(
             raise UserError(f"--tokenizer {tokenizer}: no tokenizer.json there")
         tok = AutoTokenizer.from_pretrained(tokenizer)
     use_threads(threads)
-    s = run(data.read_text(encoding="utf-8", errors="replace"), out, cfg, tokenizer=tok)
+    text = None if tokens else "\n\n".join(p.read_text(encoding="utf-8", errors="replace") for p in data)
+    s = run(text, out, cfg, tokenizer=tok, tokens=tokens)
     saved = f" (saved {'packed ternary' if cfg.bits == '1.58' else 'bf16'}: {s['heldout_ppl_saved']:.3f})" \
         if "heldout_ppl_saved" in s else ""
     console.print(f"{cfg.size} model ({s['non_embedding_params'] / 1e6:.2f}M non-embedding parameters), "

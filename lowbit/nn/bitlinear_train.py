@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from lowbit.functional.ternary import ABSMEAN_EPS, quantize_ternary
+from lowbit.kernels.matmul import GEMV_MAX_ROWS, int8_int8
 from lowbit.nn.bitlinear import BitLinear, rms_norm
 
 
@@ -38,15 +39,53 @@ class Int8ActivationSTE(torch.autograd.Function):
         return grad
 
 
+class TernaryInt8LinearSTE(torch.autograd.Function):
+    """The two estimators above around one product, computed exactly in integers: forward Q8(x) @ T^T as an int8 x
+    int8 -> int32 GEMM (lowbit's kernels), scaled by x's absmax / 127 and gamma; backward straight-through as they
+    are, dx = dy @ (gamma T) and dW = dy^T @ Q8(x), in bf16 when the forward ran under bf16 autocast (T and the int8
+    codes are exact in bf16). It saves the int8 codes of x, not a float copy."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1]).float()  # codes from the float input, whatever autocast gave
+        absmax = x2.abs().amax(-1, keepdim=True)
+        scale = torch.where(absmax > 0, 127.0 / absmax, torch.zeros_like(absmax))
+        xq = torch.round(x2 * scale).to(torch.int8)
+        gamma = w.abs().mean()
+        trits = torch.clamp(torch.round(w / (gamma + ABSMEAN_EPS)), -1, 1).to(torch.int8)
+        # Training batches are many rows: torch's int8 GEMM, which torch.compile traces without a graph break
+        acc = torch._int_mm(xq, trits.t()) if xq.shape[0] > GEMV_MAX_ROWS else \
+            int8_int8(xq, trits, trits.sum(1, dtype=torch.int32))
+        y = acc.to(torch.float32) * (absmax / 127) * gamma
+        ctx.save_for_backward(xq, absmax, trits, gamma)
+        ctx.x_dtype = x.dtype
+        ctx.dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.float32
+        return y.reshape(*x.shape[:-1], w.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        xq, absmax, trits, gamma = ctx.saved_tensors
+        dt = ctx.dtype
+        g2 = grad.reshape(-1, grad.shape[-1]).float()
+        grad_x = (g2.to(dt) @ trits.to(dt)).float() * gamma
+        # Q8(x) is the codes times absmax / 127 by rows: that scale goes onto dy's rows, the codes stay exact
+        grad_w = ((g2 * (absmax / 127)).to(dt).t() @ xq.to(dt)).float()
+        return grad_x.reshape(*grad.shape[:-1], trits.shape[1]).to(ctx.x_dtype), grad_w
+
+
 class TrainableBitLinear(nn.Linear):
     """y = Q8(RMSNorm(x)) @ T(W)^T: W latent (trained), T its absmean ternary form; ``pack()`` gives the inference
     layer (2 bits a weight) with the same outputs up to float rounding."""
 
     input_norm = True  # what lowbit.nn.base.check_plain_linear looks for
+    fused = True  # the integer product (TernaryInt8LinearSTE); False: the two estimators around a float linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The norm sits inside the layer, before the activation quantizer (BitNet's SubLN placement), so every
         # layer's int8 input has a controlled scale, including o_proj's and down_proj's.
+        if self.fused and x.dtype in (torch.float32, torch.bfloat16) and self.weight.dtype == torch.float32:
+            y = TernaryInt8LinearSTE.apply(rms_norm(x), self.weight)
+            return y if self.bias is None else y + self.bias
         xq = Int8ActivationSTE.apply(rms_norm(x))
         return nn.functional.linear(xq, TernaryWeightSTE.apply(self.weight), self.bias)
 

@@ -18,7 +18,7 @@ def batch_at(train: torch.Tensor, step: int, cfg) -> torch.Tensor:
     same batches as an uninterrupted one."""
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
     starts = torch.randint(0, train.numel() - cfg.seq, (cfg.batch,), generator=g)
-    return torch.stack([train[s:s + cfg.seq] for s in starts.tolist()])
+    return torch.stack([train[s:s + cfg.seq].long() for s in starts.tolist()])  # a corpus' ids are uint16
 
 
 @torch.no_grad()
@@ -26,7 +26,7 @@ def heldout_perplexity(model, ids: torch.Tensor, window: int, max_tokens: int) -
     """exp(mean NLL) over non-overlapping windows of the held-out tokens (at most ``max_tokens``)."""
     was_training = model.training
     model.eval()
-    ids = ids[:max_tokens]
+    ids = ids[:max_tokens].long()
     nll, count = 0.0, 0
     for start in range(0, ids.numel() - 1, window):
         chunk = ids[start:start + window + 1].unsqueeze(0)
