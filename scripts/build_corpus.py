@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from lowbit.train.corpus import CorpusError, build
+from lowbit.train.tokenizer import TokenizerError
 
 
 def main() -> None:
@@ -24,7 +25,7 @@ def main() -> None:
     args = ap.parse_args()
     try:
         meta = build(args.out, args.cache, args.vocab, args.heldout_every)
-    except CorpusError as e:
+    except (CorpusError, TokenizerError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
     print(f"{'package':26s} {'license':40s} {'docs':>6s} {'train tokens':>13s} {'held-out':>10s}")
     for r in meta["sources"]:

@@ -114,6 +114,25 @@ def test_a_finished_build_is_returned_without_work_and_new_settings_rebuild(buil
     assert again["vocab"] == 280 and again["settings"] != meta["settings"]
 
 
+def test_an_interrupted_rebuild_leaves_no_corpus_to_read(built, tmp_path, monkeypatch):
+    out, meta, sources, cache = built
+    copy = tmp_path / "c"
+    build(copy, cache, vocab=300, heldout_every=5, sources=sources, progress=False)
+    assert corpus.is_corpus(copy)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("lowbit.train.tokenizer.train_tokenizer", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build(copy, cache, vocab=290, heldout_every=5, sources=sources, progress=False)
+    assert not corpus.is_corpus(copy)  # the old corpus.json went first: nothing half-built passes for a corpus
+    with pytest.raises(CorpusError, match="vocab must be in 257..65536"):
+        build(copy, cache, vocab=100, sources=sources, progress=False)
+    with pytest.raises(CorpusError, match="heldout_every must be >= 2"):
+        build(copy, cache, heldout_every=1, sources=sources, progress=False)
+
+
 def test_lowbit_train_takes_a_corpus_folder(built, tmp_path):
     out, meta, _, _ = built
     result = CliRunner().invoke(app, ["train", "--data", str(out), "--size", "tiny", "--bits", "32", "--steps", "3",
@@ -125,6 +144,13 @@ def test_lowbit_train_takes_a_corpus_folder(built, tmp_path):
     assert summary["heldout_tokens"] == meta["heldout_tokens"]
     result = CliRunner().invoke(app, ["train", "--data", str(out), "--data", str(out), "--out", str(tmp_path / "n")])
     assert result.exit_code != 0 and "used alone" in result.output
+    # the same --out on other data is refused, not resumed with another tokenizer's ids
+    other = tmp_path / "other.txt"
+    other.write_text(PROSE * 40)
+    result = CliRunner().invoke(app, ["train", "--data", str(other), "--size", "tiny", "--bits", "32", "--steps", "4",
+                                      "--batch", "2", "--seq", "32", "--vocab", "300", "--eval-every", "3",
+                                      "--save-every", "3", "--threads", "1", "--out", str(tmp_path / "m")])
+    assert result.exit_code != 0 and "trained on other data" in result.output, result.output
 
 
 def test_lowbit_train_takes_several_text_files(tmp_path):

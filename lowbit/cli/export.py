@@ -111,7 +111,8 @@ def export(
         r = export_gguf(m, tok, out, type, force_ternary=force_ternary)
         console.print(f"[green]written[/] {out}: {type}, {r['bytes'] / 1e6:.1f} MB, {r['tensors']} tensors "
                       f"({r['from_codes']} linear weights in their own lowbit codes, {r['quantized']} "
-                      f"rounded by ggml's reference rounding, the embeddings in q8_0 among them, {r['float']} float)")
+                      f"rounded onto their type's grid (ggml's reference rounding; K types by lowbit's search), "
+                      f"the embeddings in q8_0 among them, {r['float']} float)")
         if r.get("types"):
             mix = ", ".join(f"{n} {t}" for t, n in sorted(r["types"].items()))
             console.print(f"mixed: {mix} weight(s) in a type other than {type}")

@@ -42,8 +42,8 @@ class Int8ActivationSTE(torch.autograd.Function):
 class TernaryInt8LinearSTE(torch.autograd.Function):
     """The two estimators above around one product, computed exactly in integers: forward Q8(x) @ T^T as an int8 x
     int8 -> int32 GEMM (lowbit's kernels), scaled by x's absmax / 127 and gamma; backward straight-through as they
-    are, dx = dy @ (gamma T) and dW = dy^T @ Q8(x), in bf16 when the forward ran under bf16 autocast (T and the int8
-    codes are exact in bf16). It saves the int8 codes of x, not a float copy."""
+    are, dx = dy @ (gamma T) and dW = dy^T @ Q8(x), in autocast's dtype when the forward ran under CPU autocast (T and
+    the int8 codes are exact in bf16 and fp16). It saves the int8 codes of x, not a float copy."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -83,7 +83,8 @@ class TrainableBitLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The norm sits inside the layer, before the activation quantizer (BitNet's SubLN placement), so every
         # layer's int8 input has a controlled scale, including o_proj's and down_proj's.
-        if self.fused and x.dtype in (torch.float32, torch.bfloat16) and self.weight.dtype == torch.float32:
+        if self.fused and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) \
+                and self.weight.dtype == torch.float32:  # lowbit's and torch's int8 GEMMs here are the CPU's
             y = TernaryInt8LinearSTE.apply(rms_norm(x), self.weight)
             return y if self.bias is None else y + self.bias
         xq = Int8ActivationSTE.apply(rms_norm(x))

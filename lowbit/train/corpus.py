@@ -3,8 +3,9 @@
 Nothing here ships text: ``build`` fetches the packages with ``apt-get download`` (no root needed), unpacks them
 with ``dpkg-deb -x`` into a cache folder, extracts plain text (Sphinx sources, reStructuredText, Markdown, POD,
 Info, and HTML through the standard library's parser), trains a byte-level BPE on a sample, and writes the token
-ids as uint16 files. Documents, not lines, are split between training and held out (every ``heldout_every``-th
-document of each source), so the held-out part comes from every source and shares no document with training.
+ids as uint16 files. Documents, not lines, are split between training and held out (one in ``heldout_every``, by a
+hash of the document's path, so the split never moves), so the held-out part comes from nearly every source and
+shares no document with training.
 
 Memory: text is extracted one source at a time and tokenized in batches of documents; the token files are
 appended as they go, so peak memory is one source's text plus its ids (under 1 GB for the largest, linux-doc).
@@ -170,7 +171,7 @@ def unpack(source: Source, cache: Path, run: Callable = subprocess.run) -> Path:
 
 def documents(source: Source, root: Path) -> Iterator[tuple[str, str]]:
     """(path inside the package, text) of each of ``source``'s files under ``root``, in sorted path order."""
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink()):  # links may leave the tree
         rel = "/" + path.relative_to(root).as_posix()
         if any(fnmatch.fnmatch(rel, pat) for pat in source.include) and \
                 not any(fnmatch.fnmatch(rel, pat) for pat in source.exclude):
@@ -206,8 +207,14 @@ def build(out: str | Path, cache: str | Path, vocab: int = 4096, heldout_every: 
         meta = json.loads(meta_path.read_text())
         if meta.get("settings") == settings:
             return meta
-    if vocab > 65536:
-        raise CorpusError(f"vocab {vocab} does not fit the uint16 token files (at most 65536)")
+    if not 257 <= vocab <= 65536:
+        raise CorpusError(f"vocab must be in 257..65536 (256 bytes and end-of-text; uint16 ids), got {vocab}")
+    if heldout_every < 2:
+        raise CorpusError(f"heldout_every must be >= 2 (one document in N held out), got {heldout_every}")
+    # corpus.json marks a finished build: gone before anything is rewritten, so an interrupted rebuild is never read
+    meta_path.unlink(missing_ok=True)
+    for split in ("train", "heldout"):
+        (out / f"{split}.bin").unlink(missing_ok=True)
     (out / "text").mkdir(parents=True, exist_ok=True)
     rows = []
     # 1. Text: each source's documents, training and held-out apart, documents separated by the end-of-text token.
@@ -235,7 +242,7 @@ def build(out: str | Path, cache: str | Path, vocab: int = 4096, heldout_every: 
     eos = tok.eos_token_id
     # 3. Token ids, appended source by source; a document's ids end with the end-of-text id.
     for split in ("train", "heldout"):
-        (out / f"{split}.bin").unlink(missing_ok=True)
+        (out / f"{split}.bin").touch()  # a split no document fell into is an empty file, not a missing one
     for row in tqdm(rows, desc="tokenizing", disable=None if progress else True):
         for split in ("train", "heldout"):
             docs = (out / "text" / f"{row['package']}.{split}.txt").read_text(encoding="utf-8").split(EOS)[:-1]

@@ -23,13 +23,20 @@ def batch_at(train: torch.Tensor, step: int, cfg) -> torch.Tensor:
 
 @torch.no_grad()
 def heldout_perplexity(model, ids: torch.Tensor, window: int, max_tokens: int) -> float:
-    """exp(mean NLL) over non-overlapping windows of the held-out tokens (at most ``max_tokens``)."""
+    """exp(mean NLL) over non-overlapping windows of the held-out tokens; with more than ``max_tokens`` of them, over
+    about ``max_tokens`` tokens in windows spread evenly across all of them (a corpus' held-out ids run source by
+    source: its first tokens are one source)."""
     was_training = model.training
     model.eval()
-    ids = ids[:max_tokens].long()
+    n = ids.numel()
+    if n > max_tokens + 1:
+        starts = torch.linspace(0, n - window - 2, max(1, max_tokens // window)).long().tolist() if n > window + 2 \
+            else [0]
+    else:
+        starts = range(0, n - 1, window)
     nll, count = 0.0, 0
-    for start in range(0, ids.numel() - 1, window):
-        chunk = ids[start:start + window + 1].unsqueeze(0)
+    for start in starts:
+        chunk = ids[start:start + window + 1].long().unsqueeze(0)
         if chunk.shape[1] < 2:
             break
         logits = model(chunk[:, :-1]).logits[0].float()

@@ -11,7 +11,8 @@ SIZES = {
     "base": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=6, num_attention_heads=8),   # 19.3M
 }
 # Gemma3 differs from LLaMA where LLM.int8 notices: the embedding is scaled by sqrt(hidden), every norm multiplies by
-# (1 + w), the MLP's gate is tanh-GELU, q and k are RMS-normed, and blocks norm their outputs too. Heads of 64 as Gemma.
+# (1 + w), the MLP's gate is tanh-GELU, q and k are RMS-normed, and blocks norm their outputs too. Heads as the
+# LLaMA sizes have them (32 or 64 wide).
 ARCHS = ("llama", "gemma3")
 
 

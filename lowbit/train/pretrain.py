@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import math
 import time
@@ -153,7 +154,7 @@ def load_state(out: Path, model, opt, scaler=None) -> dict | None:
     try:
         model.load_state_dict(state["model"])
     except RuntimeError:
-        raise TrainError(f"{out / 'checkpoint'} holds another model (size or bits): use another --out") from None
+        raise TrainError(f"{out / 'checkpoint'} holds another model (size, arch or bits): use another --out") from None
     opt.load_state_dict(state["optimizer"])
     if scaler is not None and "scaler" in state:
         scaler.load_state_dict(state["scaler"])
@@ -202,6 +203,15 @@ def train_step(forward, model, opt: torch.optim.Optimizer, batch: torch.Tensor, 
     return loss.detach()
 
 
+def data_fingerprint(train: torch.Tensor, held: torch.Tensor) -> str:
+    """A hash of the token ids (both parts, and so of the tokenizer that made them): a run resumes on its own data."""
+    h = hashlib.sha256()
+    for ids in (train, held):
+        h.update(str(ids.numel()).encode())
+        h.update(ids.to(torch.int32).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def run(text: str | None, out: str | Path, cfg: TrainConfig, tokenizer=None, progress: bool = True,
         tokens: tuple | None = None) -> dict:
     """Train on ``text`` (or on ``tokens``: a built corpus' (tokenizer, training ids, held-out ids), from
@@ -213,19 +223,24 @@ def run(text: str | None, out: str | Path, cfg: TrainConfig, tokenizer=None, pro
     tok, train, held = tokens if tokens is not None else prepare_data(text, cfg, tokenizer)
     if train.numel() < cfg.seq + 1 or held.numel() < 2:
         raise TrainError(f"{train.numel()} training and {held.numel()} held-out tokens: too few for --seq {cfg.seq}")
+    fingerprint = data_fingerprint(train, held)
     model = make_model(cfg, tok)
     opt = make_optimizer(model, cfg)
     scaler = make_scaler(cfg)
     state = load_state(out, model, opt, scaler)
     if state is not None:
-        older = {"arch": "llama", "compile": False,  # fields added since: what a run written before them used
+        older = {"arch": "llama",  # fields added since: what a run written before them used
                  "precision": "bf16" if state["config"].get("bits") == "16" else "fp32"}
-        if {**older, **state["config"], "steps": cfg.steps} != asdict(cfg):  # more --steps may extend a run
+        # more --steps may extend a run; --compile changes the speed, not the step
+        if {**older, **state["config"], "steps": cfg.steps, "compile": cfg.compile} != asdict(cfg):
             raise TrainError(f"{out}/checkpoint was written with other settings ({state['config']}): use another --out")
+        if state.get("data", fingerprint) != fingerprint:
+            raise TrainError(f"{out}/checkpoint was trained on other data (another text, corpus or tokenizer): "
+                             "use another --out")
         resume_threads(state["threads"])
     else:
         state = {"config": asdict(cfg), "step": 0, "losses": [], "evals": [], "train_seconds": 0.0,
-                 "tokens_seen": 0, "threads": torch.get_num_threads()}
+                 "tokens_seen": 0, "threads": torch.get_num_threads(), "data": fingerprint}
     step = state["step"]
     forward = torch.compile(model) if cfg.compile else model  # ``model`` itself is what is saved and scored
     tokens_per_step = cfg.batch * cfg.seq
