@@ -115,7 +115,11 @@ def export(
                       f"the embeddings in q8_0 among them, {r['float']} float)")
         if r.get("types"):
             mix = ", ".join(f"{n} {t}" for t, n in sorted(r["types"].items()))
-            console.print(f"mixed: {mix} weight(s) in a type other than {type}")
+            from lowbit.nn.ggml import K_FALLBACK
+
+            why = (f" ({K_FALLBACK[type]} is llama.cpp's type for rows that {type}'s 256-weight super-blocks do not tile)"
+                   if K_FALLBACK.get(type) in r["types"] else "")
+            console.print(f"mixed: {mix} weight(s) in a type other than {type}{why}")
         if r.get("fallback"):
             console.print(f"[yellow]note:[/] {len(r['fallback'])} weight(s) have rows that {type} blocks do not tile "
                           f"and went out as {r['fallback'][0].rsplit('(', 1)[1][:-1]} (as llama.cpp's quantizer does), "
