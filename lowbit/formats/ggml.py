@@ -213,18 +213,29 @@ def _candidates(t: BlockType, x: torch.Tensor):
 def _refit(t: BlockType, x: torch.Tensor, wt: torch.Tensor, q: torch.Tensor, d0: torch.Tensor,
            m0: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The weighted least-squares d (and m) for codes ``q`` (kept at d0, m0 where the fit is degenerate)."""
-    if t.has_min:  # w ~ q d + m: a 2x2 normal system per block
-        sw, sq, sqq = wt.sum(1), (wt * q).sum(1), (wt * q * q).sum(1)
-        sx, sqx = (wt * x).sum(1), (wt * q * x).sum(1)
-        det = sw * sqq - sq * sq
-        ok = det.abs() > 1e-20 * (sw * sqq).clamp(min=1e-30)
-        det = torch.where(ok, det, torch.ones_like(det))
-        d = torch.where(ok, (sw * sqx - sq * sx) / det, d0)
-        m = torch.where(ok, (sqq * sx - sq * sqx) / det, m0)
-        return d, m
+    if t.has_min:
+        d, m, ok = affine_fit(x, wt, q)
+        return torch.where(ok, d, d0), torch.where(ok, m, m0)
     v = _LEVELS[t.name][q.long()] if t.levels is not None else q - t.offset
+    d, ok = scale_fit(x, wt, v)
+    return torch.where(ok, d, d0), None
+
+
+def affine_fit(x: torch.Tensor, wt: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row, the weighted least-squares (d, m) of x ~ q d + m (a 2x2 normal system), and where it is not
+    degenerate (elsewhere d and m are meaningless)."""
+    sw, sq, sqq = wt.sum(1), (wt * q).sum(1), (wt * q * q).sum(1)
+    sx, sqx = (wt * x).sum(1), (wt * q * x).sum(1)
+    det = sw * sqq - sq * sq
+    ok = det.abs() > 1e-20 * (sw * sqq).clamp(min=1e-30)
+    det = torch.where(ok, det, torch.ones_like(det))
+    return (sw * sqx - sq * sx) / det, (sqq * sx - sq * sqx) / det, ok
+
+
+def scale_fit(x: torch.Tensor, wt: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the weighted least-squares d of x ~ v d, and where it exists (some v != 0)."""
     num, den = (wt * v * x).sum(1), (wt * v * v).sum(1)
-    return torch.where(den > 0, num / den.clamp(min=1e-30), d0), None
+    return num / den.clamp(min=1e-30), den > 0
 
 
 # --- bytes -------------------------------------------------------------------------------------------------------
@@ -235,9 +246,9 @@ def pack(b: Blocks) -> torch.Tensor:
     rows, cols = b.codes.shape
     nb = cols // BLOCK
     q = b.codes.reshape(rows, nb, BLOCK)
-    parts = [_f16_bytes(b.d)]
+    parts = [f16_bytes(b.d)]
     if t.has_min:
-        parts.append(_f16_bytes(b.m))
+        parts.append(f16_bytes(b.m))
     if t.name == "q8_0":
         parts.append(q ^ 0x80)  # q - 128 as an int8 is q ^ 0x80 as a byte
     else:
@@ -257,11 +268,11 @@ def unpack(t: BlockType, data: torch.Tensor, cols: int) -> Blocks:
     if cols % BLOCK or data.shape != (rows, nb * t.bytes):
         raise ValueError(f"{t.name}: {cols} columns take {nb * t.bytes} bytes a row, got {tuple(data.shape)}")
     b = data.reshape(rows, nb, t.bytes)
-    d = b[..., 0:2].contiguous().view(torch.float16)[..., 0].float()
+    d = f16_from_bytes(b[..., 0:2])
     at = 2
     m = None
     if t.has_min:
-        m = b[..., 2:4].contiguous().view(torch.float16)[..., 0].float()
+        m = f16_from_bytes(b[..., 2:4])
         at = 4
     if t.name == "q8_0":
         q = b[..., at:] ^ 0x80
@@ -276,9 +287,15 @@ def unpack(t: BlockType, data: torch.Tensor, cols: int) -> Blocks:
     return Blocks(t, q.reshape(rows, cols).contiguous(), d, m)
 
 
-def _f16_bytes(x: torch.Tensor) -> torch.Tensor:
+def f16_bytes(x: torch.Tensor) -> torch.Tensor:
+    """x as fp16, each value's two little-endian bytes on a last axis: uint8 [*x.shape, 2]."""
     return x.to(torch.float16).contiguous().view(torch.uint8).reshape(*x.shape, 2)
 
 
-__all__ = ["BLOCK", "BlockType", "Blocks", "IQ4_NL_VALUES", "TYPES", "block_type", "grid_value", "importance",
-           "nearest", "pack", "reference", "search", "unpack"]
+def f16_from_bytes(b: torch.Tensor) -> torch.Tensor:
+    """The float32 values of fp16 numbers stored as ``f16_bytes`` writes them (uint8 [..., 2])."""
+    return b.contiguous().view(torch.float16)[..., 0].float()
+
+
+__all__ = ["BLOCK", "BlockType", "Blocks", "IQ4_NL_VALUES", "TYPES", "affine_fit", "block_type", "f16_bytes",
+           "f16_from_bytes", "grid_value", "importance", "nearest", "pack", "reference", "scale_fit", "search", "unpack"]

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.formats.ggml import importance
+from lowbit.formats.ggml import affine_fit, f16_bytes, f16_from_bytes, importance, scale_fit
 
 SUPER = 256
 
@@ -109,20 +109,15 @@ def _sub_scales(t: KType, x: torch.Tensor, wt: torch.Tensor) -> tuple[torch.Tens
     for s0, m0 in starts:
         q = nearest(t, x, s0[:, None], None if m0 is None else -m0[:, None])
         if t.has_min:  # weighted least squares of w ~ q s - m, with m clamped at 0 where the fit wants it negative
-            sw, sq, sqq = wt.sum(1), (wt * q).sum(1), (wt * q * q).sum(1)
-            sx, sqx = (wt * x).sum(1), (wt * q * x).sum(1)
-            det = sw * sqq - sq * sq
-            ok = det.abs() > 1e-20 * (sw * sqq).clamp(min=1e-30)
-            det = torch.where(ok, det, torch.ones_like(det))
-            s = torch.where(ok, (sw * sqx - sq * sx) / det, s0)
-            m = torch.where(ok, -(sqq * sx - sq * sqx) / det, m0)
-            alone = torch.where(sqq > 0, sqx / sqq.clamp(min=1e-30), s0)  # m = 0: s alone
-            s, m = torch.where(m < 0, alone, s), m.clamp(min=0)
+            s, plus_m, ok = affine_fit(x, wt, q)
+            s, m = torch.where(ok, s, s0), torch.where(ok, -plus_m, m0)
+            alone, has = scale_fit(x, wt, q)  # m = 0: s alone
+            s, m = torch.where(m < 0, torch.where(has, alone, s0), s), m.clamp(min=0)
             err = (wt * (x - (q * s[:, None] - m[:, None])).square()).sum(1)
         else:
             v = q - t.offset
-            num, den = (wt * v * x).sum(1), (wt * v * v).sum(1)
-            s, m = torch.where(den > 0, num / den.clamp(min=1e-30), s0), None
+            s, has = scale_fit(x, wt, v)
+            s, m = torch.where(has, s, s0), None
             err = (wt * (x - v * s[:, None]).square()).sum(1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
@@ -166,10 +161,6 @@ def search(t: KType, w: torch.Tensor, input_power: torch.Tensor | None = None) -
 
 # --- bytes -------------------------------------------------------------------------------------------------------
 
-def _f16_bytes(x: torch.Tensor) -> torch.Tensor:
-    return x.to(torch.float16).contiguous().view(torch.uint8).reshape(*x.shape, 2)
-
-
 def pack(b: KBlocks) -> torch.Tensor:
     """The super-blocks as the type stores them: uint8 [rows, super-blocks * bytes]."""
     t = b.type
@@ -182,14 +173,14 @@ def pack(b: KBlocks) -> torch.Tensor:
                             (sc[..., 4:] & 0x0F) | ((mn[..., 4:] & 0x0F) << 4)], -1).to(torch.uint8)
         chunks = q.reshape(rows, ns, 4, 2, 32)  # chunk c: weights 64c..64c+31 (low nibbles), 64c+32.. (high)
         nib = (chunks[..., 0, :] | (chunks[..., 1, :] << 4)).reshape(rows, ns, 128)
-        out = torch.cat([_f16_bytes(b.d), _f16_bytes(b.dmin), scales, nib], -1)
+        out = torch.cat([f16_bytes(b.d), f16_bytes(b.dmin), scales, nib], -1)
     else:
         halves = q.reshape(rows, ns, 2, 4, 32)  # half h, quarter u, l
         low, high = halves & 0x0F, halves >> 4
         ql = torch.cat([low[:, :, :, 0] | (low[:, :, :, 2] << 4), low[:, :, :, 1] | (low[:, :, :, 3] << 4)], -1)
         qh = high[:, :, :, 0] | (high[:, :, :, 1] << 2) | (high[:, :, :, 2] << 4) | (high[:, :, :, 3] << 6)
         sc = b.sc.reshape(rows, ns, 16).to(torch.int8).view(torch.uint8)
-        out = torch.cat([ql.reshape(rows, ns, 128), qh.reshape(rows, ns, 64), sc, _f16_bytes(b.d)], -1)
+        out = torch.cat([ql.reshape(rows, ns, 128), qh.reshape(rows, ns, 64), sc, f16_bytes(b.d)], -1)
     return out.reshape(rows, ns * t.bytes)
 
 
@@ -200,8 +191,7 @@ def unpack(t: KType, data: torch.Tensor, cols: int) -> KBlocks:
         raise ValueError(f"{t.name}: {cols} columns take {ns * t.bytes} bytes a row, got {tuple(data.shape)}")
     b = data.reshape(rows, ns, t.bytes)
     if t.has_min:
-        d = b[..., 0:2].contiguous().view(torch.float16)[..., 0].float()
-        dmin = b[..., 2:4].contiguous().view(torch.float16)[..., 0].float()
+        d, dmin = f16_from_bytes(b[..., 0:2]), f16_from_bytes(b[..., 2:4])
         s = b[..., 4:16].long()
         sc = torch.cat([s[..., 0:4] & 63, (s[..., 8:12] & 0x0F) | ((s[..., 0:4] >> 6) << 4)], -1)
         mn = torch.cat([s[..., 4:8] & 63, (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)], -1)
@@ -214,7 +204,7 @@ def unpack(t: KType, data: torch.Tensor, cols: int) -> KBlocks:
     high = torch.stack([(qh >> (2 * u)) & 3 for u in range(4)], 3)
     q = (low | (high << 4)).reshape(rows, cols)
     sc = b[..., 192:208].contiguous().view(torch.int8).long()
-    d = b[..., 208:210].contiguous().view(torch.float16)[..., 0].float()
+    d = f16_from_bytes(b[..., 208:210])
     return KBlocks(t, q.contiguous(), d, sc.reshape(rows, -1))
 
 
