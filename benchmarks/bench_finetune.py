@@ -4,8 +4,12 @@ ternary, and bitsandbytes 4-bit + PEFT, on the same data, seed and steps.
 Train on the first 90% of shared/data/wikipedia-sample.txt, held-out perplexity on the first --eval-tokens of the
 rest, before and after. Each run is a fresh process (its peak RSS is its own). Prints a Markdown table and writes
 benchmarks/results/finetune.json.
+With --eval-every N the held-out perplexity is also scored every N steps, and with --patience K a run stops once K
+evaluations in a row did not improve on its best, keeping the best adapter (QLoRA at length, issue 36):
+       python benchmarks/bench_finetune.py --runs fp32,nf4,nf4-loftq,int8 --steps 800 --eval-every 50 --patience 2
+writes docs/img/finetune_curves.png too.
 Usage: python benchmarks/bench_finetune.py [--steps 200] [--runs fp32,nf4,nf4-loftq,int8,ternary,bnb-nf4]
-       [--bnb-steps 5]
+       [--bnb-steps 5] [--eval-every 0] [--patience 0]
 """
 from __future__ import annotations
 
@@ -44,7 +48,8 @@ def one_lowbit(name: str, args) -> dict:
     from lowbit.app.finetune import FinetuneConfig, heldout_perplexity, train
 
     cfg = FinetuneConfig(**RUNS[name][1], steps=args.steps, batch=args.batch, seq=args.seq, rank=args.rank,
-                         eval_tokens=args.eval_tokens, save_every=args.steps, lr=args.lr)
+                         eval_tokens=args.eval_tokens, save_every=args.steps, lr=args.lr,
+                         eval_every=args.eval_every, patience=args.patience, checkpointing=args.checkpointing)
     out = Path(args.workdir) / name
     t = time.perf_counter()
     s, model, held = train("smollm2-135m", WIKI.read_text(), out, cfg, progress=False)
@@ -123,6 +128,10 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--eval-tokens", type=int, default=8192)
+    ap.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                    help="gradient checkpointing (off: a quarter less compute, more activation memory)")
+    ap.add_argument("--eval-every", type=int, default=0, help="held-out perplexity every N steps too")
+    ap.add_argument("--patience", type=int, default=0, help="stop after N evaluations without a new best")
     ap.add_argument("--workdir", default=str(Path(__file__).parent / "results" / "finetune-runs"))
     ap.add_argument("--mmap-threshold", type=int, default=0,
                     help="bytes: serve allocations this large by mmap, fixed (glibc; as MALLOC_MMAP_THRESHOLD_=N): less "
@@ -145,7 +154,8 @@ def main() -> None:
     print(f"{args.steps} steps of {args.batch} x {args.seq} tokens, rank {args.rank}, lr {args.lr}, paged AdamW8bit; "
           f"held-out: first {args.eval_tokens} tokens of the last 10% of wikipedia-sample.txt", flush=True)
     results = {}
-    passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("runs", "one")]
+    passthrough = [(f"--{k.replace('_', '-')}" if v else f"--no-{k.replace('_', '-')}") if isinstance(v, bool)
+                   else f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("runs", "one")]
     for name in args.runs.split(","):
         proc = subprocess.run([sys.executable, __file__, "--one", name, *passthrough], capture_output=True, text=True)
         if proc.returncode:
@@ -170,6 +180,35 @@ def main() -> None:
         print(f"| {RUNS[name][0]} | {r['steps']} | {r['trainable_params'] / 1e6:.2f}M | {r['ppl_before']:.3f} | "
               f"{r['ppl_after']:.3f} | {rel('ppl_after')} | {r['steady_step_seconds']:.2f} | "
               f"{rel('steady_step_seconds')} | {r['peak_rss_mb']:.0f} | {rel('peak_rss_mb')} | {' | '.join(merged)} |")
+    if args.eval_every:
+        print("\nheld-out perplexity every", args.eval_every, "steps (best kept):")
+        for name, r in results.items():
+            evals = r.get("evals", [])
+            print(f"  {RUNS[name][0]}: " + ", ".join(f"{e['step']}: {e['ppl']:.3f}" for e in evals)
+                  + (f"; stopped at {r['stopped_at']}" if r.get("stopped_at") else "; ran all steps"))
+        plot_curves(results, Path(__file__).resolve().parent.parent / "docs" / "img" / "finetune_curves.png")
+
+
+def plot_curves(results: dict, path: Path) -> None:
+    """Held-out perplexity against steps, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, r in results.items():
+        points = [(0, r["ppl_before"])] + [(e["step"], e["ppl"]) for e in r.get("evals", [])]
+        ax.plot([s for s, _ in points], [p for _, p in points], "o-", ms=3, label=RUNS[name][0])
+    ax.set(xlabel="fine-tuning step", ylabel="held-out perplexity", yscale="log",
+           title="LoRA / QLoRA on SmolLM2-135M at length (held-out part of the text)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
 
 if __name__ == "__main__":
     main()

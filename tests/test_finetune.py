@@ -125,3 +125,24 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_checkpoint(tmp_path, text):
     assert code == 2 and "loss became" in output, output
     progress = json.loads((out / "checkpoint" / "progress.json").read_text())  # complete, readable
     assert progress["step"] >= 1 and not (out / "summary.json").exists()
+
+
+def test_patience_stops_after_evaluations_without_a_new_best_and_keeps_the_best_adapter(tmp_path, text, monkeypatch):
+    import lowbit.app.finetune as ft
+
+    scripted = iter([10.0, 9.0, 8.0, 8.5, 8.7, 99.0])  # before, then steps 1-4: the best at step 2
+    monkeypatch.setattr(ft, "heldout_perplexity", lambda *a, **k: next(scripted))
+    code, output = run("finetune", "smollm2-135m", "--data", text, "--out", tmp_path / "stop", *SMALL,
+                       "--eval-every", "1", "--patience", "2")
+    assert code == 0 and "best at step 2" in output, output
+    s = json.loads((tmp_path / "stop" / "summary.json").read_text())
+    assert s["stopped_at"] == 4 and s["steps"] == 4 and s["best_step"] == 2 and s["ppl_after"] == 8.0
+    assert [e["ppl"] for e in s["evals"]] == [9.0, 8.0, 8.5, 8.7]
+    monkeypatch.undo()
+    code, output = run("finetune", "smollm2-135m", "--data", text, "--out", tmp_path / "two", *SMALL[2:],
+                       "--steps", "2")  # the same batches, stopped at step 2
+    assert code == 0, output
+    best, two = adapter(tmp_path / "stop"), adapter(tmp_path / "two")
+    assert best.keys() == two.keys() and all(torch.equal(best[k], two[k]) for k in best)
+    code, output = run("finetune", "smollm2-135m", "--data", text, "--out", tmp_path / "bad", *SMALL, "--patience", "2")
+    assert code == 2 and "--eval-every" in output, output

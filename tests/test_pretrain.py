@@ -104,6 +104,34 @@ def test_gemma3_architecture_trains_and_reloads_as_gemma3(tmp_path, text):
         TrainConfig(bits="16", precision="fp16").check()
 
 
+def test_width_dropout_and_no_clipping(tmp_path, text):
+    torch.set_num_threads(1)
+    from lowbit.train.model import SIZES
+    from lowbit.train.pretrain import make_model
+    from lowbit.train.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(text[:20000], 512)
+    wide = make_model(TrainConfig(size="micro", width=2, vocab=512), tok)
+    narrow = make_model(TrainConfig(size="micro", vocab=512), tok)
+    assert wide.config.hidden_size == 2 * SIZES["micro"]["hidden_size"] == 2 * narrow.config.hidden_size
+    assert wide.config.num_attention_heads == 4 and wide.config.intermediate_size == 384
+    assert wide.config.hidden_size // wide.config.num_attention_heads == 32  # heads keep their width
+    dropped = make_model(TrainConfig(size="micro", bits="32", dropout=0.5, vocab=512), tok)
+    ids = torch.randint(0, 512, (1, 16))
+    with torch.no_grad():
+        dropped.train()
+        a, b = dropped(ids).logits, dropped(ids).logits
+        dropped.eval()
+        c, d = dropped(ids).logits, dropped(ids).logits
+    assert not torch.equal(a, b) and torch.equal(c, d)  # dropout in training only
+    s = run(text, tmp_path / "noclip", TrainConfig(bits="32", steps=20, clip=None, dropout=0.1,
+                                                   **{**SMALL, "size": "micro"}), progress=False)
+    assert sum(s["losses"][-5:]) / 5 < s["losses"][0] - 0.5, s["losses"]
+    for bad, match in ((dict(clip=0.0), "--clip"), (dict(dropout=1.0), "--dropout"), (dict(width=0.1), "--width")):
+        with pytest.raises(TrainError, match=match):
+            TrainConfig(**bad).check()
+
+
 @pytest.mark.parametrize("settings", [dict(bits="1.58", optimizer="adamw8bit"), dict(bits="32", precision="fp16")],
                          ids=["b1.58-adamw8bit", "fp16-loss-scaling"])
 def test_interrupted_run_resumes_bit_identically(tmp_path, text, monkeypatch, settings):

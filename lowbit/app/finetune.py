@@ -35,6 +35,8 @@ class FinetuneConfig:
     loftq_iters: int = 2
     targets: list[str] = field(default_factory=lambda: list(ALL_LINEAR))
     eval_tokens: int = 8192
+    eval_every: int = 0  # held-out perplexity every N steps too (0: before and after only)
+    patience: int = 0  # stop once this many evaluations in a row did not improve on the best; keep the best adapter
     save_every: int = 50
     seed: int = 0
     checkpointing: bool = True
@@ -43,6 +45,10 @@ class FinetuneConfig:
     def check(self) -> None:
         if self.steps < 1:
             raise FinetuneError(f"--steps must be >= 1, got {self.steps}")
+        if self.eval_every < 0 or self.patience < 0:
+            raise FinetuneError("--eval-every and --patience must be >= 0")
+        if self.patience and not self.eval_every:
+            raise FinetuneError("--patience counts evaluations: give --eval-every too")
         if self.rank < 1:
             raise FinetuneError(f"--rank must be >= 1, got {self.rank}")
         if self.batch < 1 or self.seq < 2:
@@ -180,7 +186,8 @@ def train(spec: str, text: str, out: Path, cfg: FinetuneConfig, progress: bool =
         out.mkdir(parents=True, exist_ok=True)
     procs.barrier()
     step, losses, extra = load_checkpoint(out, model, opt)
-    if step and {**extra.get("config", {}), "steps": cfg.steps} != asdict(cfg):  # more --steps may extend a run
+    older = {"eval_every": 0, "patience": 0}  # fields added since: what older runs used
+    if step and {**older, **extra.get("config", {}), "steps": cfg.steps} != asdict(cfg):  # more --steps may extend a run
         raise FinetuneError(f"{out}/checkpoint was written with other settings ({extra.get('config')}): use another --out")
     if step and extra.get("processes", 1) != procs.world:
         raise FinetuneError(f"{out}/checkpoint was written by {extra.get('processes', 1)} process(es), this run has "
@@ -188,7 +195,7 @@ def train(spec: str, text: str, out: Path, cfg: FinetuneConfig, progress: bool =
     procs.agree(step)  # every process resumes from the same checkpoint
     if step == 0:
         extra = {"config": asdict(cfg), "ppl_before": heldout_perplexity(net, held, cfg.seq, cfg.eval_tokens),
-                 "train_seconds": 0.0, "threads": torch.get_num_threads(), "processes": procs.world}
+                 "train_seconds": 0.0, "threads": torch.get_num_threads(), "processes": procs.world, "evals": []}
     else:
         resume_threads(extra.get("threads"))
     net.train()
@@ -196,7 +203,8 @@ def train(spec: str, text: str, out: Path, cfg: FinetuneConfig, progress: bool =
                dynamic_ncols=True)
     t0 = time.perf_counter()
     step_times = []  # this process's steps only (a resumed run does not know the earlier ones)
-    while step < cfg.steps:
+    best_file = out / "best-adapter.pt"  # the best evaluation's adapter, when --patience stops at the best
+    while step < cfg.steps and not extra.get("stopped_at"):
         t_step = time.perf_counter()
         batch = batch_at(train, step, cfg)[procs.rows(cfg.batch)]
         loss = net(batch, labels=batch).loss
@@ -217,16 +225,41 @@ def train(spec: str, text: str, out: Path, cfg: FinetuneConfig, progress: bool =
         step_times.append(time.perf_counter() - t_step)
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        if step % cfg.save_every == 0 or step == cfg.steps:
+        if cfg.eval_every and step % cfg.eval_every == 0:
+            t_eval = time.perf_counter()
+            extra.setdefault("evals", []).append({"step": step, "ppl": heldout_perplexity(net, held, cfg.seq,
+                                                                                          cfg.eval_tokens)})
+            net.train()
+            t0 += time.perf_counter() - t_eval  # evaluations are not training time
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", heldout_ppl=f"{extra['evals'][-1]['ppl']:.3f}")
+            ppls = [e["ppl"] for e in extra["evals"]]
+            best = ppls.index(min(ppls))
+            if cfg.patience and best == len(ppls) - 1 and procs.main:
+                tmp = best_file.with_suffix(".tmp")
+                torch.save(_adapter_state(model), tmp)
+                tmp.replace(best_file)
+            if cfg.patience and len(ppls) - 1 - best >= cfg.patience:
+                extra["stopped_at"] = step
+        if step % cfg.save_every == 0 or step == cfg.steps or extra.get("stopped_at") == step:
             extra["train_seconds"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             if procs.main:
                 save_checkpoint(out, model, opt, step, losses, extra)
             procs.barrier()
     bar.close()
-    ppl_after = heldout_perplexity(net, held, cfg.seq, cfg.eval_tokens)
+    procs.barrier()
+    evals = extra.get("evals", [])
+    if cfg.patience and best_file.is_file():  # the best evaluation's adapter is the result
+        with torch.no_grad():
+            params_by_name = dict(model.named_parameters())
+            for name, value in torch.load(best_file, weights_only=True).items():
+                params_by_name[name].copy_(value)
+    ppl_after = heldout_perplexity(net, held, cfg.seq, cfg.eval_tokens) if not (cfg.patience and evals) \
+        else min(e["ppl"] for e in evals)
     memory = procs.gather({"model_bytes": model_bytes, "peak_rss_bytes": peak_rss_bytes()})
-    summary = {"model": spec, **extra, "ppl_after": ppl_after, "steps": step, "final_loss": losses[-1], "losses": losses,
+    summary = {"model": spec, **extra, "ppl_after": ppl_after, "steps": step,
+               "best_step": min(evals, key=lambda e: e["ppl"])["step"] if evals else step,
+               "final_loss": losses[-1], "losses": losses,
                "train_tokens": train.numel(), "heldout_tokens": min(held.numel(), cfg.eval_tokens),
                "trainable_params": sum(p.numel() for p in params),
                "step_seconds": extra["train_seconds"] / max(1, step), "step_times": step_times,

@@ -29,6 +29,9 @@ def finetune(
     targets: str = typer.Option(",".join(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
                                 help="comma-separated module names to adapt"),
     eval_tokens: int = typer.Option(8192, help="held-out tokens to score before and after"),
+    eval_every: int = typer.Option(0, help="held-out perplexity every N steps as well (0: before and after only)"),
+    patience: int = typer.Option(0, help="stop once N evaluations in a row (--eval-every) did not improve on the "
+                                 "best, and keep the best adapter (0: run all --steps)"),
     save_every: int = typer.Option(50, help="checkpoint every N steps (a rerun with the same --out resumes)"),
     out_arg: str = typer.Option("lowbit-finetune", "--out", "-o", metavar="PATH",
                                 help="folder for the adapter, loss.png, summary.json"),
@@ -53,8 +56,8 @@ def finetune(
         raise UserError(f"data file not found: {data}")
     cfg = FinetuneConfig(method=method, rank=rank, steps=steps, batch=batch, seq=seq, lr=lr, optimizer=optimizer,
                          loftq=loftq, targets=[t.strip() for t in targets.split(",") if t.strip()],
-                         eval_tokens=eval_tokens, save_every=save_every, seed=seed, checkpointing=checkpointing,
-                         parallel=parallel)
+                         eval_tokens=eval_tokens, eval_every=eval_every, patience=patience, save_every=save_every,
+                         seed=seed, checkpointing=checkpointing, parallel=parallel)
     cfg.check()
     check_writable_dir(out)
     if nproc < 1:
@@ -70,7 +73,9 @@ def finetune(
     s = run(model, data.read_text(encoding="utf-8", errors="replace"), out, cfg)  # FinetuneError: one line, exit 2
     if not rank0:
         return
-    console.print(f"held-out perplexity {s['ppl_before']:.3f} -> [bold]{s['ppl_after']:.3f}[/] after {s['steps']} steps "
+    best = f" (best at step {s['best_step']}, kept)" if patience and s.get("evals") else ""
+    console.print(f"held-out perplexity {s['ppl_before']:.3f} -> [bold]{s['ppl_after']:.3f}[/]{best} after "
+                  f"{s['steps']} steps "
                   f"({s['trainable_params'] / 1e6:.2f}M trainable parameters, {s['step_seconds']:.2f} s/step)")
     console.print(f"written: {out / 'adapter'}, {out / 'loss.png'}, {out / 'summary.json'}  "
                   f"(use it: lowbit eval {model} --method {method} --adapter {out / 'adapter'})")

@@ -15,7 +15,10 @@ def train(
     data: list[Path] = typer.Option(..., "--data", help="UTF-8 text files (repeat --data; the first 90% of their "
                                     "text trains, the rest is held out), or a corpus folder built by "
                                     "scripts/build_corpus.py (its own split and tokenizer)"),
-    size: str = typer.Option("tiny", help="tiny (1M), small (5M) or base (20M non-embedding parameters)"),
+    size: str = typer.Option("tiny", help="micro (0.2M), mini (0.5M), tiny (1M), small (5M) or base (20M "
+                             "non-embedding parameters)"),
+    width: float = typer.Option(1.0, help="hidden and MLP widths times this (2: a b1.58 model as wide as small "
+                                "ternary models want)"),
     arch: str = typer.Option("llama", help="llama | gemma3 (scaled embedding, (1 + w) norms, GELU MLP)"),
     bits: str = typer.Option("1.58", help="weights: 32 (fp32), 16 (bf16 compute) or 1.58 (BitNet b1.58 ternary)"),
     steps: int = typer.Option(500, help="optimizer steps"),
@@ -25,6 +28,8 @@ def train(
     schedule: Optional[str] = typer.Option(None, help="cosine | two-stage (default: two-stage for 1.58, else cosine)"),
     warmup: Optional[int] = typer.Option(None, help="warm-up steps (default: a tenth of --steps, at most 100)"),
     weight_decay: float = typer.Option(0.1, help="AdamW weight decay on matrices"),
+    clip: float = typer.Option(1.0, help="clip the gradient norm to this (0: no clipping)"),
+    dropout: float = typer.Option(0.0, help="dropout on attention and on each block's residual branches"),
     optimizer: str = typer.Option("adamw", help="adamw | adamw8bit (lowbit's 8-bit state)"),
     vocab: int = typer.Option(4096, help="BPE vocabulary trained on the text"),
     tokenizer: Optional[Path] = typer.Option(None, help="use this saved tokenizer folder instead of training one"),
@@ -66,10 +71,10 @@ def train(
         except corpus.CorpusError as e:
             raise UserError(str(e)) from None
         vocab = len(tokens[0])
-    cfg = TrainConfig(size=size, arch=arch, bits=bits, steps=steps, batch=batch, seq=seq, lr=lr, warmup=warmup, schedule=schedule,
-                      weight_decay=weight_decay, optimizer=optimizer, vocab=vocab, eval_every=eval_every,
-                      save_every=save_every, seed=seed, compile=compile_,
-                      precision=precision)
+    cfg = TrainConfig(size=size, arch=arch, width=width, bits=bits, steps=steps, batch=batch, seq=seq, lr=lr,
+                      warmup=warmup, schedule=schedule, weight_decay=weight_decay, clip=clip or None, dropout=dropout,
+                      optimizer=optimizer, vocab=vocab, eval_every=eval_every, save_every=save_every, seed=seed,
+                      compile=compile_, precision=precision)
     cfg.check()
     tok = None
     if tokenizer is not None:

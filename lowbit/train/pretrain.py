@@ -12,13 +12,14 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm import tqdm
 
 from lowbit.train.bitnet import pack_bitnet, to_bitnet
 from lowbit.train.loop import batch_at, heldout_perplexity, plot_losses, read_checkpoint, resume_threads, write_checkpoint
-from lowbit.train.model import ARCHS, SIZES, build_model, non_embedding_params
+from lowbit.train.model import ARCHS, SIZES, build_model, non_embedding_params, residual_dropout
 from lowbit.train.schedule import SCHEDULES, schedule_at
 from lowbit.train.tokenizer import train_tokenizer
 
@@ -35,6 +36,7 @@ class TrainError(ValueError):
 class TrainConfig:
     size: str = "tiny"
     arch: str = "llama"  # or "gemma3"
+    width: float = 1.0  # hidden and MLP widths times this (heads keep their width)
     bits: str = "1.58"  # "32" fp32, "16" bf16 autocast on fp32 master weights, "1.58" BitNet b1.58
     steps: int = 500
     batch: int = 16
@@ -44,7 +46,8 @@ class TrainConfig:
     schedule: str | None = None  # default: two-stage for 1.58, cosine otherwise
     weight_decay: float = 0.1
     optimizer: str = "adamw"  # or adamw8bit (lowbit's blockwise 8-bit state)
-    clip: float = 1.0
+    clip: float | None = 1.0  # None: no clipping
+    dropout: float = 0.0  # on attention probabilities and on each block's two residual branches, in training
     vocab: int = 4096
     heldout: float = 0.1  # the last 10% of the text is held out
     eval_every: int = 100
@@ -81,8 +84,14 @@ class TrainConfig:
                 raise TrainError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.seq < 2:
             raise TrainError(f"--seq must be >= 2, got {self.seq}")
-        if not (self.lr > 0 and math.isfinite(self.lr)) or self.weight_decay < 0 or self.clip <= 0 or self.warmup < 0:
-            raise TrainError("--lr and --clip must be positive, --weight-decay and --warmup non-negative")
+        if not (self.lr > 0 and math.isfinite(self.lr)) or self.weight_decay < 0 or self.warmup < 0:
+            raise TrainError("--lr must be positive, --weight-decay and --warmup non-negative")
+        if self.clip is not None and not self.clip > 0:
+            raise TrainError(f"--clip must be positive (or off), got {self.clip}")
+        if not 0 <= self.dropout < 1:
+            raise TrainError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if not 0.25 <= self.width <= 8:
+            raise TrainError(f"--width must be in [0.25, 8], got {self.width}")
         if not 0 < self.heldout < 1:
             raise TrainError(f"heldout must be in (0, 1), got {self.heldout}")
 
@@ -112,7 +121,10 @@ def prepare_data(text: str, cfg: TrainConfig, tokenizer=None):
 
 
 def make_model(cfg: TrainConfig, tok):
-    model = build_model(cfg.size, len(tok), cfg.seq, tok.bos_token_id, tok.eos_token_id, cfg.seed, cfg.arch)
+    model = build_model(cfg.size, len(tok), cfg.seq, tok.bos_token_id, tok.eos_token_id, cfg.seed, cfg.arch,
+                        cfg.width)
+    if cfg.dropout:
+        residual_dropout(model, cfg.dropout)
     return to_bitnet(model) if cfg.bits == "1.58" else model
 
 
@@ -191,12 +203,14 @@ def train_step(forward, model, opt: torch.optim.Optimizer, batch: torch.Tensor, 
     if torch.isfinite(loss):
         if scaler is None:
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+            if cfg.clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
             opt.step()
         else:  # unscale before clipping; the scaler skips the step when a gradient overflowed
             scaler.scale(loss).backward()
             scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+            if cfg.clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
             scaler.step(opt)
             scaler.update()
     opt.zero_grad(set_to_none=True)
@@ -213,10 +227,10 @@ def data_fingerprint(train: torch.Tensor, held: torch.Tensor) -> str:
 
 
 def run(text: str | None, out: str | Path, cfg: TrainConfig, tokenizer=None, progress: bool = True,
-        tokens: tuple | None = None) -> dict:
+        tokens: tuple | None = None, on_save: Callable[[int, torch.nn.Module], None] | None = None) -> dict:
     """Train on ``text`` (or on ``tokens``: a built corpus' (tokenizer, training ids, held-out ids), from
     lowbit.train.corpus.load) into ``out`` (model, tokenizer, checkpoint/, loss.png, summary.json); resumes from
-    ``out``. Returns the summary."""
+    ``out``. ``on_save(step, saved model)`` runs after each save (a study's snapshots). Returns the summary."""
     cfg.check()
     out = Path(out)
     check_out(out)
@@ -229,7 +243,7 @@ def run(text: str | None, out: str | Path, cfg: TrainConfig, tokenizer=None, pro
     scaler = make_scaler(cfg)
     state = load_state(out, model, opt, scaler)
     if state is not None:
-        older = {"arch": "llama",  # fields added since: what a run written before them used
+        older = {"arch": "llama", "width": 1.0, "dropout": 0.0,  # fields added since: what older runs used
                  "precision": "bf16" if state["config"].get("bits") == "16" else "fp32"}
         # more --steps may extend a run; --compile changes the speed, not the step
         if {**older, **state["config"], "steps": cfg.steps, "compile": cfg.compile} != asdict(cfg):
@@ -277,6 +291,8 @@ def run(text: str | None, out: str | Path, cfg: TrainConfig, tokenizer=None, pro
             saved = save_model(out, model, tok, cfg)  # the model first: a checkpoint never points past a saved model
             extra = {} if scaler is None else {"scaler": scaler.state_dict()}
             write_checkpoint(out, {"model": model.state_dict(), "optimizer": opt.state_dict(), **extra}, state)
+            if on_save is not None:
+                on_save(step, saved)
             t0 = time.perf_counter()
     bar.close()
     state["train_tokens"] = train.numel()
