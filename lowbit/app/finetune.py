@@ -132,6 +132,19 @@ def save_checkpoint(out: Path, model, opt, step: int, losses: list[float], extra
                      {"step": step, "losses": losses, **extra}, also=lambda tmp: model.save_pretrained(tmp / "adapter"))
 
 
+def load_adapter(model, adapter: dict[str, torch.Tensor], where: Path) -> None:
+    """Copy saved adapter tensors (``_adapter_state``'s form) into ``model``; one line if they belong elsewhere."""
+    params = dict(model.named_parameters())
+    if set(adapter) != {n for n, p in params.items() if p.requires_grad}:
+        raise FinetuneError(f"{where} holds an adapter for another model, method or rank: use another --out")
+    with torch.no_grad():
+        for name, value in adapter.items():
+            if params[name].shape != value.shape:
+                raise FinetuneError(f"{where}: adapter tensor {name} has shape {tuple(value.shape)}, this run "
+                                    f"{tuple(params[name].shape)} (another --rank?): use another --out")
+            params[name].copy_(value)
+
+
 def load_checkpoint(out: Path, model, opt) -> tuple[int, list[float], dict]:
     """Restore adapter and optimizer from out/checkpoint; (step, losses, extra) or (0, [], {}) without one."""
     ck = out / "checkpoint"
@@ -139,15 +152,7 @@ def load_checkpoint(out: Path, model, opt) -> tuple[int, list[float], dict]:
     if saved is None:
         return 0, [], {}
     progress, state = saved
-    params = dict(model.named_parameters())
-    if set(state["adapter"]) != {n for n, p in params.items() if p.requires_grad}:
-        raise FinetuneError(f"{ck} holds an adapter for another model, method or rank: use another --out")
-    with torch.no_grad():
-        for name, value in state["adapter"].items():
-            if params[name].shape != value.shape:
-                raise FinetuneError(f"{ck}: adapter tensor {name} has shape {tuple(value.shape)}, this run "
-                                    f"{tuple(params[name].shape)} (another --rank?): use another --out")
-            params[name].copy_(value)
+    load_adapter(model, state["adapter"], ck)
     opt.load_state_dict(state["optimizer"])
     return progress["step"], progress["losses"], {k: v for k, v in progress.items() if k not in ("step", "losses")}
 
@@ -247,18 +252,13 @@ def train(spec: str, text: str, out: Path, cfg: FinetuneConfig, progress: bool =
                 save_checkpoint(out, model, opt, step, losses, extra)
             procs.barrier()
     bar.close()
-    procs.barrier()
-    evals = extra.get("evals", [])
-    if cfg.patience and best_file.is_file():  # the best evaluation's adapter is the result
-        with torch.no_grad():
-            params_by_name = dict(model.named_parameters())
-            for name, value in torch.load(best_file, weights_only=True).items():
-                params_by_name[name].copy_(value)
-    ppl_after = heldout_perplexity(net, held, cfg.seq, cfg.eval_tokens) if not (cfg.patience and evals) \
-        else min(e["ppl"] for e in evals)
+    best = min(extra.get("evals", []), key=lambda e: e["ppl"], default=None)
+    if cfg.patience and best_file.is_file():  # the best evaluation's adapter is the result (already scored)
+        load_adapter(model, torch.load(best_file, weights_only=True), best_file)
+    ppl_after = best["ppl"] if cfg.patience and best else heldout_perplexity(net, held, cfg.seq, cfg.eval_tokens)
     memory = procs.gather({"model_bytes": model_bytes, "peak_rss_bytes": peak_rss_bytes()})
     summary = {"model": spec, **extra, "ppl_after": ppl_after, "steps": step,
-               "best_step": min(evals, key=lambda e: e["ppl"])["step"] if evals else step,
+               "best_step": best["step"] if best else step,
                "final_loss": losses[-1], "losses": losses,
                "train_tokens": train.numel(), "heldout_tokens": min(held.numel(), cfg.eval_tokens),
                "trainable_params": sum(p.numel() for p in params),
