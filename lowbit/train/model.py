@@ -81,16 +81,15 @@ def residual_dropout(model, p: float) -> None:
     first. Forward hooks: nothing is added to the saved model."""
     import torch.nn.functional as F
 
+    def drop(module, args, output):
+        if not module.training:
+            return output
+        if isinstance(output, tuple):  # attention: (output, weights)
+            return (F.dropout(output[0], p, True),) + output[1:]
+        return F.dropout(output, p, True)
+
     model.config.attention_dropout = p
     for layer in model.model.layers:
         layer.self_attn.attention_dropout = p
-
-        def drop(module, args, output):
-            if not module.training:
-                return output
-            if isinstance(output, tuple):
-                return (F.dropout(output[0], p, True),) + output[1:]
-            return F.dropout(output, p, True)
-
         layer.self_attn.register_forward_hook(drop)
         layer.mlp.register_forward_hook(drop)
