@@ -11,7 +11,7 @@ speed are measured against the fp32 model.
 
 Runs resume (a finished run's summary.json is read back), so a sweep can go size by size:
   python benchmarks/bench_bitnet.py --sizes micro --lrs-fp 2e-3,4e-3,8e-3 --lrs-b158 4e-3,8e-3,1.6e-2
-  python benchmarks/bench_bitnet.py   (the defaults: both sizes, the rates below; finished runs are read back)
+  python benchmarks/bench_bitnet.py   (the defaults: three sizes, the rates below; finished runs are read back)
 Writes benchmarks/results/bitnet.json, docs/img/bitnet_curves.png and prints the tables. Single seed.
 """
 from __future__ import annotations
@@ -168,13 +168,13 @@ def rates(text: str, size: str) -> list[float]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--corpus", type=Path, default=ROOT / "corpus", help="built by scripts/build_corpus.py")
-    p.add_argument("--sizes", default="micro,mini")
+    p.add_argument("--sizes", default="micro,mini,tiny")
     p.add_argument("--tokens-per-param", type=float, default=20.0, help="training tokens per non-embedding parameter")
-    p.add_argument("--lrs-fp", default="micro=2e-3,4e-3,8e-3;mini=8e-3",
+    p.add_argument("--lrs-fp", default="micro=2e-3,4e-3,8e-3,1.6e-2,3.2e-2;mini=8e-3,1.6e-2;tiny=8e-3",
                    help="fp32 learning rates swept: 'LR,LR' for every size or 'SIZE=LR,LR;SIZE=LR'")
-    p.add_argument("--lrs-b158", default="micro=4e-3,8e-3,1.6e-2;mini=1.6e-2",
+    p.add_argument("--lrs-b158", default="micro=4e-3,8e-3,1.6e-2,3.2e-2;mini=1.6e-2;tiny=1.6e-2",
                    help="b1.58 learning rates swept, as --lrs-fp")
-    p.add_argument("--width", default="micro=2;mini=0", help="the wide b1.58 model's width, '2' for every size or "
+    p.add_argument("--width", default="micro=2;mini=0;tiny=0", help="the wide b1.58 model's width, '2' for every size or "
                    "'SIZE=2;SIZE=0' (0: none)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=256)

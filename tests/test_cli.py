@@ -81,7 +81,7 @@ def test_demo_writes_the_report(tmp_path):
     assert code == 0, out
     report = (tmp_path / "README.md").read_text()
     for needle in ("| method |", "nf4", "ternary", "tradeoff.png", "outliers-smollm2-135m.png", "all-minilm-l6-v2",
-                   "first 256 tokens", "threads", "frontier.png", "lowbit advise", "advised plan"):
+                   "first 256 tokens", "threads", "frontier.png", "lowbit advise", "advised plan", "A hard case to quantize?"):
         assert needle in report, needle
     assert len(json.loads((tmp_path / "compare.json").read_text())["rows"]) == 9
     assert (tmp_path / "frontier.png").stat().st_size > 10_000

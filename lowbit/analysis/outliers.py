@@ -102,7 +102,8 @@ class OutlierReport:
         return {"threshold": self.threshold, "layers": hits.shape[0], "watched_inputs": len(self.layers),
                 "width": self.width, "positions": self.positions,
                 "dims_reaching_threshold": dims_any, "outlier_features": len(self.features),
-                "layers_with_outlier_features": layers_hit, "features": self.features}
+                "layers_with_outlier_features": layers_hit, "features": self.features,
+                "max_abs": float(self.max_abs.max()) if self.max_abs.numel() else 0.0}
 
 
 @contextmanager

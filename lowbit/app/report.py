@@ -144,6 +144,10 @@ def _outlier_markdown(s: dict) -> str:
         lines += ["", f"Ablation ({ab['metric']}, {ab['tokens']} tokens): unablated {ab['baseline']:.4g}; "
                       f"outlier dimensions {ab['dims']} zeroed: **{ab['outliers_zeroed']:.4g}**; "
                       f"{len(ab['random_dims'])} random dimensions {ab['random_dims']} zeroed: **{ab['random_zeroed']:.4g}**."]
+    signs = s.get("hard_case", [])
+    lines += ["", "**A hard case to quantize?** " + ("; ".join(f"{x['what']}: {x['figure']}" for x in signs) + ". "
+                                                     + " ".join(dict.fromkeys(x["advice"] for x in signs))
+                                                     if signs else f"no sign (largest |x| {s['max_abs']:.1f}).")]
     lines += ["", f"![outlier heatmap]({s['heatmap']})", ""]
     return "\n".join(lines)
 

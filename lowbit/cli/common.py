@@ -303,3 +303,13 @@ def load(spec: str, encoders: bool = False, native: bool = False, tokenizer: boo
 def describe_protocol(tokens: int, window: int, stride: Optional[int], text_name: str, dtype: str = "float32 compute") -> str:
     windows = "non-overlapping windows" if not stride or stride == window else f"sliding windows, stride {stride}"
     return f"perplexity on the first {tokens} tokens of {text_name}, {window}-token {windows}, {dtype}"
+
+
+def print_signs(signs: list[dict], checked: str) -> None:
+    """The hard-case signs of `lowbit.analysis.hard_case` (what, figure, advice), or one line saying none showed."""
+    if not signs:
+        console.print(f"[green]no sign of a hard case to quantize[/] ({checked})")
+        return
+    console.print("[bold yellow]this model looks like a hard case to quantize:[/]")
+    for s in signs:
+        console.print(f"  [yellow]{s['what']}[/]: {s['figure']}.\n    {s['advice']}", highlight=False)

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from lowbit.cli.common import (THREADS_HELP, app, check_scoring, check_writable_file, friendly, MODEL_HELP, SPEED_PROTOCOL,
-                               TEXT_HELP, UserError, console, load, describe_protocol, read_text, setup, use_threads, ensure_kernels)
+                               TEXT_HELP, UserError, console, load, describe_protocol, print_signs, read_text, setup, use_threads, ensure_kernels)
 
 
 @app.command("eval")
@@ -23,6 +23,8 @@ def eval_(
     speed: bool = typer.Option(True, "--speed/--no-speed", help="measure prefill and decode tokens/s"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the figures to this JSON file"),
     adapter: Optional[Path] = typer.Option(None, help="a PEFT LoRA adapter folder (from lowbit finetune) to apply"),
+    probe: bool = typer.Option(True, "--probe/--no-probe", help="for an unquantized model: also score 8- and 4-bit "
+                               "round-to-nearest copies on up to 2048 tokens, and say if it looks hard to quantize"),
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
 ) -> None:
     """Perplexity, prefill/decode speed and memory of MODEL (a checkpoint folder or a model to quantize on the fly).
@@ -31,7 +33,8 @@ def eval_(
              lowbit eval smollm2-135m --method native   (the bundled GGUF's own Q4_1 weights)
     """
     setup()
-    from lowbit.app.compare import linear_bits_per_param, measure
+    from lowbit.analysis.hard_case import degradation_signs
+    from lowbit.app.compare import bit_probe, linear_bits_per_param, measure
     from lowbit.eval.speed import machine
     from lowbit.app.methods import LOADED, apply_method, check_method, needs_calibration
 
@@ -65,6 +68,12 @@ def eval_(
     if speed:
         console.print(f"prefill {row['prefill_tok_s']:.0f} tok/s, decode {row['decode_tok_s']:.1f} tok/s ({SPEED_PROTOCOL}) "
                       f"on {row['machine']}")
+    if probe and method == "fp32" and adapter is None and label in ("fp32", "bf16", "fp16"):
+        p = bit_probe(m, tok, body, min(row["tokens"], 2048), window)
+        signs = [s.to_dict() for s in degradation_signs(p["ratio8"], p["ratio4"], model)]
+        row["probe"] = {**p, "hard_case": signs}
+        print_signs(signs, f"8-bit round-to-nearest {p['ratio8'] - 1:+.2%}, 4-bit {p['ratio4'] - 1:+.1%} perplexity "
+                           f"on {p['tokens']} tokens")
     if json_out:
         json_out.write_text(json.dumps(row, indent=1, default=str))
 
