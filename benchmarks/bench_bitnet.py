@@ -11,7 +11,7 @@ speed are measured against the fp32 model.
 
 Runs resume (a finished run's summary.json is read back), so a sweep can go size by size:
   python benchmarks/bench_bitnet.py --sizes micro --lrs-fp 2e-3,4e-3,8e-3 --lrs-b158 4e-3,8e-3,1.6e-2
-  python benchmarks/bench_bitnet.py   (the defaults: three sizes, the rates below; finished runs are read back)
+  python benchmarks/bench_bitnet.py   (the defaults: micro and mini, the rates below; finished runs are read back)
 Writes benchmarks/results/bitnet.json, docs/img/bitnet_curves.png and prints the tables. Single seed.
 """
 from __future__ import annotations
@@ -156,19 +156,20 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def rates(text: str, size: str) -> list[float]:
-    """The learning rates of ``size`` in "2e-3,4e-3" (every size) or "micro=2e-3,4e-3;mini=4e-3" (per size)."""
+    """The values (learning rates, token counts) of ``size`` in "2e-3,4e-3" (every size) or
+    "micro=2e-3,4e-3;mini=4e-3" (per size)."""
     if "=" not in text:
         return [float(x) for x in text.split(",") if x]
     per_size = dict(part.split("=", 1) for part in text.split(";") if part)
     if size not in per_size:
-        raise SystemExit(f"no learning rates for {size} in {text!r}")
+        raise SystemExit(f"no values for {size} in {text!r}")
     return [float(x) for x in per_size[size].split(",") if x]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--corpus", type=Path, default=ROOT / "corpus", help="built by scripts/build_corpus.py")
-    p.add_argument("--sizes", default="micro,mini,tiny")
+    p.add_argument("--sizes", default="micro,mini", help="sizes to run ('tiny' adds about 70 minutes here)")
     p.add_argument("--tokens-per-param", type=float, default=20.0, help="training tokens per non-embedding parameter")
     p.add_argument("--lrs-fp", default="micro=2e-3,4e-3,8e-3,1.6e-2,3.2e-2;mini=8e-3,1.6e-2;tiny=8e-3",
                    help="fp32 learning rates swept: 'LR,LR' for every size or 'SIZE=LR,LR;SIZE=LR'")

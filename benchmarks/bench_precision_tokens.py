@@ -12,7 +12,7 @@ is fitted separately for RTN and GPTQ by `lowbit.analysis.ptq_law.fit_ptq_law` (
 points with delta > 0, bootstrap intervals, residuals shown).
 
 Writes benchmarks/results/precision_tokens.json and docs/img/precision_tokens.png; runs resume. Single seed.
-Usage: python benchmarks/bench_precision_tokens.py [--sizes micro,mini] [--tokens 0.5e6,1e6,2e6,4e6,8e6,16e6]
+Usage: python benchmarks/bench_precision_tokens.py [--sizes micro,mini] [--tokens "micro=0.5e6,...,16e6;mini=1e6,4e6,16e6"]
        [--lr "micro=1.6e-2;mini=8e-3"]   (the best fp32 rates of bench_bitnet.py's sweeps)
 """
 from __future__ import annotations
@@ -91,7 +91,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--corpus", type=Path, default=ROOT / "corpus", help="built by scripts/build_corpus.py")
     p.add_argument("--sizes", default="micro,mini")
-    p.add_argument("--tokens", default="0.5e6,1e6,2e6,4e6,8e6,16e6", help="training tokens of each run")
+    p.add_argument("--tokens", default="micro=0.5e6,1e6,2e6,4e6,8e6,16e6;mini=1e6,4e6,16e6",
+                   help="training tokens of each run: 'T,T' for every size or 'SIZE=T,T;SIZE=T'")
     p.add_argument("--lr", default="micro=1.6e-2;mini=8e-3", help="peak learning rate, '8e-3' or per size")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=256)
@@ -117,7 +118,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     points = []
     for size in args.sizes.split(","):
-        for count in (float(x) for x in args.tokens.split(",")):
+        for count in rates(args.tokens, size):
             steps = max(1, round(count / (args.batch * args.seq)))
             cfg = TrainConfig(size=size, bits="32", precision="bf16", compile=True, lr=rates(args.lr, size)[0],
                               steps=steps, batch=args.batch, seq=args.seq, vocab=len(tok), seed=args.seed,
