@@ -96,7 +96,7 @@ def main() -> None:
     p.add_argument("--lr", default="micro=1.6e-2;mini=8e-3", help="peak learning rate, '8e-3' or per size")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--eval-tokens", type=int, default=131072)
+    p.add_argument("--eval-tokens", type=int, default=65536, help="held-out tokens each score uses (the same for all)")
     p.add_argument("--calibration", type=int, default=64, help="GPTQ calibration windows of --seq training tokens")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "precision-tokens-runs")
