@@ -16,7 +16,7 @@ degradation against training steps (the paper: fp16-trained models degrade more 
 
 Writes benchmarks/results/train_choices.json and docs/img/train_choices_steps.png; runs resume (a finished
 variant's summary.json is read back). Single seed.
-Usage: python benchmarks/bench_train_choices.py [--size micro] [--tokens-per-param 20] [--lr 8e-3]
+Usage: python benchmarks/bench_train_choices.py [--size micro] [--tokens-per-param 20] [--lr 1.6e-2]
        [--variants baseline,wd0,dropout,noclip,fp32,fp16,all-flipped]
 """
 from __future__ import annotations
@@ -91,7 +91,7 @@ def main() -> None:
     p.add_argument("--corpus", type=Path, default=ROOT / "corpus", help="built by scripts/build_corpus.py")
     p.add_argument("--size", default="micro")
     p.add_argument("--tokens-per-param", type=float, default=20.0)
-    p.add_argument("--lr", type=float, default=8e-3, help="peak learning rate (the best fp32 rate of bench_bitnet)")
+    p.add_argument("--lr", type=float, default=1.6e-2, help="peak learning rate (the best fp32 rate of bench_bitnet at micro)")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=256)
