@@ -40,9 +40,10 @@ def test_intervals_cover_the_planted_constants_under_noise():
 
 
 def test_points_with_no_loss_are_left_out_and_one_size_drops_b():
-    points = synthetic(0.0, sizes=(5e5,)) + [Point(1e6, 5e5, 8, -0.001), Point(2e6, 5e5, 8, 0.0)]
+    points = synthetic(0.0, sizes=(5e5,)) + [Point(1e6, 5e5, 8, -0.001), Point(2e6, 5e5, 8, 0.0),
+                                             Point(4e6, 5e5, 4, float("inf")), Point(4e6, 5e5, 3, float("nan"))]
     f = fit_ptq_law(points, resamples=50)
-    assert f["excluded"] == 2 and "b" not in f and f["a"] == pytest.approx(TRUE["a"], abs=1e-6)
+    assert f["excluded"] == 4 and "b" not in f and f["a"] == pytest.approx(TRUE["a"], abs=1e-6)
 
 
 def test_too_few_or_degenerate_points_are_refused():
@@ -51,3 +52,5 @@ def test_too_few_or_degenerate_points_are_refused():
     same_tokens = [p for p in synthetic(0.0) if p.tokens == 1e6]
     with pytest.raises(ValueError, match="do not vary enough"):
         fit_ptq_law(same_tokens)
+    with pytest.raises(ValueError, match="bootstrap resamples"):
+        fit_ptq_law(synthetic(0.0), resamples=0)
