@@ -58,7 +58,9 @@ def test_eval_probes_8_and_4_bits_and_calls_smollm2_a_hard_case(tmp_path, smollm
     result = CliRunner().invoke(app, ["eval", "smollm2-135m", "--tokens", "256", "--window", "128", "--no-speed",
                                       "--json", str(tmp_path / "e.json")])
     assert result.exit_code == 0, result.output
-    probe = json.loads((tmp_path / "e.json").read_text())["probe"]
+    row = json.loads((tmp_path / "e.json").read_text())
+    probe = row["probe"]
+    assert probe["perplexity"] == row["perplexity"]  # the same tokens and windows: scored once
     assert probe["tokens"] == 256 and 0.99 < probe["ratio8"] < 1.01 and probe["ratio4"] > 1.10
     assert [s["what"] for s in probe["hard_case"]] == ["steep loss from 8 to 4 bits"]
     assert "hard case" in result.output and "lowbit advise" in " ".join(result.output.split())

@@ -78,10 +78,12 @@ def compare(model: nn.Module, tokenizer, methods: list[str], text: str, tokens: 
 
 
 def bit_probe(model: nn.Module, tokenizer, text: str, tokens: int = 2048, window: int = 512,
-              progress: bool = True) -> dict:
+              progress: bool = True, base: float | None = None) -> dict:
     """Perplexity ratios (quantized / as loaded) of 8- and 4-bit round-to-nearest in groups of 128, each on a copy of
-    ``model``: how steeply it loses from 8 to 4 bits, the hard-case sign `lowbit eval` reports."""
-    base = perplexity(model, tokenizer, text, tokens, window, progress=progress)
+    ``model``: how steeply it loses from 8 to 4 bits, the hard-case sign `lowbit eval` reports. ``base``: the
+    model's own perplexity on the same tokens and windows, when the caller has it already."""
+    if base is None:
+        base = perplexity(model, tokenizer, text, tokens, window, progress=progress)
     out = {"tokens": tokens, "perplexity": base}
     for bits in (8, 4):
         q = apply_method(copy.deepcopy(model), f"rtn{bits}", progress=progress)

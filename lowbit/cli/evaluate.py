@@ -69,7 +69,8 @@ def eval_(
         console.print(f"prefill {row['prefill_tok_s']:.0f} tok/s, decode {row['decode_tok_s']:.1f} tok/s ({SPEED_PROTOCOL}) "
                       f"on {row['machine']}")
     if probe and method == "fp32" and adapter is None and label in ("fp32", "bf16", "fp16"):
-        p = bit_probe(m, tok, body, min(row["tokens"], 2048), window)
+        same = row["tokens"] <= 2048 and stride in (None, window)  # the probe's protocol: its base is scored
+        p = bit_probe(m, tok, body, min(row["tokens"], 2048), window, base=row["perplexity"] if same else None)
         signs = [s.to_dict() for s in degradation_signs(p["ratio8"], p["ratio4"], model)]
         row["probe"] = {**p, "hard_case": signs}
         print_signs(signs, f"8-bit round-to-nearest {p['ratio8'] - 1:+.2%}, 4-bit {p['ratio4'] - 1:+.1%} perplexity "
