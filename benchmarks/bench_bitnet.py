@@ -173,7 +173,7 @@ def main() -> None:
     p.add_argument("--tokens-per-param", type=float, default=20.0, help="training tokens per non-embedding parameter")
     p.add_argument("--lrs-fp", default="micro=2e-3,4e-3,8e-3,1.6e-2,3.2e-2;mini=8e-3,1.6e-2;tiny=8e-3",
                    help="fp32 learning rates swept: 'LR,LR' for every size or 'SIZE=LR,LR;SIZE=LR'")
-    p.add_argument("--lrs-b158", default="micro=4e-3,8e-3,1.6e-2,3.2e-2;mini=1.6e-2;tiny=1.6e-2",
+    p.add_argument("--lrs-b158", default="micro=4e-3,8e-3,1.6e-2,3.2e-2;mini=8e-3,1.6e-2;tiny=1.6e-2",
                    help="b1.58 learning rates swept, as --lrs-fp")
     p.add_argument("--width", default="micro=2;mini=0;tiny=0", help="the wide b1.58 model's width, '2' for every size or "
                    "'SIZE=2;SIZE=0' (0: none)")

@@ -12,6 +12,7 @@ import torch
 import lowbit
 from lowbit.decode import StaticDecoder
 from lowbit.kernels import fast
+from lowbit.train.bitnet import pack_bitnet, to_bitnet
 
 pytestmark = pytest.mark.skipif(fast() is None or not hasattr(fast(), "DecodeEngine"),
                                 reason="no compiled kernels: the native step needs them")
@@ -102,7 +103,7 @@ def test_native_step_off_by_environment(monkeypatch):
 
 @pytest.mark.parametrize("case, why", [
     ("llm-int8", "Int8Linear"),   # int8 activations with outlier columns: the Python step's layer call
-    ("ternary", "BitLinear"),
+    ("ternary-training", "TrainableBitLinear"),  # b1.58 layers still training: packed ones run natively
     ("batch", "batches of several sequences"),
     ("bf16", "bfloat16 compute"),
 ])
@@ -110,8 +111,8 @@ def test_what_the_native_step_does_not_take_runs_in_python_and_says_why(case, wh
     model = random_model("llama")
     if case == "llm-int8":
         lowbit.quantize(model, lowbit.Int8Config(), progress=False)
-    elif case == "ternary":
-        lowbit.quantize(model, lowbit.TernaryConfig(), progress=False)
+    elif case == "ternary-training":
+        to_bitnet(model)
     elif case == "bf16":
         model = model.to(torch.bfloat16)
     decoder = StaticDecoder(model, 2 if case == "batch" else 1, 8)
@@ -119,6 +120,42 @@ def test_what_the_native_step_does_not_take_runs_in_python_and_says_why(case, wh
     ids = torch.randint(0, 300, (1, 4), generator=torch.Generator().manual_seed(3))
     if case != "batch":  # it still decodes, on the Python step
         assert lowbit.generate(model, ids, max_new_tokens=3).shape == (1, 7)
+
+
+def ternary_model(trained: bool) -> torch.nn.Module:
+    """A random Llama with b1.58 layers: post-training ternary (lowbit's ``ternary`` method), or packed from
+    training layers, whose input is RMS-normed without a gain first."""
+    model = random_model("llama")
+    if trained:
+        return pack_bitnet(to_bitnet(model))
+    return lowbit.quantize(model, lowbit.TernaryConfig(), progress=False)
+
+
+@pytest.mark.parametrize("trained", [False, True], ids=["post-training", "trained-input-norm"])
+def test_ternary_layers_run_natively_and_equal_the_python_step(trained, monkeypatch):
+    # The same int8 codes of x and the same integer products as BitLinear's own kernel: the logits differ only by
+    # the float order of the norms (a code can move by one where x * 127 / absmax lands near a half).
+    model = ternary_model(trained)
+    assert any(getattr(m, "input_norm", False) for m in model.modules()) == trained
+    ids = torch.randint(0, 300, (1, 5), generator=torch.Generator().manual_seed(6))
+    decoder = StaticDecoder(model, 1, 20)
+    assert decoder.native is not None, decoder.native_why
+    native = steps(model, ids, 12)
+    monkeypatch.setenv("LOWBIT_NATIVE", "0")
+    python = steps(model, ids, 12)
+    for a, b in zip(native, python):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3 * float(b.abs().max()))
+    assert [int(a.argmax()) for a in native] == [int(b.argmax()) for b in python]
+
+
+def test_ternary_weights_of_the_wrong_shape_are_refused():
+    ext = fast()
+    with pytest.raises(RuntimeError, match="multiple of 4 weights"):
+        ext.DecodeWeight.ternary(torch.zeros(6, dtype=torch.uint8), 1.0, 4, 6, None, False)
+    with pytest.raises(RuntimeError, match="contiguous uint8 of 8 bytes"):
+        ext.DecodeWeight.ternary(torch.zeros(7, dtype=torch.uint8), 1.0, 4, 8, None, False)
+    with pytest.raises(RuntimeError, match="gamma must be finite"):
+        ext.DecodeWeight.ternary(torch.zeros(8, dtype=torch.uint8), float("nan"), 4, 8, None, False)
 
 
 def test_padded_batch_of_one_and_prefill_in_pieces_stay_on_the_python_step():

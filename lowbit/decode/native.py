@@ -3,7 +3,8 @@
 The step (lowbit/kernels/csrc/engine.cpp) runs the norms, q/k/v, the rotation, attention over the decoder's own KV
 cache, o, the MLP and the head in one thread team kept for the whole token, where the Python step makes a torch
 call per operation and a parallel region per product. It takes one sequence in float32 compute whose every linear
-layer is a lowbit LUT layer (NF4, FP4, int4/int2/int3, SpQR, GGUF codes), a weight-only int8 layer or a float32
+layer is a lowbit LUT layer (NF4, FP4, int4/int2/int3, SpQR, GGUF codes), a weight-only int8 layer, a packed
+ternary layer (BitNet b1.58: its own per-token int8 activations, as ``BitLinear`` computes them) or a float32
 ``nn.Linear``; the decoder keeps its Python step for anything else and says why (``StaticDecoder.native_why``).
 ``LOWBIT_NATIVE=0`` turns it off (to compare the two).
 

@@ -1,13 +1,15 @@
 """BitLinear: BitNet b1.58 inference (Ma et al., 2024): ternary weights, per-token int8 activations."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from lowbit import functional as F
 from lowbit.formats import ternary_2bit_valid, unpack_ternary_2bit
 from lowbit.functional.validate import check_finite_stats
-from lowbit.kernels.matmul import q8_gemv, ternary_int8
+from lowbit.kernels.matmul import cpu_kernels, q8_gemv, ternary_int8
 from lowbit.config import TernaryConfig
 from lowbit.nn.base import QuantLinear, check_range, linear_weight
 from lowbit.registry import Format, Method, register
@@ -72,6 +74,14 @@ class BitLinear(QuantLinear):
         for r0, r1 in self.row_ranges(dtype):
             trits = unpack_ternary_2bit(self.weight_packed[r0 * k // 4:r1 * k // 4], (r1 - r0) * k).view(r1 - r0, k)
             yield r0, r1, trits.to(dtype) * self.weight_gamma.to(dtype)
+
+    def decode_weight(self) -> Any:
+        ext = cpu_kernels(self.weight_packed)
+        # the fused path of quantized_forward, whose arithmetic the native step repeats: float32, whole-byte rows
+        if ext is None or self.compute_dtype != torch.float32 or self.in_features % 4:
+            return None
+        return ext.DecodeWeight.ternary(self.weight_packed, float(self.weight_gamma), self.out_features,
+                                        self.in_features, self.bias, self.input_norm)
 
     def quantized_forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)

@@ -64,6 +64,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_static("lut", &DecodeWeight::lut)
       .def_static("dense", &DecodeWeight::dense)
       .def_static("int8", &DecodeWeight::int8)
+      .def_static("ternary", &DecodeWeight::ternary)
       .def_readonly("N", &DecodeWeight::N)
       .def_readonly("K", &DecodeWeight::K)
       // whether the step multiplies this weight by int8 activations when asked to

@@ -70,6 +70,18 @@ std::shared_ptr<DecodeWeight> DecodeWeight::int8(torch::Tensor codes, torch::Ten
   return d;
 }
 
+std::shared_ptr<DecodeWeight> DecodeWeight::ternary(torch::Tensor packed, double gamma, int64_t N, int64_t K,
+                                                    c10::optional<torch::Tensor> bias, bool input_norm) {
+  TORCH_CHECK(K > 0 && K % 4 == 0, "DecodeWeight.ternary: rows must hold a multiple of 4 weights, not ", K);
+  TORCH_CHECK(packed.dtype() == torch::kUInt8 && packed.is_contiguous() && packed.numel() == N * K / 4,
+              "DecodeWeight.ternary: packed must be contiguous uint8 of ", N * K / 4, " bytes");
+  TORCH_CHECK(std::isfinite(gamma), "DecodeWeight.ternary: gamma must be finite");
+  auto d = std::make_shared<DecodeWeight>();
+  d->kind = Kind::Ternary, d->w = packed, d->gamma = static_cast<float>(gamma), d->input_norm = input_norm;
+  d->N = N, d->K = K, d->bias = checked_bias(bias, N);
+  return d;
+}
+
 void DecodeWeight::rows(const float* x, LutRowInput& in, float* y, int64_t n0, int64_t n1) const {
   if (n0 >= n1) return;
   if (kind == Kind::Lut) {
@@ -77,8 +89,11 @@ void DecodeWeight::rows(const float* x, LutRowInput& in, float* y, int64_t n0, i
     lut_rows_range(*plan, in, x, y, n0, n1);
   } else if (kind == Kind::Float) {
     float_rows_range(x, w.data_ptr<float>(), y, K, n0, n1);
-  } else {
+  } else if (kind == Kind::Int8) {
     int8_rows_range(x, w.data_ptr<int8_t>(), scale.data_ptr<float>(), y, K, n0, n1);
+  } else {
+    ternary_prepare_row(x, K, input_norm, in);
+    ternary_rows_range(w.data_ptr<uint8_t>(), gamma, in, y, K, n0, n1);
   }
   if (bias.defined()) {
     const float* b = bias.data_ptr<float>();

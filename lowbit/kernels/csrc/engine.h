@@ -9,21 +9,27 @@
 #include <string>
 #include <vector>
 
-// One weight the engine multiplies by a row of x: a LUT plan, float32 rows, or int8 rows with a scale per row;
+// One weight the engine multiplies by a row of x: a LUT plan, float32 rows, int8 rows with a scale per row, or
+// ternary rows packed 2 bits a weight with one scale (BitNet b1.58: x per-token int8, RMS-normed first if asked);
 // and an optional float32 bias.
 struct DecodeWeight {
-  enum class Kind { Lut, Float, Int8 };
+  enum class Kind { Lut, Float, Int8, Ternary };
   static std::shared_ptr<DecodeWeight> lut(std::shared_ptr<LutPlan> plan, int64_t N, int64_t K,
                                            c10::optional<torch::Tensor> bias);
   static std::shared_ptr<DecodeWeight> dense(torch::Tensor w, c10::optional<torch::Tensor> bias);
   static std::shared_ptr<DecodeWeight> int8(torch::Tensor codes, torch::Tensor row_scale,
                                             c10::optional<torch::Tensor> bias);
+  static std::shared_ptr<DecodeWeight> ternary(torch::Tensor packed, double gamma, int64_t N, int64_t K,
+                                               c10::optional<torch::Tensor> bias, bool input_norm);
   // y[n] = x . W[n] (+ bias[n]) for n in [n0, n1); `in` holds x prepared for LUT plans (prepared here if not).
   void rows(const float* x, LutRowInput& in, float* y, int64_t n0, int64_t n1) const;
 
   Kind kind = Kind::Float;
   std::shared_ptr<LutPlan> plan;
-  torch::Tensor w, scale, bias;  // float32 [N, K] or int8 codes [N, K] and float32 [N]; bias float32 [N] or empty
+  // float32 [N, K], int8 codes [N, K] and float32 [N], or packed ternary uint8 [N * K / 4]; bias float32 [N] or empty
+  torch::Tensor w, scale, bias;
+  float gamma = 1.f;        // ternary: the weight's one scale
+  bool input_norm = false;  // ternary: RMS-norm x (no gain) before quantizing it
   int64_t N = 0, K = 0;
 };
 using Weights = std::vector<std::shared_ptr<DecodeWeight>>;

@@ -24,6 +24,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -1187,9 +1188,10 @@ std::tuple<torch::Tensor, torch::Tensor, bool> q8_gemv(torch::Tensor x, torch::T
 namespace {
 // Rows [n0, n1) of the ternary product for MB rows of x in lane order: 64 bytes hold 256 weights, shift 2s of
 // byte p is weight 4p + 3 - s.
-template <int MB>
+// store(m, n, acc) takes each exact int32 sum.
+template <int MB, typename Store>
 void ternary_rows(const uint8_t* pw, int64_t row_bytes, const int8_t* xp, int64_t Kp, const int32_t* xsum,
-                  int32_t* acc, int64_t N, int64_t n0, int64_t n1) {
+                  int64_t n0, int64_t n1, Store&& store) {
   const int64_t full = row_bytes / 64, tail = row_bytes % 64;
   const __m512i three = _mm512_set1_epi8(3);
   for (int64_t n = n0; n < n1; ++n) {
@@ -1210,12 +1212,34 @@ void ternary_rows(const uint8_t* pw, int64_t row_bytes, const int8_t* xp, int64_
     }
     for (int m = 0; m < MB; ++m) {
       const __m512i t = _mm512_add_epi32(_mm512_add_epi32(a[0][m], a[1][m]), _mm512_add_epi32(a[2][m], a[3][m]));
-      acc[m * N + n] = _mm512_reduce_add_epi32(t) - xsum[m];
+      store(m, n, _mm512_reduce_add_epi32(t) - xsum[m]);
     }
   }
 }
 }  // namespace
 #endif
+
+namespace {
+#if defined(__AVX512VNNI__) && defined(LOWBIT_AVX512)
+// One row of int8 x [K] in the ternary kernel's lane order into out [Kp]: 64 bytes hold 256 weights, shift 2s of
+// byte p is weight 4p + 3 - s; zeros past K.
+void ternary_lane_order(const int8_t* x, int64_t K, int64_t Kp, int8_t* out) {
+  for (int64_t c = 0; c < Kp; c += 256)
+    for (int64_t s = 0; s < 4; ++s)
+      for (int64_t p = 0; p < 64; ++p) {
+        const int64_t k = c + 4 * p + 3 - s;
+        out[c + s * 64 + p] = k < K ? x[k] : 0;
+      }
+}
+#endif
+
+// The exact int32 x . T[n] of one row of x in natural order (builds without VNNI).
+inline int32_t ternary_dot_scalar(const uint8_t* row, const int8_t* x, int64_t K) {
+  int32_t a = 0;
+  for (int64_t k = 0; k < K; ++k) a += static_cast<int32_t>((row[k / 4] >> (6 - 2 * (k % 4))) & 3) * x[k];
+  return a;
+}
+}  // namespace
 
 // acc[M, N] = xq[M, K] @ T^T exactly in int32 for ternary T packed 2 bits a weight (codes 0, 1, 2 = -1, 0, 1; first
 // in the high bits), as sum(code * x) - sum(x). Rows of T start on a byte: K % 4 == 0.
@@ -1234,34 +1258,65 @@ torch::Tensor ternary_gemv(torch::Tensor xq, torch::Tensor packed, int64_t N) {
   for (int64_t m = 0; m < M; ++m)
     for (int64_t k = 0; k < K; ++k) xsum[m] += px[m * K + k];
 #if defined(__AVX512VNNI__) && defined(LOWBIT_AVX512)
-  // Lane order: 64 bytes hold 256 weights; shift 2s of byte p is weight 4p + 3 - s.
   const int64_t Kp = (K + 255) / 256 * 256;
   std::vector<int8_t> xp(M * Kp, 0);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t c = 0; c < Kp; c += 256)
-      for (int64_t s = 0; s < 4; ++s)
-        for (int64_t p = 0; p < 64; ++p) {
-          const int64_t k = c + 4 * p + 3 - s;
-          xp[m * Kp + c + s * 64 + p] = k < K ? px[m * K + k] : 0;
-        }
+  for (int64_t m = 0; m < M; ++m) ternary_lane_order(px + m * K, K, Kp, xp.data() + m * Kp);
 #endif
   at::parallel_for(0, N, std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1)), [&](int64_t n0, int64_t n1) {
 #if defined(__AVX512VNNI__) && defined(LOWBIT_AVX512)
     for_x_blocks(M, [&](int64_t m0, auto mb) {
-      ternary_rows<decltype(mb)::value>(pw, row_bytes, xp.data() + m0 * Kp, Kp, xsum.data() + m0, pa + m0 * N, N, n0, n1);
+      ternary_rows<decltype(mb)::value>(pw, row_bytes, xp.data() + m0 * Kp, Kp, xsum.data() + m0, n0, n1,
+                                        [&](int m, int64_t n, int32_t a) { pa[(m0 + m) * N + n] = a; });
     });
 #else
-    for (int64_t n = n0; n < n1; ++n) {
-      const uint8_t* row = pw + n * row_bytes;
-      for (int64_t m = 0; m < M; ++m) {
-        int32_t a = 0;
-        for (int64_t k = 0; k < K; ++k) a += static_cast<int32_t>((row[k / 4] >> (6 - 2 * (k % 4))) & 3) * px[m * K + k];
-        pa[m * N + n] = a - xsum[m];
-      }
-    }
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t m = 0; m < M; ++m) pa[m * N + n] = ternary_dot_scalar(pw + n * row_bytes, px + m * K, K) - xsum[m];
 #endif
   });
   return acc;
+}
+
+void ternary_prepare_row(const float* x, int64_t K, bool norm, LutRowInput& in) {
+  if (in.bits == kTernaryInput && in.K == K && in.tnorm == norm) return;
+  const float* src = x;
+  if (norm) {  // as torch's rms_norm: x * rsqrt(mean(x^2) + eps)
+    in.tn.resize(K);
+    float ss = 0.f;
+    for (int64_t k = 0; k < K; ++k) ss += x[k] * x[k];
+    const float r = 1.f / std::sqrt(ss / static_cast<float>(K) + 1e-6f);
+    for (int64_t k = 0; k < K; ++k) in.tn[k] = x[k] * r;
+    src = in.tn.data();
+  }
+  std::vector<int8_t> codes(K);
+  in.tabsmax = quantize_row_int8(src, K, codes.data());
+  in.tsum = 0;
+  for (int64_t k = 0; k < K; ++k) in.tsum += codes[k];
+#if defined(__AVX512VNNI__) && defined(LOWBIT_AVX512)
+  const int64_t Kp = (K + 255) / 256 * 256;
+  in.tq.resize(Kp);
+  ternary_lane_order(codes.data(), K, Kp, in.tq.data());
+#else
+  in.tq = std::move(codes);
+#endif
+  in.bits = kTernaryInput, in.K = K, in.tnorm = norm;
+}
+
+void ternary_rows_range(const uint8_t* packed, float gamma, const LutRowInput& in, float* y, int64_t K, int64_t n0,
+                        int64_t n1) {
+  const int64_t row_bytes = K / 4;
+  if (!std::isfinite(in.tabsmax)) {  // the codes are zeros: say so rather than return a finite wrong answer
+    std::fill(y + n0, y + n1, std::numeric_limits<float>::quiet_NaN());
+    return;
+  }
+  // BitLinear's order: acc * (absmax / 127) * gamma
+#if defined(__AVX512VNNI__) && defined(LOWBIT_AVX512)
+  ternary_rows<1>(packed, row_bytes, in.tq.data(), static_cast<int64_t>(in.tq.size()), &in.tsum, n0, n1,
+                  [&](int, int64_t n, int32_t a) { y[n] = static_cast<float>(a) * (in.tabsmax / 127.0f) * gamma; });
+#else
+  for (int64_t n = n0; n < n1; ++n)
+    y[n] = static_cast<float>(ternary_dot_scalar(packed + n * row_bytes, in.tq.data(), K) - in.tsum) *
+           (in.tabsmax / 127.0f) * gamma;
+#endif
 }
 
 // Rows [r0, r1) of a ternary weight packed 2 bits a weight (K % 4 == 0), as int8 -1/0/1 into out [r1 - r0, K].

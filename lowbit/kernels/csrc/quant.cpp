@@ -5,6 +5,8 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include "rows.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -264,6 +266,19 @@ inline void for_each_row(int64_t rows, int64_t cols, F f) {
   });
 }
 
+// One row of quantize_rowwise_int8: codes into o; returns the row's absmax.
+float quantize_row_int8(const float* p, int64_t cols, int8_t* o) {
+  const float a = block_absmax(p, cols);
+  if (!std::isfinite(a)) {  // the caller raises or returns NaN; no codes from NaN (a float -> int cast is undefined)
+    std::memset(o, 0, cols);
+    return a;
+  }
+  // 127 * (1 / a), not 127 / a: torch evaluates scalar / tensor this way, and so the reference.
+  const float s = a > 0.f ? 127.0f * (1.0f / a) : 0.f;
+  for (int64_t i = 0; i < cols; ++i) o[i] = static_cast<int8_t>(round_even(p[i] * s));
+  return a;
+}
+
 // Vector-wise int8 absmax over the last dim: q = round_half_even(x * 127 * (1 / absmax)), 0 for a zero row.
 std::vector<torch::Tensor> quantize_rowwise_int8(torch::Tensor x) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "x must be 2-D contiguous float32");
@@ -273,15 +288,7 @@ std::vector<torch::Tensor> quantize_rowwise_int8(torch::Tensor x) {
   const float* px = x.data_ptr<float>();
   int8_t* pq = q.data_ptr<int8_t>();
   float* pa = absmax.data_ptr<float>();
-  for_each_row(rows, cols, [&](int64_t r) {
-    const float* p = px + r * cols;
-    const float a = block_absmax(p, cols);
-    pa[r] = a;
-    // 127 * (1 / a), not 127 / a: torch evaluates scalar / tensor this way, and so the reference.
-    const float s = a > 0.f ? 127.0f * (1.0f / a) : 0.f;
-    int8_t* o = pq + r * cols;
-    for (int64_t i = 0; i < cols; ++i) o[i] = static_cast<int8_t>(round_even(p[i] * s));
-  });
+  for_each_row(rows, cols, [&](int64_t r) { pa[r] = quantize_row_int8(px + r * cols, cols, pq + r * cols); });
   return {q, absmax};
 }
 
