@@ -7,6 +7,7 @@ benchmarks/results/finetune.json.
 With --eval-every N the held-out perplexity is also scored every N steps, and with --patience K a run stops once K
 evaluations in a row did not improve on its best, keeping the best adapter (QLoRA at length, issue 36):
        python benchmarks/bench_finetune.py --runs fp32,nf4,nf4-loftq,int8 --steps 800 --eval-every 50 --patience 2
+(runs resume from --workdir: a finished 300-step run given --steps 600 --save-every 300 goes on from step 300)
 writes docs/img/finetune_curves.png too.
 Usage: python benchmarks/bench_finetune.py [--steps 200] [--runs fp32,nf4,nf4-loftq,int8,ternary,bnb-nf4]
        [--bnb-steps 5] [--eval-every 0] [--patience 0]
@@ -48,7 +49,7 @@ def one_lowbit(name: str, args) -> dict:
     from lowbit.app.finetune import FinetuneConfig, heldout_perplexity, train
 
     cfg = FinetuneConfig(**RUNS[name][1], steps=args.steps, batch=args.batch, seq=args.seq, rank=args.rank,
-                         eval_tokens=args.eval_tokens, save_every=args.steps, lr=args.lr,
+                         eval_tokens=args.eval_tokens, save_every=args.save_every or args.steps, lr=args.lr,
                          eval_every=args.eval_every, patience=args.patience, checkpointing=args.checkpointing)
     out = Path(args.workdir) / name
     t = time.perf_counter()
@@ -132,6 +133,9 @@ def main() -> None:
                     help="gradient checkpointing (off: a quarter less compute, more activation memory)")
     ap.add_argument("--eval-every", type=int, default=0, help="held-out perplexity every N steps too")
     ap.add_argument("--patience", type=int, default=0, help="stop after N evaluations without a new best")
+    ap.add_argument("--save-every", type=int, default=0,
+                    help="checkpoint every N steps (default: at the end); a run extended with more --steps resumes "
+                         "only with the save-every it was started with")
     ap.add_argument("--workdir", default=str(Path(__file__).parent / "results" / "finetune-runs"))
     ap.add_argument("--mmap-threshold", type=int, default=0,
                     help="bytes: serve allocations this large by mmap, fixed (glibc; as MALLOC_MMAP_THRESHOLD_=N): less "

@@ -74,6 +74,11 @@ def test_outliers_command(tmp_path, model):
     if summary["features"]:
         ab = summary["ablation"]
         assert {"baseline", "outliers_zeroed", "random_zeroed"} <= set(ab) and len(ab["random_dims"]) == len(ab["dims"])
+    # both have outlier features (docs/quality.md); the per-layer advisor plans causal LMs, so only SmolLM2 is sent
+    # to it, and once
+    causal = model == "smollm2-135m"
+    assert summary["hard_case"] and summary["causal_lm"] == causal
+    assert " ".join(out.split()).count("lowbit advise") == (1 if causal else 0)
 
 
 def test_demo_writes_the_report(tmp_path):

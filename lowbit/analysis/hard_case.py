@@ -19,13 +19,10 @@ STEEP_4BIT = 0.10  # 4-bit round-to-nearest's perplexity ratio minus 8-bit's
 LOSSY_8BIT = 0.01  # perplexity ratio - 1 of 8-bit round-to-nearest
 
 
-def advisor(model: str) -> str:
-    return f"`lowbit advise {model} --bits B` chooses the precision of each layer within a budget of B bits/param."
-
-
 @dataclass(frozen=True)
 class Sign:
-    """One reason to expect a model to quantize badly."""
+    """One reason to expect a model to quantize badly: what, the figure that raised it, and what to do (in lowbit's
+    method names; the app adds the commands)."""
 
     what: str
     figure: str
@@ -35,7 +32,7 @@ class Sign:
         return asdict(self)
 
 
-def activation_signs(summary: dict, model: str = "MODEL") -> list[Sign]:
+def activation_signs(summary: dict) -> list[Sign]:
     """Signs in an outlier summary (`OutlierReport.summary()`): outlier features and large activations."""
     signs = []
     n = summary["outlier_features"]
@@ -44,21 +41,20 @@ def activation_signs(summary: dict, model: str = "MODEL") -> list[Sign]:
         signs.append(Sign(
             "outlier features",
             f"{n} feature(s) (dims {dims}) in {summary['layers_with_outlier_features']} of {summary['layers']} layers",
-            "int8 activations need these dimensions split out: use `int8` (LLM.int8), not per-row W8A8 "
-            "(`int8-absmax --threshold inf`); weight-only formats (nf4, gptq4, GGUF k-quants) are not affected. "
-            + advisor(model)))
+            "int8 activations need these dimensions split out: use `int8` (LLM.int8), not per-row W8A8 without "
+            "the split; weight-only formats (nf4, gptq4, GGUF k-quants) are not affected."))
     peak = summary.get("max_abs")
     if peak is not None and peak >= LARGE_ACTIVATION:
         signs.append(Sign(
             "large activations",
             f"max |x| {peak:.1f} entering the linear layers (>= {LARGE_ACTIVATION:g}): a per-token int8 step of "
             f"{peak / 127:.2f}",
-            "quantize activations only with an outlier split (`int8`) or a rotation (`--rotate`); keep weight-only "
-            "formats otherwise. " + advisor(model)))
+            "quantize activations only with an outlier split (`int8`) or after a Hadamard rotation; keep "
+            "weight-only formats otherwise."))
     return signs
 
 
-def degradation_signs(ratio8: float, ratio4: float, model: str = "MODEL") -> list[Sign]:
+def degradation_signs(ratio8: float, ratio4: float) -> list[Sign]:
     """Signs in the perplexity ratios (quantized / unquantized) of 8- and 4-bit round-to-nearest."""
     signs = []
     if ratio4 - ratio8 >= STEEP_4BIT:
@@ -67,10 +63,10 @@ def degradation_signs(ratio8: float, ratio4: float, model: str = "MODEL") -> lis
             f"4-bit round-to-nearest costs {ratio4 - 1:+.1%} perplexity, 8-bit {ratio8 - 1:+.2%}",
             "at 4 bits use a calibrated method (gptq4, spqr, GGUF q4_k with an imatrix) or 5-6 bits (q5_k, q6_k) "
             "for the layers that need them. Models trained on many tokens per parameter lose the most "
-            "(docs/research.md, Study B). " + advisor(model)))
+            "(docs/research.md, Study B)."))
     if ratio8 - 1 >= LOSSY_8BIT:
         signs.append(Sign(
             "8 bits already lose",
             f"8-bit round-to-nearest costs {ratio8 - 1:+.2%} perplexity",
-            "keep the most sensitive layers in bf16; " + advisor(model)))
+            "keep the most sensitive layers in bf16, with a per-layer plan."))
     return signs

@@ -145,11 +145,19 @@ def _outlier_markdown(s: dict) -> str:
                       f"outlier dimensions {ab['dims']} zeroed: **{ab['outliers_zeroed']:.4g}**; "
                       f"{len(ab['random_dims'])} random dimensions {ab['random_dims']} zeroed: **{ab['random_zeroed']:.4g}**."]
     signs = s.get("hard_case", [])
+    advice = list(dict.fromkeys(x["advice"] for x in signs))
+    if signs and s.get("causal_lm", True):  # the advisor plans causal LMs only
+        advice.append(advisor_hint(s["model"]))
     lines += ["", "**A hard case to quantize?** " + ("; ".join(f"{x['what']}: {x['figure']}" for x in signs) + ". "
-                                                     + " ".join(dict.fromkeys(x["advice"] for x in signs))
+                                                     + " ".join(advice)
                                                      if signs else f"no sign (largest |x| {s['max_abs']:.1f}).")]
     lines += ["", f"![outlier heatmap]({s['heatmap']})", ""]
     return "\n".join(lines)
+
+
+def advisor_hint(model: str) -> str:
+    """The sentence after a causal LM's hard-case signs: the command that plans each layer's precision."""
+    return f"`lowbit advise {model} --bits B` chooses the precision of each layer within a budget of B bits/param."
 
 
 def _advisor_markdown(advisor: dict | None) -> list[str]:

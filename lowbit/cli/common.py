@@ -305,11 +305,14 @@ def describe_protocol(tokens: int, window: int, stride: Optional[int], text_name
     return f"perplexity on the first {tokens} tokens of {text_name}, {window}-token {windows}, {dtype}"
 
 
-def print_signs(signs: list[dict], checked: str) -> None:
-    """The hard-case signs of `lowbit.analysis.hard_case` (what, figure, advice), or one line saying none showed."""
+def print_signs(signs: list[dict], checked: str, follow_up: Optional[str] = None) -> None:
+    """The hard-case signs of `lowbit.analysis.hard_case` (what, figure, advice) and, once after them, ``follow_up``;
+    or one line saying none showed."""
     if not signs:
         console.print(f"[green]no sign of a hard case to quantize[/] ({checked})")
         return
     console.print("[bold yellow]this model looks like a hard case to quantize:[/]")
     for s in signs:
         console.print(f"  [yellow]{s['what']}[/]: {s['figure']}.\n    {s['advice']}", highlight=False)
+    if follow_up:
+        console.print(f"  {follow_up}", highlight=False)

@@ -34,6 +34,7 @@ def eval_(
     """
     setup()
     from lowbit.analysis.hard_case import degradation_signs
+    from lowbit.app.report import advisor_hint
     from lowbit.app.compare import bit_probe, linear_bits_per_param, measure
     from lowbit.eval.speed import machine
     from lowbit.app.methods import LOADED, apply_method, check_method, needs_calibration
@@ -71,10 +72,10 @@ def eval_(
     if probe and method == "fp32" and adapter is None and label in ("fp32", "bf16", "fp16"):
         same = row["tokens"] <= 2048 and stride in (None, window)  # the probe's protocol: its base is scored
         p = bit_probe(m, tok, body, min(row["tokens"], 2048), window, base=row["perplexity"] if same else None)
-        signs = [s.to_dict() for s in degradation_signs(p["ratio8"], p["ratio4"], model)]
+        signs = [s.to_dict() for s in degradation_signs(p["ratio8"], p["ratio4"])]
         row["probe"] = {**p, "hard_case": signs}
         print_signs(signs, f"8-bit round-to-nearest {p['ratio8'] - 1:+.2%}, 4-bit {p['ratio4'] - 1:+.1%} perplexity "
-                           f"on {p['tokens']} tokens")
+                           f"on {p['tokens']} tokens", advisor_hint(model))
     if json_out:
         json_out.write_text(json.dumps(row, indent=1, default=str))
 

@@ -13,7 +13,7 @@ from lowbit.cli.common import (THREADS_HELP, check_writable_dir, use_threads, ap
 def run_outliers(model: str, threshold: float, text: Optional[Path], tokens: int, out: Path, ablation: bool) -> dict:
     from lowbit.analysis.hard_case import activation_signs
     from lowbit.analysis.study import outlier_study
-    from lowbit.app.report import outlier_table, plot_outlier_heatmap, write_json
+    from lowbit.app.report import advisor_hint, outlier_table, plot_outlier_heatmap, write_json
 
     body, text_name = read_text(text)
     m, tok = load(model, encoders=True)
@@ -31,8 +31,10 @@ def run_outliers(model: str, threshold: float, text: Optional[Path], tokens: int
         console.print(f"ablation ({ab['metric']}): baseline {ab['baseline']:.4g}; outlier dims {ab['dims']} zeroed "
                       f"{ab['outliers_zeroed']:.4g}; {len(ab['random_dims'])} random dims {ab['random_dims']} zeroed "
                       f"{ab['random_zeroed']:.4g}")
-    summary["hard_case"] = [sign.to_dict() for sign in activation_signs(summary, model)]
-    print_signs(summary["hard_case"], f"largest |x| {summary['max_abs']:.1f}")
+    summary["hard_case"] = [sign.to_dict() for sign in activation_signs(summary)]
+    summary["causal_lm"] = bool(getattr(m, "can_generate", lambda: False)())  # encoders load here too
+    print_signs(summary["hard_case"], f"largest |x| {summary['max_abs']:.1f}",
+                advisor_hint(model) if summary["causal_lm"] else None)
     plot_outlier_heatmap(report, out / f"outliers-{stem}.png", f"{model}: max |x| of the hidden-width linear inputs")
     write_json(summary, out / f"outliers-{stem}.json")
     console.print(f"written: {out / f'outliers-{stem}.json'}, {out / f'outliers-{stem}.png'}")
