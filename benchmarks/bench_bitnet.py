@@ -140,7 +140,7 @@ def plot(rows: list[dict], path: Path) -> None:
                 ax_ratio.plot([t / 1e6 for t, _ in curve], [r for _, r in curve], style, color=color,
                               label=f"{row['size']} {label}")
     ax_loss.set(xlabel="training tokens (millions)", ylabel="training loss (running mean of 2% of the steps)",
-                title="training loss", ylim=(3.5, 6.5))
+                title="training loss", ylim=(2.5, 6.5))
     ax_ppl.set(xlabel="training tokens (millions)", ylabel="held-out perplexity (evaluation sample)", yscale="log",
                title="held-out perplexity while training")
     ax_ratio.axhline(1.15, color="grey", lw=0.8, ls="-.", label="target 1.15")

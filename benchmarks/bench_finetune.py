@@ -40,9 +40,10 @@ def peak_rss_mb() -> float:
 
 
 def steady_step(times: list[float]) -> float:
-    """Median step time, the first step (allocation, page faults) left out."""
+    """Median step time, the first step (allocation, page faults) left out; NaN for a run read back that took no
+    step in this process."""
     rest = sorted(times[1:] or times)
-    return rest[len(rest) // 2]
+    return rest[len(rest) // 2] if rest else float("nan")
 
 
 def one_lowbit(name: str, args) -> dict:
@@ -157,7 +158,13 @@ def main() -> None:
     print(f"machine: {machine()}")
     print(f"{args.steps} steps of {args.batch} x {args.seq} tokens, rank {args.rank}, lr {args.lr}, paged AdamW8bit; "
           f"held-out: first {args.eval_tokens} tokens of the last 10% of wikipedia-sample.txt", flush=True)
-    results = {}
+    out = Path(__file__).parent / "results" / "finetune.json"
+    # Runs of an earlier invocation with the same settings stay in the table, the JSON and the plot (a run can be
+    # extended or redone alone).
+    earlier = json.loads(out.read_text()) if out.is_file() else {}
+    same = {k: v for k, v in earlier.get("args", {}).items() if k != "runs"} == \
+        {k: v for k, v in vars(args).items() if k != "runs"}
+    results = {k: v for k, v in earlier.get("runs", {}).items() if k not in args.runs.split(",")} if same else {}
     passthrough = [(f"--{k.replace('_', '-')}" if v else f"--no-{k.replace('_', '-')}") if isinstance(v, bool)
                    else f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("runs", "one")]
     for name in args.runs.split(","):
@@ -169,7 +176,6 @@ def main() -> None:
         r = results[name]
         print(f"{RUNS[name][0]}: ppl {r['ppl_before']:.3f} -> {r['ppl_after']:.3f}, {r['steady_step_seconds']:.2f} s/step, "
               f"peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
-        out = Path(__file__).parent / "results" / "finetune.json"
         out.parent.mkdir(exist_ok=True)
         out.write_text(json.dumps({"machine": machine(), "args": vars(args), "runs": results}, indent=1))
     base = results.get("fp32")
