@@ -1287,7 +1287,12 @@ void ternary_prepare_row(const float* x, int64_t K, bool norm, LutRowInput& in) 
     for (int64_t k = 0; k < K; ++k) in.tn[k] = x[k] * r;
     src = in.tn.data();
   }
-  std::vector<int8_t> codes(K);
+#if defined(__AVX512VNNI__) && defined(LOWBIT_AVX512)
+  std::vector<int8_t>& codes = in.tcodes;  // a scratch kept with the input: no allocation per token
+#else
+  std::vector<int8_t>& codes = in.tq;  // the scalar kernel reads column order
+#endif
+  codes.resize(K);
   in.tabsmax = quantize_row_int8(src, K, codes.data());
   in.tsum = 0;
   for (int64_t k = 0; k < K; ++k) in.tsum += codes[k];
@@ -1295,8 +1300,6 @@ void ternary_prepare_row(const float* x, int64_t K, bool norm, LutRowInput& in) 
   const int64_t Kp = (K + 255) / 256 * 256;
   in.tq.resize(Kp);
   ternary_lane_order(codes.data(), K, Kp, in.tq.data());
-#else
-  in.tq = std::move(codes);
 #endif
   in.bits = kTernaryInput, in.K = K, in.tnorm = norm;
 }

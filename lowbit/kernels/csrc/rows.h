@@ -22,7 +22,7 @@ struct LutRowInput {
   // For ternary weights (ternary_prepare_row): x (RMS-normed if asked) as int8 codes, in the ternary kernel's lane
   // order, their sum and x's absmax; bits == kTernaryInput marks them ready.
   std::vector<float> tn;
-  std::vector<int8_t> tq;
+  std::vector<int8_t> tq, tcodes;  // tcodes: the codes in column order, before the lane order (reused scratch)
   int32_t tsum = 0;
   float tabsmax = 0.f;
   bool tnorm = false;
